@@ -1,0 +1,463 @@
+"""Schemas for ``POST /v1/images/generations``: OpenAI's request shape plus Darkroom's extensions.
+
+pydantic only (no FastAPI, no torch) so the CLI, tests and the load generator import it cheaply.
+A request validates itself against ``Limits`` (passed in through pydantic's validation context,
+so one operator-tuned object bounds sizes, steps and prompt lengths everywhere) and converts
+itself into the internal ``GenerationParams``. Every failure surfaces as exactly one
+``InvalidRequestError`` naming the field and the value sent, which the ingress turns into
+OpenAI's ``{"error": {...}}`` body with ``param`` set.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from serve.errors import DarkroomError, InvalidRequestError
+from serve.params import MAX_SEED, SCHEDULER_NAMES, GenerationParams, random_seed
+
+
+class Limits(BaseModel):
+    """Operator-set bounds on what one request may ask for (cost control, not model capability).
+
+    Defaults allow up to 2048x2048 (4 MP): a 2048x2048 SD image is a 256x256 latent, about 16x
+    the attention cost of 512x512, which is already minutes of a GPU at 150 steps.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_side: int = Field(2048, ge=8, description="Largest width or height in pixels a request may ask for.")
+    max_pixels: int = Field(
+        2048 * 2048,
+        ge=64,
+        description="Largest width*height in pixels (4 MP by default) a request may ask for.",
+    )
+    min_side: int = Field(8, ge=8, description="Smallest width or height in pixels a request may ask for.")
+    max_prompt_chars: int = Field(
+        2000,
+        ge=1,
+        description="Longest prompt or negative prompt, in characters (CLIP truncates at 77 tokens).",
+    )
+    max_n: int = Field(8, ge=1, description="Most images one request may ask for (`n`).")
+    max_steps: int = Field(
+        150, ge=1, description="Most denoising steps (`num_inference_steps`) a request may ask for."
+    )
+    max_guidance: float = Field(
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Largest classifier-free guidance scale a request may ask for.",
+    )
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> Limits:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        return self
+
+
+DEFAULT_LIMITS = Limits()
+
+_LIMITS_CONTEXT_KEY = "limits"
+# Fields OpenAI documents as nullable with a default: `"n": null` means "the default", so
+# clients that serialise unset options as null keep working.
+_NULL_MEANS_DEFAULT = ("n", "response_format", "output_format", "num_inference_steps", "guidance_scale")
+# [0-9] and fullmatch, not \d and $: \d also matches e.g. Arabic-Indic digits, and $ matches
+# before a trailing newline, so r"^\d+x\d+$" would accept "64x64\n".
+_SIZE_RE = re.compile(r"([0-9]+)x([0-9]+)")
+
+
+def _limits_from(info: ValidationInfo) -> Limits:
+    context = info.context
+    if isinstance(context, Mapping) and isinstance(context.get(_LIMITS_CONTEXT_KEY), Limits):
+        return context[_LIMITS_CONTEXT_KEY]
+    return DEFAULT_LIMITS
+
+
+def _reject_nul(value: str | None) -> None:
+    # NUL bytes truncate strings in C libraries (tokenizers, PNG text chunks, S3 metadata).
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+
+
+def _split_size(value: str, field: str) -> tuple[str, str]:
+    match = _SIZE_RE.fullmatch(value)
+    if match is None:
+        raise InvalidRequestError(field, value, "must be 'WIDTHxHEIGHT' in pixels, e.g. '512x512'")
+    return match[1], match[2]
+
+
+def parse_size(value: str, limits: Limits, field: str = "size") -> tuple[int, int]:
+    """Parse ``"WxH"`` into ``(width, height)`` and check it against ``limits``.
+
+    Each side must be a multiple of 8 because the VAE works on a latent 8x smaller: a 100-pixel
+    side has no whole latent size. Public because the CLI parses ``--size`` the same way.
+    """
+    if not isinstance(value, str):
+        raise InvalidRequestError(field, value, "must be a string 'WIDTHxHEIGHT', e.g. '512x512'")
+    sides = []
+    for name, digits in zip(("width", "height"), _split_size(value, field), strict=True):
+        # Count digits before int(): a 5000-digit side would trip Python's int-parsing limit.
+        side = int(digits) if len(digits) <= 18 else None
+        if side is not None and side < limits.min_side:
+            raise InvalidRequestError(field, value, f"{name} must be at least {limits.min_side}")
+        if side is None or side > limits.max_side:
+            raise InvalidRequestError(field, value, f"{name} must be at most {limits.max_side}")
+        if side % 8:
+            raise InvalidRequestError(field, value, f"{name} must be a multiple of 8")
+        sides.append(side)
+    width, height = sides
+    if width * height > limits.max_pixels:
+        raise InvalidRequestError(
+            field, value, f"width*height must be at most {limits.max_pixels} pixels, is {width * height}"
+        )
+    return width, height
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of ``POST /v1/images/generations``: OpenAI's fields, then Darkroom's extensions.
+
+    Types are strict on purpose: ``"n": "2"`` or ``"n": true`` is a client bug we report rather
+    than guess at; the one coercion allowed is an integer where a float is expected.
+    Build one with ``parse_generation_request`` to get a single ``InvalidRequestError``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # OpenAI fields.
+    model: StrictStr | None = Field(None, description="Model to use; None means the one this server serves.")
+    prompt: StrictStr = Field(
+        ..., description="What to draw. Must not be blank; at most Limits.max_prompt_chars characters."
+    )
+    n: StrictInt = Field(1, ge=1, description="How many images to make, 1..Limits.max_n (8 by default).")
+    size: StrictStr | None = Field(
+        None,
+        description="'WIDTHxHEIGHT' in pixels, each side a multiple of 8 within Limits; "
+        "None means the model's native size.",
+    )
+    response_format: Literal["url", "b64_json"] = Field(
+        "url", description="'url': a link to the stored image; 'b64_json': the image inline, base64-encoded."
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
+    user: StrictStr | None = Field(None, description="End-user id, for abuse tracking; logged, not used.")
+    quality: StrictStr | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    style: StrictStr | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+
+    # Darkroom extensions.
+    negative_prompt: StrictStr | None = Field(
+        None, description="What not to draw (replaces the empty unconditional prompt of guidance)."
+    )
+    num_inference_steps: StrictInt = Field(
+        50, ge=1, description="Denoising steps, 1..Limits.max_steps (150 by default)."
+    )
+    guidance_scale: StrictFloat = Field(
+        7.5,
+        ge=0,
+        allow_inf_nan=False,
+        description="Classifier-free guidance scale, 0..Limits.max_guidance (30 by default); "
+        "<= 1 disables guidance.",
+    )
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = Field(
+        None, description=f"Seed in 0..{MAX_SEED} for reproducible images; None picks one (returned)."
+    )
+    scheduler: StrictStr | None = Field(
+        None, description=f"One of {', '.join(SCHEDULER_NAMES)}; None means the model's own scheduler."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and any(k in data and data[k] is None for k in _NULL_MEANS_DEFAULT):
+            return {k: v for k, v in data.items() if not (k in _NULL_MEANS_DEFAULT and v is None)}
+        return data
+
+    @field_validator("model", "user", "quality", "style")
+    @classmethod
+    def _check_text(cls, value: str | None) -> str | None:
+        _reject_nul(value)
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        _reject_nul(value)
+        if info.field_name == "prompt" and not value.strip():
+            raise ValueError("must not be empty or only whitespace")
+        limit = _limits_from(info).max_prompt_chars
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters, is {len(value)}")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, value: int, info: ValidationInfo) -> int:
+        limit = _limits_from(info).max_n
+        if value > limit:
+            raise ValueError(f"must be at most {limit}")
+        return value
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _check_steps(cls, value: int, info: ValidationInfo) -> int:
+        limit = _limits_from(info).max_steps
+        if value > limit:
+            raise ValueError(f"must be at most {limit}")
+        return value
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _check_guidance(cls, value: float, info: ValidationInfo) -> float:
+        limit = _limits_from(info).max_guidance
+        if value > limit:
+            raise ValueError(f"must be at most {limit:g}")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            _reject_nul(value)
+            parse_size(value, _limits_from(info))
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULER_NAMES:
+            raise ValueError(f"must be one of {', '.join(SCHEDULER_NAMES)} (or null for the model's own)")
+        return value
+
+    def check_limits(self, limits: Limits) -> None:
+        """Re-validate against other ``limits`` (e.g. a per-model policy), raising one error."""
+        parse_generation_request(self.model_dump(), limits)
+
+    def to_params(
+        self,
+        *,
+        default_size: tuple[int, int],
+        limits: Limits | None = None,
+        seed: int | None = None,
+    ) -> GenerationParams:
+        """Resolve every default into ``GenerationParams``.
+
+        ``default_size`` is the model's native ``(width, height)``, used when ``size`` is None.
+        With ``limits`` the request is re-checked against them, the native size included (so a
+        server whose limits are below its model's native size asks clients for a ``size``).
+        ``seed`` is the fallback when the request has none (e.g. a job retry keeping its seed);
+        with neither, a fresh ``random_seed()``.
+        """
+        if limits is not None:
+            self.check_limits(limits)
+        if self.size is not None:
+            # Already checked against the limits it was validated with; only split it here.
+            width, height = (int(side) for side in _split_size(self.size, "size"))
+        else:
+            width, height = default_size
+            if limits is not None:
+                try:
+                    parse_size(f"{width}x{height}", limits)
+                except InvalidRequestError as exc:
+                    raise InvalidRequestError(
+                        "size",
+                        None,
+                        f"is required: the model's native size {width}x{height} is outside this "
+                        f"server's limits ({exc.reason})",
+                    ) from exc
+        if self.seed is not None:
+            resolved_seed = self.seed
+        elif seed is not None:
+            resolved_seed = seed
+        else:
+            resolved_seed = random_seed()
+        return GenerationParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=float(self.guidance_scale),
+            seed=resolved_seed,
+            n=self.n,
+            scheduler=self.scheduler,
+            output_format=self.output_format,
+        )
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON client would name the type it sent, for "must be X, not Y" messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _reason(error: Mapping[str, Any]) -> str:
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "missing":
+        return "field required"
+    if kind == "extra_forbidden":
+        field = str(error["loc"][-1]) if error["loc"] else ""
+        close = difflib.get_close_matches(field, list(ImageGenerationRequest.model_fields), n=1)
+        return f"unknown field (did you mean '{close[0]}'?)" if close else "unknown field"
+    if kind == "int_type":
+        return f"must be an integer, not {_json_type(value)}"
+    if kind == "float_type":
+        return f"must be a number, not {_json_type(value)}"
+    if kind == "string_type":
+        return f"must be a string, not {_json_type(value)}"
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']}"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind == "value_error" and "error" in ctx:
+        cause = ctx["error"]
+        return cause.reason if isinstance(cause, InvalidRequestError) else str(cause)
+    message = str(error.get("msg", "is invalid"))
+    return message[:1].lower() + message[1:]
+
+
+def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
+    """One ``InvalidRequestError`` for a pydantic ``ValidationError``: its first error.
+
+    Unknown fields are reported first: for ``{"promt": "a cat"}`` the useful message is
+    "promt: unknown field (did you mean 'prompt'?)", not the "prompt: field required" it causes.
+    """
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"]) or "body"
+    value = None if first["type"] == "missing" else first.get("input")
+    return InvalidRequestError(field, value, _reason(first))
+
+
+def _load_json(raw: str | bytes | bytearray | memoryview) -> Any:
+    if isinstance(raw, memoryview):
+        raw = raw.tobytes()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidRequestError("body", raw[:100], f"is not valid JSON ({exc})") from exc
+
+
+def parse_generation_request(data: Any, limits: Limits | None = None) -> ImageGenerationRequest:
+    """Validate a request body (a dict, or raw JSON ``str``/``bytes``) against ``limits``.
+
+    Raises exactly one ``InvalidRequestError``: ``field="body"`` for bodies that are not a JSON
+    object, otherwise the (dotted) name of the first offending field and the value sent.
+    """
+    if isinstance(data, (str, bytes, bytearray, memoryview)):
+        data = _load_json(data)
+    if not isinstance(data, Mapping):
+        raise InvalidRequestError("body", data, f"must be a JSON object, not {_json_type(data)}")
+    context = {_LIMITS_CONTEXT_KEY: limits if limits is not None else DEFAULT_LIMITS}
+    try:
+        return ImageGenerationRequest.model_validate(dict(data), context=context)
+    except ValidationError as exc:
+        raise invalid_request_from(exc) from exc
+
+
+# Response models, used by the HTTP ingress.
+
+
+class ImageData(BaseModel):
+    """One generated image: a URL or inline base64, and the seed that reproduces it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    b64_json: str | None = Field(
+        None, description="The encoded image, base64, when response_format='b64_json'."
+    )
+    url: str | None = Field(
+        None, description="Where the stored image can be fetched, when response_format='url'."
+    )
+    revised_prompt: str | None = Field(
+        None, description="OpenAI compatibility; Darkroom never rewrites prompts."
+    )
+    seed: int = Field(
+        ...,
+        description="The request's resolved seed: resending the request with it reproduces all n images, "
+        "this one included.",
+    )
+
+
+class ImagesResponse(BaseModel):
+    """Body of a successful ``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    created: int = Field(..., description="Unix time (seconds) the request was accepted.")
+    data: list[ImageData] = Field(..., description="The images, in generation order.")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds per stage, e.g. {'encode': 0.01, 'denoise': 1.9, 'decode': 0.2}.",
+    )
+
+
+class ErrorBody(BaseModel):
+    """The inner object of OpenAI's error shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(..., description='Human-readable explanation, e.g. "n: must be at most 8 (got 9)".')
+    type: str = Field(..., description="Error class, e.g. 'invalid_request_error' or 'server_error'.")
+    param: str | None = Field(None, description="The offending request field, when one is to blame.")
+    code: str | None = Field(None, description="Machine-readable code, e.g. 'invalid_value'.")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorBody = Field(..., description="What went wrong.")
+
+    @classmethod
+    def from_exception(cls, exc: DarkroomError) -> ErrorResponse:
+        """The response body for a typed Darkroom error."""
+        return cls.model_validate(exc.to_openai())
+
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ErrorBody",
+    "ErrorResponse",
+    "ImageData",
+    "ImageGenerationRequest",
+    "ImagesResponse",
+    "Limits",
+    "invalid_request_from",
+    "parse_generation_request",
+    "parse_size",
+]

@@ -1,0 +1,197 @@
+"""The ``darkroom`` command line: ``generate``, ``tiny-model``, ``serve``, ``export``, ``bench``.
+
+Each subcommand's heavy imports happen inside it, so ``darkroom --help`` is instant. Errors a
+user can fix (a bad flag value, a missing model) print one line naming the flag and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from serve.errors import DarkroomError, InvalidRequestError
+
+logger = logging.getLogger("darkroom")
+
+# Flag <- request field, so an error about a field names the flag the user typed.
+_FLAG_FOR_FIELD = {
+    "prompt": "PROMPT",
+    "negative_prompt": "--negative-prompt",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "scheduler": "--scheduler",
+    "seed": "--seed",
+    "size": "--size",
+    "n": "--n",
+    "output_format": "--output",
+}
+_FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def _say(message: str) -> None:
+    """Progress and results go to stderr/stdout of the CLI only; library code logs instead."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_model(model: str | None) -> str:
+    """``--model`` as given, or the embedded tiny model (made once into the cache folder)."""
+    if model:
+        return model
+    from serve.settings import Settings
+    from serve.tiny import default_tiny_model
+
+    return str(default_tiny_model(Settings.from_env().cache_dir))
+
+
+def output_paths(output: Path, n: int) -> list[Path]:
+    """PATH for one image; PATH's stem + ``-{i}`` + suffix for each of n > 1."""
+    if n == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from serve.api import Limits, parse_generation_request
+
+    suffix = args.output.suffix.lower()
+    if suffix not in _FORMAT_FOR_SUFFIX:
+        raise InvalidRequestError("--output", str(args.output), "suffix must be .png, .jpg, .jpeg or .webp")
+    body = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "scheduler": args.scheduler,
+        "seed": args.seed,
+        "size": args.size,
+        "n": args.n,
+        "output_format": _FORMAT_FOR_SUFFIX[suffix],
+    }
+    request = parse_generation_request({k: v for k, v in body.items() if v is not None}, Limits())
+
+    from serve.model import read_model_info
+    from serve.pipeline import Pipeline
+
+    source = resolve_model(args.model)
+    info = read_model_info(source)
+    params = request.to_params(default_size=info.native_size, limits=Limits())
+    t0 = time.perf_counter()
+    _say(f"loading {info.name} ({args.backend}) ...")
+    pipe = Pipeline.load(source, backend=args.backend, device=args.device, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    _say(
+        f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
+        f"scheduler {params.scheduler or info.scheduler_class}, seed {params.seed} ..."
+    )
+    result = pipe.generate(params, progress=_progress_bar(params.num_inference_steps))
+    paths = output_paths(args.output, params.n)
+    for path, data in zip(paths, result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        print(path)
+    timings = {"load": load_s, **result.timings}
+    print(f"seed: {params.seed}")
+    print("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
+    return 0
+
+
+def _progress_bar(total: int) -> Callable[[int, int], None] | None:
+    """A step progress bar on stderr when it is a terminal (silent in logs and CI)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr, leave=False)
+
+    def update(done: int, steps: int) -> None:
+        bar.total = steps
+        bar.n = done
+        bar.refresh()
+        if done >= steps:
+            bar.close()
+
+    return update
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from serve.tiny import write_tiny_model
+
+    t0 = time.perf_counter()
+    path = write_tiny_model(args.dir, seed=args.seed)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"wrote tiny model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="darkroom", description="Serve text-to-image diffusion models.")
+    parser.add_argument(
+        "--log-level", default=None, help="logging level (default: DARKROOM_LOG_LEVEL or INFO)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images in-process (no serving stack)")
+    gen.add_argument("prompt")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="diffusers folder, hub id or exported repository (default: the embedded tiny model)",
+    )
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps, 1..150 (default 50)")
+    gen.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale, 0..30; <= 1 disables CFG (default 7.5)"
+    )
+    gen.add_argument(
+        "--scheduler",
+        default=None,
+        help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, unipc (default: the model's own)",
+    )
+    gen.add_argument("--seed", type=int, default=None, help="0..2**32-1 (default: random, printed)")
+    gen.add_argument("--size", default=None, help="WxH, multiples of 8 (default: the model's native size)")
+    gen.add_argument("--n", type=int, default=None, help="images to generate, 1..8 (default 1)")
+    gen.add_argument(
+        "--output",
+        type=Path,
+        default=Path("image.png"),
+        help="output path; .png .jpg .webp (n > 1 writes STEM-0.png, STEM-1.png, ...)",
+    )
+    gen.add_argument("--backend", default="torch", help="engine backend (default: torch)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    gen.add_argument(
+        "--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)"
+    )
+    gen.set_defaults(func=cmd_generate)
+
+    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers layout)")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from serve.settings import Settings
+
+    level = args.log_level or Settings.from_env().log_level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except InvalidRequestError as exc:
+        flag = _FLAG_FOR_FIELD.get(exc.field, exc.field)
+        print(f"darkroom: error: {flag}: {exc.reason} (got {exc.value!r})", file=sys.stderr)
+        return 2
+    except DarkroomError as exc:
+        print(f"darkroom: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

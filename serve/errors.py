@@ -1,0 +1,107 @@
+"""Typed errors: the one place every error the runtime raises is documented.
+
+Each error carries what an API layer needs to answer a client without guessing:
+an HTTP status, an OpenAI-style ``type`` and ``code``, and for client mistakes the
+offending ``field`` (``param`` in OpenAI's error shape) and ``value``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DarkroomError(Exception):
+    """Base of every error Darkroom raises on purpose."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        """The error in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": getattr(self, "field", None),
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(DarkroomError, ValueError):
+    """A client sent a value that breaks the request schema.
+
+    ``field`` names the offending field (dotted for nested ones, e.g. ``size``), ``value``
+    is what was sent. Example: ``InvalidRequestError("size", "100x100", "must be a multiple of 8")``
+    reads ``size: must be a multiple of 8 (got '100x100')``.
+    """
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
+
+    def __init__(self, field: str, value: Any, reason: str, *, code: str | None = None) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{field}: {reason} (got {shown})", code=code)
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """The requested model is not the one this server serves, or no such model folder exists."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+class ModelLoadError(DarkroomError):
+    """A model folder or repository exists but cannot be loaded (missing component, bad config)."""
+
+    code = "model_load_error"
+
+
+class StorageError(DarkroomError):
+    """The result store failed. ``transient`` errors are worth retrying (503 + Retry-After)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class NotFoundError(DarkroomError):
+    """A stored object or job does not exist."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class EngineError(DarkroomError):
+    """An inference engine failed to load or run."""
+
+    code = "engine_error"
+
+
+__all__ = [
+    "DarkroomError",
+    "EngineError",
+    "InvalidRequestError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "NotFoundError",
+    "StorageError",
+]
