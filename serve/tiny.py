@@ -38,7 +38,9 @@ old young small large giant tiny ancient futuristic modern vintage
 standing sitting running flying walking looking wearing holding
 """.split()
 
-_N_MERGES = 486  # 256 bytes x 2 (plain and word-final) + 486 merges + 2 specials = 1000 tokens
+# At most 486 merges: 256 bytes x 2 (plain, word-final) + 486 + 2 specials <= 1000 tokens. The
+# corpus runs out of pairs first (~410 merges), which is fine: the vocabulary is what it learned.
+_N_MERGES = 486
 
 
 def _bytes_to_unicode() -> dict[int, str]:

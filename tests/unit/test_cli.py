@@ -1,0 +1,106 @@
+"""``darkroom generate`` and ``darkroom tiny-model`` as a user runs them: the console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from serve.imageio import decode_image
+from serve.params import GenerationParams
+from tests.conftest import max_level_diff
+
+DARKROOM = shutil.which("darkroom") or ""
+
+
+def run(*args, cwd=None, env=None, timeout=300):
+    cmd = [DARKROOM, *args] if DARKROOM else [sys.executable, "-m", "serve.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def test_generate_writes_image_matching_diffusers(tiny_model, reference, tmp_path):
+    out = tmp_path / "cat.png"
+    proc = run(
+        "generate",
+        "a cat on a roof",
+        "--model",
+        tiny_model,
+        "--seed",
+        "42",
+        "--steps",
+        "5",
+        "--scheduler",
+        "euler_a",
+        "--negative-prompt",
+        "blurry",
+        "--size",
+        "64x48",
+        "--output",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "seed: 42" in proc.stdout
+    for stage in ("encode", "denoise", "decode"):
+        assert stage in proc.stdout
+    p = GenerationParams(
+        prompt="a cat on a roof",
+        negative_prompt="blurry",
+        width=64,
+        height=48,
+        num_inference_steps=5,
+        guidance_scale=7.5,
+        seed=42,
+        n=1,
+        scheduler="euler_a",
+        output_format="png",
+    )
+    got = decode_image(out.read_bytes())
+    assert max_level_diff(got[None], reference(p)) <= 3
+
+
+def test_generate_n_images_naming_and_random_seed(tiny_model, reference, tmp_path):
+    out = tmp_path / "many.webp"
+    proc = run("generate", "a tower", "--model", tiny_model, "--n", "3", "--steps", "2", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(tmp_path.glob("many-*.webp"))
+    assert [f.name for f in files] == ["many-0.webp", "many-1.webp", "many-2.webp"]
+    assert not out.exists()
+    seed = int(proc.stdout.split("seed: ")[1].split()[0])
+    assert 0 <= seed < 2**32
+    pixels = [decode_image(f.read_bytes()) for f in files]
+    assert not np.array_equal(pixels[0], pixels[1])
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--size", "100x100"], "--size"),
+        (["--steps", "0"], "--steps"),
+        (["--guidance", "31"], "--guidance"),
+        (["--scheduler", "fast"], "--scheduler"),
+        (["--n", "9"], "--n"),
+        (["--seed", "-1"], "--seed"),
+        (["--output", "x.gif"], "--output"),
+    ],
+)
+def test_generate_bad_flags_exit_2_naming_the_flag(tiny_model, args, flag, tmp_path):
+    proc = run("generate", "a cat", "--model", tiny_model, *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"error: {flag}:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    proc = run("generate", "a cat", "--model", str(tmp_path / "nope"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_model_command(tmp_path):
+    proc = run("tiny-model", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -1,0 +1,115 @@
+"""Stage behaviour beyond parity: caching, validation, scheduler registry, image encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.errors import InvalidRequestError
+from serve.imageio import decode_image, encode_image
+from serve.params import SCHEDULER_NAMES
+from serve.schedulers import _CLASSES, make_scheduler, scheduler_class
+from serve.stages import DenoiseJob, Denoiser, TextEncoder
+
+
+def test_scheduler_registry_matches_contract():
+    assert tuple(_CLASSES) == SCHEDULER_NAMES
+    for name in SCHEDULER_NAMES:
+        assert scheduler_class(name, "PNDMScheduler").__name__ == _CLASSES[name]
+    with pytest.raises(InvalidRequestError) as err:
+        scheduler_class("euler_b", "PNDMScheduler")
+    assert err.value.field == "scheduler"
+
+
+def test_each_request_gets_its_own_scheduler(tiny_model):
+    from serve.model import read_model_info
+
+    info = read_model_info(tiny_model)
+    a = make_scheduler("dpmpp_2m", info.scheduler_config, info.scheduler_class)
+    b = make_scheduler("dpmpp_2m", info.scheduler_config, info.scheduler_class)
+    assert a is not b
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model) -> TextEncoder:
+    return TextEncoder.load(tiny_model, device="cpu")
+
+
+def test_text_encoder_batches_and_caches(encoder):
+    calls = encoder.calls
+    out = encoder.encode(["a cat", "a dog", "a cat", ""])
+    assert out.shape == (4, 77, 32)
+    assert encoder.calls == calls + 1  # one model call for the whole batch
+    np.testing.assert_array_equal(out[0], out[2])
+    assert not np.allclose(out[0], out[1])
+    again = encoder.encode(["a dog", ""])
+    assert encoder.calls == calls + 1  # all cached
+    np.testing.assert_array_equal(again[0], out[1])
+
+
+def test_batched_encoding_equals_single(encoder):
+    encoder._cache.clear()
+    single = encoder.encode(["a tower"])[0]
+    encoder._cache.clear()
+    batched = encoder.encode(["x", "a tower", "y"])[1]
+    np.testing.assert_allclose(single, batched, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def denoiser(tiny_model) -> Denoiser:
+    return Denoiser.load(tiny_model, device="cpu")
+
+
+def _job(encoder, **kw) -> DenoiseJob:
+    emb = encoder.encode(["a cat", ""])
+    base = dict(
+        prompt_embeds=emb[0],
+        negative_embeds=emb[1],
+        seed=1,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+        n=1,
+    )
+    base.update(kw)
+    return DenoiseJob(**base)
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(width=60), "width"),
+        (dict(height=0), "height"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(n=0), "n"),
+        (dict(scheduler="nope"), "scheduler"),
+        (dict(negative_embeds=None), "negative_embeds"),
+        (dict(prompt_embeds=np.zeros((10, 32), np.float32)), "prompt_embeds"),
+    ],
+)
+def test_denoiser_rejects_bad_jobs_by_field(encoder, denoiser, kw, field):
+    with pytest.raises(InvalidRequestError) as err:
+        denoiser.validate(_job(encoder, **kw))
+    assert err.value.field == field
+
+
+def test_no_negative_needed_without_cfg(encoder, denoiser):
+    denoiser.validate(_job(encoder, negative_embeds=None, guidance_scale=1.0))
+    (lat,) = denoiser.denoise([_job(encoder, negative_embeds=None, guidance_scale=1.0, width=48)])
+    assert lat.shape == (1, 4, 8, 6)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_image_encoding_round_trip(fmt):
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+    data = encode_image(pixels, fmt)
+    back = decode_image(data)
+    assert back.shape == pixels.shape
+    if fmt == "png":
+        np.testing.assert_array_equal(back, pixels)
+    magic = {"png": b"\x89PNG", "jpeg": b"\xff\xd8", "webp": b"RIFF"}[fmt]
+    assert data.startswith(magic)
+    with pytest.raises(InvalidRequestError):
+        encode_image(pixels, "gif")
