@@ -37,16 +37,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def resolve_model(model: str | None) -> str:
-    """``--model`` as given, or the embedded tiny model (made once into the cache folder)."""
-    if model:
-        return model
-    from serve.settings import Settings
-    from serve.tiny import default_tiny_model
-
-    return str(default_tiny_model(Settings.from_env().cache_dir))
-
-
 def output_paths(output: Path, n: int) -> list[Path]:
     """PATH for one image; PATH's stem + ``-{i}`` + suffix for each of n > 1."""
     if n == 1:
@@ -73,10 +63,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     request = parse_generation_request({k: v for k, v in body.items() if v is not None}, Limits())
 
-    from serve.model import read_model_info
+    from serve.model import read_model_info, resolve_source
     from serve.pipeline import Pipeline
 
-    source = resolve_model(args.model)
+    source = resolve_source(args.model)
     info = read_model_info(source)
     params = request.to_params(default_size=info.native_size, limits=Limits())
     t0 = time.perf_counter()
@@ -171,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
+
+    # Subcommands that need Ray or heavier packages register themselves from their packages.
+    from deployments.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

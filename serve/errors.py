@@ -10,12 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> DarkroomError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
 class DarkroomError(Exception):
     """Base of every error Darkroom raises on purpose."""
 
     status_code: int = 500
     error_type: str = "server_error"
     code: str | None = None
+
+    def __reduce__(self):
+        # Errors cross process boundaries (Ray pickles a replica's exception for the caller);
+        # the default reduce would call cls(message) and lose field/value or fail outright.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

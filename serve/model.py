@@ -102,3 +102,13 @@ def read_model_info(source: str | Path) -> ModelInfo:
         max_token_length=int(max_len),
         time_cond_proj_dim=unet.get("time_cond_proj_dim"),
     )
+
+
+def resolve_source(model: str | None) -> str:
+    """``model`` as given, or the embedded tiny model (made once into the cache folder)."""
+    if model:
+        return model
+    from serve.settings import Settings
+    from serve.tiny import default_tiny_model
+
+    return str(default_tiny_model(Settings.from_env().cache_dir))

@@ -1,4 +1,10 @@
-"""Engine backends behind one interface; ``load_engine`` picks one by name."""
+"""Engine backends behind one interface; ``load_engine`` picks one by name.
+
+Backends: ``torch`` (a diffusers folder), ``onnxruntime`` and ``tensorrt`` (an exported model
+repository, see ``export/``), and ``auto``: for an exported repository, ``tensorrt`` where this
+machine has TensorRT, CUDA and an engine built for its GPU, else ``onnxruntime``; for a diffusers
+folder, ``torch``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ from pathlib import Path
 import torch
 
 from serve.engines.base import COMPONENT_NAMES, Engine
-from serve.errors import InvalidRequestError
+from serve.errors import EngineError, InvalidRequestError
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 
 def default_device(requested: str | None = None) -> torch.device:
@@ -29,18 +35,61 @@ def default_dtype(device: torch.device, requested: str | None = None) -> torch.d
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def is_exported_repository(model_path: Path) -> bool:
+    """An exported model repository (``darkroom export``) has a ``manifest.json``."""
+    return (Path(model_path) / "manifest.json").is_file()
+
+
+def resolve_backend(
+    backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype
+) -> str:
+    """The concrete backend for ``backend`` (``auto`` resolved per component, see the module doc)."""
+    if backend not in BACKENDS:
+        raise InvalidRequestError("backend", backend, f"unknown backend; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if not is_exported_repository(model_path):
+        return "torch"
+    from serve.engines.tensorrt_backend import find_engine_file
+
+    if find_engine_file(Path(model_path), component, device, dtype) is not None:
+        return "tensorrt"
+    return "onnxruntime"
+
+
 def load_engine(
     backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype
 ) -> Engine:
-    """Load one component's engine with the named backend."""
-    if backend == "torch":
+    """Load one component's engine with the named backend (or ``auto``)."""
+    name = resolve_backend(backend, model_path, component, device, dtype)
+    if name == "torch":
+        if is_exported_repository(model_path):
+            raise EngineError(
+                f"{model_path} is an exported model repository (ONNX/TensorRT, no PyTorch weights): "
+                "use backend onnxruntime, tensorrt or auto, or give the torch backend the diffusers folder"
+            )
         from serve.engines.torch_backend import TorchEngine
 
         engine: Engine = TorchEngine(model_path, component, device, dtype)
+    elif name == "onnxruntime":
+        from serve.engines.onnxruntime_backend import OnnxRuntimeEngine
+
+        engine = OnnxRuntimeEngine(model_path, component, device, dtype)
     else:
-        raise InvalidRequestError("backend", backend, f"unknown backend; choose one of {', '.join(BACKENDS)}")
+        from serve.engines.tensorrt_backend import TensorRTEngine
+
+        engine = TensorRTEngine(model_path, component, device, dtype)
     engine.load()
     return engine
 
 
-__all__ = ["BACKENDS", "COMPONENT_NAMES", "Engine", "default_device", "default_dtype", "load_engine"]
+__all__ = [
+    "BACKENDS",
+    "COMPONENT_NAMES",
+    "Engine",
+    "default_device",
+    "default_dtype",
+    "is_exported_repository",
+    "load_engine",
+    "resolve_backend",
+]

@@ -127,10 +127,12 @@ class Denoiser:
         latents = (
             randn_tensor(shape, generator=generator, device=dev, dtype=dtype) * scheduler.init_noise_sigma
         )
-        prompt = torch.from_numpy(np.ascontiguousarray(job.prompt_embeds)).to(dev, dtype)
+        prompt = torch.tensor(
+            np.asarray(job.prompt_embeds), device=dev, dtype=dtype
+        )  # copy: may be read-only
         embeds = prompt[None].expand(job.n, -1, -1)
         if guidance_enabled(self.info, job.guidance_scale):
-            neg = torch.from_numpy(np.ascontiguousarray(job.negative_embeds)).to(dev, dtype)
+            neg = torch.tensor(np.asarray(job.negative_embeds), device=dev, dtype=dtype)
             embeds = torch.cat([neg[None].expand(job.n, -1, -1), embeds])
         return _State(
             job=job,

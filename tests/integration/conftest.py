@@ -113,3 +113,71 @@ def s3_bucket(moto_server: MotoController, s3_client: Any) -> str:
     bucket = f"darkroom-test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=bucket)
     return f"s3://{bucket}/results"
+
+
+# --- A real local Ray Serve cluster, shared by the whole session ------------------------------
+
+SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
+
+
+def app_args(model: str, storage: str, **overrides: Any) -> dict[str, Any]:
+    """build_app args sized for a 2-core machine: tiny CPU shares, explicit queue limits."""
+    args: dict[str, Any] = {
+        "model": model,
+        "storage": storage,
+        "ingress": {**SMALL, "max_ongoing_requests": 256, "max_batch_size": 1},
+        "text_encoder": {
+            **SMALL,
+            "max_ongoing_requests": 64,
+            "max_batch_size": 16,
+            "batch_wait_timeout_s": 0.02,
+        },
+        "denoiser": {**SMALL, "max_ongoing_requests": 32, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "decoder": {**SMALL, "max_ongoing_requests": 32, "max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+        "request_timeout_s": 120,
+        "stage_timeout_s": 120,
+    }
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture(scope="session")
+def ray_serve() -> Iterator[int]:
+    """One local Ray cluster + Serve for the session (Ray start costs ~10 s here); yields the HTTP port."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    port = _free_port()
+    ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy(name: str, prefix: str, args: dict[str, Any], port: int) -> str:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=prefix, blocking=False)
+    url = f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"app {name} not ready")
+
+
+@pytest.fixture(scope="session")
+def local_app(ray_serve: int, tiny_model: str, tmp_path_factory) -> dict[str, Any]:
+    """The app on the tiny model with local storage, at the root route."""
+    storage = tmp_path_factory.mktemp("outputs")
+    url = deploy("local", "/", app_args(tiny_model, str(storage)), ray_serve)
+    return {"url": url, "storage": storage, "port": ray_serve}

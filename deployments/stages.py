@@ -1,0 +1,96 @@
+"""The three stage deployments: thin Ray Serve wrappers around ``serve.stages`` with batching.
+
+Each entry method validates its own request first (so a bad request fails alone), then joins a
+``@serve.batch`` queue; a batch runs in a worker thread so the replica keeps accepting requests
+(they form the next batch) while the model works. Batch sizes and waits come from config via
+``set_max_batch_size`` / ``set_batch_wait_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from deployments.config import AppConfig, DeploymentOptions
+from serve.api.service import DecodeRequest, StageResult
+from serve.api.stage_ops import decode_batch, denoise_batch, encode_batch
+from serve.model import resolve_source
+from serve.stages import Decoder, DenoiseJob, Denoiser, TextEncoder
+from serve.storage import open_store
+
+logger = logging.getLogger(__name__)
+
+
+def _configure(method: Any, opts: DeploymentOptions) -> None:
+    method.set_max_batch_size(opts.max_batch_size)
+    method.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
+
+
+def _load_kwargs(cfg: AppConfig) -> dict[str, Any]:
+    return {"backend": cfg.backend, "device": cfg.device, "dtype": cfg.dtype}
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoderDeployment:
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = AppConfig.model_validate(config)
+        self.encoder = TextEncoder.load(resolve_source(cfg.model), **_load_kwargs(cfg))
+        _configure(self._encode_batch, cfg.text_encoder)
+
+    async def encode(self, texts: list[str]) -> StageResult:
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode takes a non-empty list of strings")
+        return await self._encode_batch(texts)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, batch: list[list[str]]) -> list[StageResult]:
+        return await asyncio.to_thread(encode_batch, self.encoder, batch)
+
+    async def ready(self) -> str:
+        return "ok"
+
+
+@serve.deployment(name="Denoiser")
+class DenoiserDeployment:
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = AppConfig.model_validate(config)
+        self.denoiser = Denoiser.load(resolve_source(cfg.model), **_load_kwargs(cfg))
+        _configure(self._denoise_batch, cfg.denoiser)
+
+    async def denoise(self, job: DenoiseJob) -> StageResult:
+        self.denoiser.validate(job)  # fails this request alone, before it joins a batch
+        return await self._denoise_batch(job)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _denoise_batch(self, batch: list[DenoiseJob]) -> list[StageResult]:
+        return await asyncio.to_thread(denoise_batch, self.denoiser, batch)
+
+    async def ready(self) -> str:
+        return "ok"
+
+
+@serve.deployment(name="Decoder")
+class DecoderDeployment:
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = AppConfig.model_validate(config)
+        self.decoder = Decoder.load(resolve_source(cfg.model), **_load_kwargs(cfg))
+        self.store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s)
+        _configure(self._decode_batch, cfg.decoder)
+
+    async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
+        expected = (self.decoder.info.latent_channels,)
+        if latents.ndim != 4 or latents.shape[1:2] != expected:
+            raise ValueError(f"latents must be (n, {expected[0]}, h, w), got {latents.shape}")
+        return await self._decode_batch((latents, request))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _decode_batch(self, batch: list[tuple[np.ndarray, DecodeRequest]]) -> list[StageResult]:
+        return await asyncio.to_thread(decode_batch, self.decoder, self.store, batch)
+
+    async def ready(self) -> str:
+        await asyncio.to_thread(self.store.check)
+        return "ok"

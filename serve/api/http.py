@@ -1,0 +1,120 @@
+"""FastAPI routes of the OpenAI-compatible images API (plus jobs, files, models, health).
+
+The body of ``POST /v1/images/*`` is parsed by ``parse_generation_request`` rather than by
+FastAPI, so every client mistake becomes one 4xx in OpenAI's error shape naming the field
+(FastAPI's own 422 lists pydantic internals). The request schema is still published in the
+OpenAPI document for clients and fuzzers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.api.schemas import ImageGenerationRequest
+from serve.api.service import ImageService
+from serve.errors import DarkroomError, StorageError
+from serve.storage import guess_content_type
+
+logger = logging.getLogger(__name__)
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
+    }
+}
+
+
+def error_response(
+    status: int, message: str, type_: str, param: str | None, code: str | None
+) -> JSONResponse:
+    headers = {"Retry-After": "5"} if status == 503 else None
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """``Server-Timing: encode;dur=12.1, denoise;dur=950.3, ...`` (durations in ms)."""
+    return ", ".join(f"{k};dur={v:.3f}" for k, v in timings.items() if not k.endswith("_batch"))
+
+
+def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> FastAPI:
+    """Add every route and error handler to ``app``; ``get_service`` is read per request."""
+
+    @app.exception_handler(DarkroomError)
+    async def _darkroom_error(_: Request, exc: DarkroomError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.warning("%s: %s", type(exc).__name__, exc.message)
+        # A misconfigured store (no bucket, access denied) is our fault and will not pass by
+        # itself: 500, not 503 + Retry-After.
+        permanent = isinstance(exc, StorageError) and not exc.transient
+        status = 500 if permanent else exc.status_code
+        return error_response(status, exc.message, exc.error_type, getattr(exc, "field", None), exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), type_, None, None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error_response(
+            400, f"{loc}: {first.get('msg', 'invalid')}", "invalid_request_error", loc, None
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(500, "internal server error", "server_error", None, None)
+
+    @app.post("/v1/images/generations", openapi_extra=_BODY_DOC)
+    async def generations(request: Request) -> JSONResponse:
+        service = get_service()
+        body, timings = await service.generate(await request.body(), str(request.base_url))
+        return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
+
+    @app.post("/v1/images/jobs", status_code=202, openapi_extra=_BODY_DOC)
+    async def submit_job(request: Request) -> JSONResponse:
+        record = await get_service().submit_job(await request.body())
+        location = f"/v1/images/jobs/{record['id']}"
+        return JSONResponse(record, status_code=202, headers={"Location": location})
+
+    @app.get("/v1/images/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(await get_service().get_job(job_id, str(request.base_url)))
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(get_service().models())
+
+    @app.get("/v1/files/{key:path}")
+    async def files(key: str) -> Response:
+        data = await get_service().file(key)
+        return Response(data, media_type=guess_content_type(key))
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ready, status = await get_service().readiness()
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": status}, 200 if ready else 503
+        )
+
+    return app
+
+
+def create_app(service: ImageService) -> FastAPI:
+    """A standalone app (no Ray): e.g. ``uvicorn`` over ``LocalStages``."""
+    app = FastAPI(title="Darkroom", version="0.1.0")
+    return install_routes(app, lambda: service)

@@ -1,0 +1,295 @@
+"""The image service behind the HTTP API: validate -> encode -> denoise -> decode+store -> respond.
+
+Ray-free: it talks to the three stages through a ``StageClient`` (Ray deployment handles in
+``deployments/``, plain in-process stage objects in ``LocalStages``), so the same request
+handling serves the split Ray app, the monolithic baseline and unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
+from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError
+from serve.model import ModelInfo
+from serve.params import GenerationParams
+from serve.stages.denoiser import DenoiseJob, guidance_enabled
+from serve.storage import LocalStore, ResultStore
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class StageResult:
+    """A stage's answer plus the seconds its model work took (the rest of the call is queueing)."""
+
+    value: Any
+    compute_s: float
+    batch_size: int = 1
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What the Decoder needs besides latents: how to encode and what to store beside each image."""
+
+    output_format: str
+    metadata: dict[str, Any]
+    inline: bool  # return the encoded bytes too (response_format=b64_json)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    key: str
+    content_type: str
+    data: bytes | None  # only when DecodeRequest.inline
+
+
+class StageClient(Protocol):
+    """How the service reaches the stages. Every call is idempotent (safe to retry)."""
+
+    async def encode(self, texts: list[str]) -> StageResult: ...
+
+    async def denoise(self, job: DenoiseJob) -> StageResult: ...
+
+    async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult: ...
+
+    async def ready(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model_name: str
+    limits: Limits = field(default_factory=Limits)
+    request_timeout_s: float = 300.0
+    stage_timeout_s: float = 300.0
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class ImageService:
+    """Request handling for ``/v1/images/*``, ``/v1/models``, ``/v1/files``, readiness."""
+
+    def __init__(
+        self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore
+    ) -> None:
+        self.config = config
+        self.info = info
+        self.stages = stages
+        self.store = store
+        self._jobs: set[asyncio.Task] = set()  # strong refs: the loop only keeps weak ones
+
+    # -- validation -----------------------------------------------------------------------
+    def parse(self, body: Any) -> tuple[ImageGenerationRequest, GenerationParams]:
+        request = parse_generation_request(body, self.config.limits)
+        if request.model is not None and request.model not in self.model_ids():
+            raise ModelNotFoundError("model", request.model, f"this server serves {self.config.model_name!r}")
+        params = request.to_params(default_size=self.info.native_size, limits=self.config.limits)
+        return request, params
+
+    def model_ids(self) -> tuple[str, ...]:
+        return (self.config.model_name, "darkroom")
+
+    # -- generation -------------------------------------------------------------------------
+    async def _bounded(self, coro: Awaitable[T], stage: str) -> T:
+        try:
+            return await asyncio.wait_for(coro, timeout=self.config.stage_timeout_s)
+        except asyncio.TimeoutError:
+            raise StageTimeoutError(
+                f"{stage} did not answer within {self.config.stage_timeout_s:.0f} s"
+            ) from None
+
+    async def run(
+        self, request: ImageGenerationRequest, params: GenerationParams
+    ) -> tuple[list[DecodedImage], dict]:
+        """Run one request through the stages; returns its stored images and timings (ms)."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        cfg = guidance_enabled(self.info, params.guidance_scale)
+        texts = [params.prompt] + ([params.negative_prompt or ""] if cfg else [])
+        enc = await self._bounded(self.stages.encode(texts), "TextEncoder")
+        t1 = time.perf_counter()
+        embeds = enc.value
+        job = DenoiseJob(
+            prompt_embeds=embeds[0],
+            negative_embeds=embeds[1] if cfg else None,
+            seed=params.seed,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            width=params.width,
+            height=params.height,
+            n=params.n,
+            scheduler=params.scheduler,
+        )
+        den = await self._bounded(self.stages.denoise(job), "Denoiser")
+        t2 = time.perf_counter()
+        metadata = {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "seed": params.seed,
+            "n": params.n,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "scheduler": params.scheduler or self.info.scheduler_class,
+            "size": f"{params.width}x{params.height}",
+            "model": self.config.model_name,
+            "output_format": params.output_format,
+            "timings_ms": {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)},
+            "created": int(time.time()),
+        }
+        dec_req = DecodeRequest(params.output_format, metadata, inline=request.response_format == "b64_json")
+        dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
+        t3 = time.perf_counter()
+        storage_s = dec.extra.get("storage_s", 0.0)
+        timings = {
+            "encode": _ms(enc.compute_s),
+            "denoise": _ms(den.compute_s),
+            "decode": _ms(dec.compute_s - storage_s),
+            "storage": _ms(storage_s),
+            "encode_queue": _ms(max(0.0, (t1 - t0) - enc.compute_s)),
+            "denoise_queue": _ms(max(0.0, (t2 - t1) - den.compute_s)),
+            "decode_queue": _ms(max(0.0, (t3 - t2) - dec.compute_s)),
+            "encode_batch": float(enc.batch_size),
+            "denoise_batch": float(den.batch_size),
+            "decode_batch": float(dec.batch_size),
+            "total": _ms(t3 - t0),
+        }
+        return dec.value, timings
+
+    async def generate(self, body: Any, base_url: str) -> tuple[dict[str, Any], dict[str, float]]:
+        """``POST /v1/images/generations``: the OpenAI response body and the timings."""
+        request, params = self.parse(body)
+        created = int(time.time())
+        try:
+            images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise StageTimeoutError(
+                f"request took longer than {self.config.request_timeout_s:.0f} s"
+            ) from None
+        return self.render(created, params.seed, images, request.response_format, base_url, timings), timings
+
+    def render(
+        self,
+        created: int,
+        seed: int,
+        images: list[DecodedImage],
+        response_format: str,
+        base_url: str,
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        data = []
+        for image in images:
+            item: dict[str, Any] = {"seed": seed, "revised_prompt": None}
+            if response_format == "b64_json":
+                raw = image.data if image.data is not None else self.store.get_bytes(image.key)
+                item["b64_json"] = base64.b64encode(raw).decode("ascii")
+            else:
+                item["url"] = self.url_for(image.key, base_url)
+            data.append(item)
+        return {"created": created, "data": data, "timings": timings}
+
+    def url_for(self, key: str, base_url: str) -> str:
+        if isinstance(self.store, LocalStore):
+            return f"{base_url.rstrip('/')}/v1/files/{key}"
+        return self.store.url(key)
+
+    # -- async jobs ---------------------------------------------------------------------------
+    async def submit_job(self, body: Any) -> dict[str, Any]:
+        request, params = self.parse(body)
+        job_id = uuid.uuid4().hex
+        record = {
+            "id": job_id,
+            "object": "image.job",
+            "status": "queued",
+            "created": int(time.time()),
+            "response_format": request.response_format,
+            "seed": params.seed,
+        }
+        await asyncio.to_thread(self.store.put_job, job_id, record)
+        task = asyncio.create_task(self._run_job(record, request, params))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return record
+
+    async def _run_job(self, record: dict, request: ImageGenerationRequest, params: GenerationParams) -> None:
+        job_id = record["id"]
+        try:
+            await asyncio.to_thread(self.store.put_job, job_id, {**record, "status": "running"})
+            images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
+            done = {
+                **record,
+                "status": "succeeded",
+                "finished": int(time.time()),
+                "images": [{"key": im.key, "content_type": im.content_type} for im in images],
+                "timings": timings,
+            }
+        except Exception as exc:  # the job records any failure; the server carries on
+            logger.exception("job %s failed", job_id)
+            err = exc if isinstance(exc, DarkroomError) else DarkroomError(f"generation failed: {exc}")
+            done = {**record, "status": "failed", "finished": int(time.time()), **err.to_openai()}
+        try:
+            await asyncio.to_thread(self.store.put_job, job_id, done)
+        except Exception:
+            logger.exception("could not record the end of job %s", job_id)
+
+    async def get_job(self, job_id: str, base_url: str) -> dict[str, Any]:
+        record = await asyncio.to_thread(self.store.get_job, job_id)
+        if record.get("status") != "succeeded":
+            return record
+        images = [DecodedImage(im["key"], im["content_type"], None) for im in record.get("images", [])]
+        body = await asyncio.to_thread(
+            self.render,
+            record["created"],
+            record["seed"],
+            images,
+            record.get("response_format", "url"),
+            base_url,
+            record.get("timings", {}),
+        )
+        out = {k: v for k, v in record.items() if k != "images"}
+        out["result"] = body
+        return out
+
+    # -- models, files, readiness -----------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "darkroom"}],
+        }
+
+    async def file(self, key: str) -> bytes:
+        if not isinstance(self.store, LocalStore):
+            raise NotFoundError("files are served from object storage: use the image's url")
+        return await asyncio.to_thread(self.store.get_bytes, key)
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]:
+        status: dict[str, str] = {}
+        try:
+            status.update(await asyncio.wait_for(self.stages.ready(), timeout=10))
+        except Exception as exc:
+            status["stages"] = f"unavailable: {exc}"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.store.check), timeout=10)
+            status["storage"] = "ok"
+        except Exception as exc:
+            status["storage"] = f"unavailable: {exc}"
+        return all(v == "ok" for v in status.values()), status
+
+
+class StageTimeoutError(DarkroomError):
+    """A stage or the whole request ran past its time limit."""
+
+    status_code = 504
+    code = "timeout"
