@@ -71,11 +71,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
     started_ray = False
     if not ray.is_initialized():
-        joining = bool(os.environ.get("RAY_ADDRESS"))
-        # The dashboard executes code for whoever reaches it (CVE-2023-48022): off unless joining
-        # a cluster that has its own.
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=args.verbose)
-        started_ray = not joining
+        address = os.environ.get("RAY_ADDRESS") or None
+        # "local" starts a new cluster even if another one runs on this machine (never join one
+        # by accident). The dashboard executes code for whoever reaches it (CVE-2023-48022):
+        # off in the cluster we start.
+        ray.init(
+            address=address or "local",
+            include_dashboard=False if address is None else None,
+            logging_level=logging.WARNING,
+            log_to_driver=args.verbose,
+        )
+        started_ray = address is None
 
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
@@ -110,9 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the model over HTTP on Ray Serve (blocks; Ctrl-C stops)")
-    p.add_argument(
-        "--model", default=None, help="diffusers folder, hub id or exported repository (default: tiny)"
-    )
+    p.add_argument("--model", default=None, help="diffusers folder, hub id or exported repository (default: tiny)")
     p.add_argument("--storage", default="./outputs", help="result store: a folder or s3://bucket/prefix")
     p.add_argument("--backend", default="torch", help="engine backend (default: torch)")
     p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")

@@ -89,8 +89,14 @@ def read_model_info(source: str | Path) -> ModelInfo:
     max_len = tok.get("model_max_length", 77)
     if not isinstance(max_len, int) or max_len > 4096:  # "very large int" means unset
         max_len = text.get("max_position_embeddings", 77)
+    if (path / "darkroom_tiny.json").is_file():
+        name = "tiny"  # the embedded default, whatever cache folder it was made in
+    elif Path(source).expanduser().is_dir():
+        name = path.name
+    else:
+        name = str(source)
     return ModelInfo(
-        name=path.name if Path(source).expanduser().is_dir() else str(source),
+        name=name,
         path=path,
         scheduler_class=sched.get("_class_name", "PNDMScheduler"),
         scheduler_config=sched,

@@ -88,9 +88,7 @@ def test_response_shape_seed_and_server_timing(client):
     for stage in ("encode", "denoise", "decode", "storage"):
         assert body["timings"][stage] >= 0
         assert f"{stage};dur=" in r.headers["server-timing"]
-    again = client.post(
-        "/v1/images/generations", json={"prompt": "a cat", "num_inference_steps": 2, "seed": seed}
-    )
+    again = client.post("/v1/images/generations", json={"prompt": "a cat", "num_inference_steps": 2, "seed": seed})
     a = httpx.get(body["data"][0]["url"]).content
     b = httpx.get(again.json()["data"][0]["url"]).content
     assert max_level_diff(decode_image(a), decode_image(b)) <= 3
@@ -123,9 +121,7 @@ def test_concurrent_requests_are_batched_and_never_mixed(client, reference):
     assert max(t["encode_batch"] for t in timings) > 1, timings
     for body, r in zip(bodies, responses, strict=True):
         got = decode_image(base64.b64decode(r.json()["data"][0]["b64_json"]))
-        want = reference(
-            params_of({k: v for k, v in body.items() if v is not None and k != "response_format"})
-        )
+        want = reference(params_of({k: v for k, v in body.items() if v is not None and k != "response_format"}))
         assert r.json()["data"][0]["seed"] == body["seed"]
         assert max_level_diff(got[None], want) <= 3, body
 
