@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -59,15 +60,31 @@ class DenoiserDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         self.denoiser = Denoiser.load(resolve_source(cfg.model), **_load_kwargs(cfg))
+        self._live: dict[int, threading.Event] = {}  # in-flight jobs -> their cancellation flags
         _configure(self._denoise_batch, cfg.denoiser)
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         self.denoiser.validate(job)  # fails this request alone, before it joins a batch
-        return await self._denoise_batch(job)
+        # Cancellation (a client timeout: Serve cancels this call) must reach the worker thread,
+        # which asks between iterations; a request gone before its batch starts has no flag.
+        flag = threading.Event()
+        self._live[id(job)] = flag
+        try:
+            return await self._denoise_batch(job)
+        except asyncio.CancelledError:
+            flag.set()
+            raise
+        finally:
+            self._live.pop(id(job), None)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _denoise_batch(self, batch: list[DenoiseJob]) -> list[StageResult]:
-        return await asyncio.to_thread(denoise_batch, self.denoiser, batch)
+        flags = [self._live.get(id(job)) for job in batch]
+
+        def cancelled(i: int) -> bool:
+            return flags[i] is None or flags[i].is_set()
+
+        return await asyncio.to_thread(denoise_batch, self.denoiser, batch, cancelled)
 
     async def ready(self) -> str:
         return "ok"
@@ -78,7 +95,7 @@ class DecoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         self.decoder = Decoder.load(resolve_source(cfg.model), **_load_kwargs(cfg))
-        self.store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s)
+        self.store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         _configure(self._decode_batch, cfg.decoder)
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:

@@ -102,6 +102,49 @@ class NotFoundError(DarkroomError):
     code = "not_found"
 
 
+class AuthenticationError(DarkroomError):
+    """Missing or wrong API key (``Authorization: Bearer <key>``)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PayloadTooLargeError(DarkroomError):
+    """The request body is over the configured limit."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ContentPolicyError(InvalidRequestError):
+    """A prompt was refused by the prompt policy (blocklist, patterns or a checker model)."""
+
+    code = "content_policy_violation"
+
+
+class IdempotencyConflictError(InvalidRequestError):
+    """An Idempotency-Key was reused with a different request body."""
+
+    status_code = 409
+    code = "idempotency_key_reused"
+
+
+class OverloadedError(DarkroomError):
+    """Queues are full: the client should retry after ``Retry-After`` seconds."""
+
+    status_code = 503
+    code = "overloaded"
+
+
+class RequestTimeoutError(DarkroomError):
+    """A stage call or the whole request ran past its time limit; the work was cancelled."""
+
+    status_code = 504
+    code = "timeout"
+
+
 class EngineError(DarkroomError):
     """An inference engine failed to load or run."""
 
@@ -109,7 +152,13 @@ class EngineError(DarkroomError):
 
 
 __all__ = [
+    "AuthenticationError",
+    "ContentPolicyError",
     "DarkroomError",
+    "IdempotencyConflictError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "RequestTimeoutError",
     "EngineError",
     "InvalidRequestError",
     "ModelLoadError",

@@ -16,9 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.api.policy import OPEN_PATHS, api_key_ok
 from serve.api.schemas import ImageGenerationRequest
 from serve.api.service import ImageService
-from serve.errors import DarkroomError, StorageError
+from serve.errors import AuthenticationError, DarkroomError, PayloadTooLargeError, StorageError
 from serve.storage import guess_content_type
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,7 @@ _BODY_DOC = {
 }
 
 
-def error_response(
-    status: int, message: str, type_: str, param: str | None, code: str | None
-) -> JSONResponse:
+def error_response(status: int, message: str, type_: str, param: str | None, code: str | None) -> JSONResponse:
     headers = {"Retry-After": "5"} if status == 503 else None
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -44,18 +43,48 @@ def server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{k};dur={v:.3f}" for k, v in timings.items() if not k.endswith("_batch"))
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes (by header, and while streaming: a client
+    may lie about or omit Content-Length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is {int(declared)} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _darkroom_error_response(exc: DarkroomError) -> JSONResponse:
+    # A misconfigured store (no bucket, access denied) is our fault and will not pass by
+    # itself: 500, not 503 + Retry-After.
+    permanent = isinstance(exc, StorageError) and not exc.transient
+    status = 500 if permanent else exc.status_code
+    return error_response(status, exc.message, exc.error_type, getattr(exc, "field", None), exc.code)
+
+
 def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> FastAPI:
     """Add every route and error handler to ``app``; ``get_service`` is read per request."""
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        keys = get_service().config.api_keys
+        if keys and request.url.path not in OPEN_PATHS:
+            if not api_key_ok(request.headers.get("authorization"), keys):
+                err = AuthenticationError("missing or invalid API key: send 'Authorization: Bearer <key>'")
+                response = _darkroom_error_response(err)
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        return await call_next(request)
 
     @app.exception_handler(DarkroomError)
     async def _darkroom_error(_: Request, exc: DarkroomError) -> JSONResponse:
         if exc.status_code >= 500:
             logger.warning("%s: %s", type(exc).__name__, exc.message)
-        # A misconfigured store (no bucket, access denied) is our fault and will not pass by
-        # itself: 500, not 503 + Retry-After.
-        permanent = isinstance(exc, StorageError) and not exc.transient
-        status = 500 if permanent else exc.status_code
-        return error_response(status, exc.message, exc.error_type, getattr(exc, "field", None), exc.code)
+        return _darkroom_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -66,9 +95,7 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(
-            400, f"{loc}: {first.get('msg', 'invalid')}", "invalid_request_error", loc, None
-        )
+        return error_response(400, f"{loc}: {first.get('msg', 'invalid')}", "invalid_request_error", loc, None)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -78,12 +105,15 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     @app.post("/v1/images/generations", openapi_extra=_BODY_DOC)
     async def generations(request: Request) -> JSONResponse:
         service = get_service()
-        body, timings = await service.generate(await request.body(), str(request.base_url))
+        raw = await read_body(request, service.config.max_body_bytes)
+        key = request.headers.get("idempotency-key")
+        body, timings = await service.generate(raw, str(request.base_url), idempotency_key=key)
         return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
 
     @app.post("/v1/images/jobs", status_code=202, openapi_extra=_BODY_DOC)
     async def submit_job(request: Request) -> JSONResponse:
-        record = await get_service().submit_job(await request.body())
+        service = get_service()
+        record = await service.submit_job(await read_body(request, service.config.max_body_bytes))
         location = f"/v1/images/jobs/{record['id']}"
         return JSONResponse(record, status_code=202, headers={"Location": location})
 
@@ -107,9 +137,7 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         ready, status = await get_service().readiness()
-        return JSONResponse(
-            {"status": "ready" if ready else "not_ready", "checks": status}, 200 if ready else 503
-        )
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": status}, 200 if ready else 503)
 
     return app
 

@@ -55,9 +55,7 @@ class Limits(BaseModel):
         description="Longest prompt or negative prompt, in characters (CLIP truncates at 77 tokens).",
     )
     max_n: int = Field(8, ge=1, description="Most images one request may ask for (`n`).")
-    max_steps: int = Field(
-        150, ge=1, description="Most denoising steps (`num_inference_steps`) a request may ask for."
-    )
+    max_steps: int = Field(150, ge=1, description="Most denoising steps (`num_inference_steps`) a request may ask for.")
     max_guidance: float = Field(
         30.0,
         ge=0,
@@ -170,8 +168,7 @@ class ImageGenerationRequest(BaseModel):
         7.5,
         ge=0,
         allow_inf_nan=False,
-        description="Classifier-free guidance scale, 0..Limits.max_guidance (30 by default); "
-        "<= 1 disables guidance.",
+        description="Classifier-free guidance scale, 0..Limits.max_guidance (30 by default); <= 1 disables guidance.",
     )
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description=f"Seed in 0..{MAX_SEED} for reproducible images; None picks one (returned)."
@@ -396,15 +393,9 @@ class ImageData(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    b64_json: str | None = Field(
-        None, description="The encoded image, base64, when response_format='b64_json'."
-    )
-    url: str | None = Field(
-        None, description="Where the stored image can be fetched, when response_format='url'."
-    )
-    revised_prompt: str | None = Field(
-        None, description="OpenAI compatibility; Darkroom never rewrites prompts."
-    )
+    b64_json: str | None = Field(None, description="The encoded image, base64, when response_format='b64_json'.")
+    url: str | None = Field(None, description="Where the stored image can be fetched, when response_format='url'.")
+    revised_prompt: str | None = Field(None, description="OpenAI compatibility; Darkroom never rewrites prompts.")
     seed: int = Field(
         ...,
         description="The request's resolved seed: resending the request with it reproduces all n images, "

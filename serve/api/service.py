@@ -18,8 +18,10 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from serve.api.idempotency import IdempotencyGuard
+from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
-from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError
+from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError, RequestTimeoutError
 from serve.model import ModelInfo
 from serve.params import GenerationParams
 from serve.stages.denoiser import DenoiseJob, guidance_enabled
@@ -73,6 +75,9 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     request_timeout_s: float = 300.0
     stage_timeout_s: float = 300.0
+    prompt_policy: PromptPolicy = field(default_factory=PromptPolicy)
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20
 
 
 def _ms(seconds: float) -> float:
@@ -82,14 +87,13 @@ def _ms(seconds: float) -> float:
 class ImageService:
     """Request handling for ``/v1/images/*``, ``/v1/models``, ``/v1/files``, readiness."""
 
-    def __init__(
-        self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore
-    ) -> None:
+    def __init__(self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore) -> None:
         self.config = config
         self.info = info
         self.stages = stages
         self.store = store
         self._jobs: set[asyncio.Task] = set()  # strong refs: the loop only keeps weak ones
+        self.idempotency = IdempotencyGuard(store, stale_after_s=config.request_timeout_s + 30)
 
     # -- validation -----------------------------------------------------------------------
     def parse(self, body: Any) -> tuple[ImageGenerationRequest, GenerationParams]:
@@ -97,6 +101,7 @@ class ImageService:
         if request.model is not None and request.model not in self.model_ids():
             raise ModelNotFoundError("model", request.model, f"this server serves {self.config.model_name!r}")
         params = request.to_params(default_size=self.info.native_size, limits=self.config.limits)
+        self.config.prompt_policy.check(params.prompt, params.negative_prompt)
         return request, params
 
     def model_ids(self) -> tuple[str, ...]:
@@ -107,13 +112,9 @@ class ImageService:
         try:
             return await asyncio.wait_for(coro, timeout=self.config.stage_timeout_s)
         except asyncio.TimeoutError:
-            raise StageTimeoutError(
-                f"{stage} did not answer within {self.config.stage_timeout_s:.0f} s"
-            ) from None
+            raise RequestTimeoutError(f"{stage} did not answer within {self.config.stage_timeout_s:.0f} s") from None
 
-    async def run(
-        self, request: ImageGenerationRequest, params: GenerationParams
-    ) -> tuple[list[DecodedImage], dict]:
+    async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
         """Run one request through the stages; returns its stored images and timings (ms)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -168,17 +169,37 @@ class ImageService:
         }
         return dec.value, timings
 
-    async def generate(self, body: Any, base_url: str) -> tuple[dict[str, Any], dict[str, float]]:
+    async def generate(
+        self, body: Any, base_url: str, idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         """``POST /v1/images/generations``: the OpenAI response body and the timings."""
         request, params = self.parse(body)
-        created = int(time.time())
-        try:
-            images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise StageTimeoutError(
-                f"request took longer than {self.config.request_timeout_s:.0f} s"
-            ) from None
-        return self.render(created, params.seed, images, request.response_format, base_url, timings), timings
+
+        async def produce() -> dict[str, Any]:
+            created = int(time.time())
+            try:
+                images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"request took longer than {self.config.request_timeout_s:.0f} s") from None
+            return {"created": created, "seed": params.seed, "images": images, "timings": timings}
+
+        if idempotency_key is None:
+            out = await produce()
+            images = out["images"]
+        else:
+            fields = request.model_dump(exclude={"response_format", "user"})
+
+            async def produce_record() -> dict[str, Any]:
+                out = await produce()
+                out["images"] = [{"key": im.key, "content_type": im.content_type} for im in out["images"]]
+                return out
+
+            out = await self.idempotency.run(idempotency_key, fields, produce_record, self.config.request_timeout_s)
+            images = [DecodedImage(im["key"], im["content_type"], None) for im in out["images"]]
+        body_out = await asyncio.to_thread(
+            self.render, out["created"], out["seed"], images, request.response_format, base_url, out["timings"]
+        )
+        return body_out, out["timings"]
 
     def render(
         self,
@@ -286,10 +307,3 @@ class ImageService:
         except Exception as exc:
             status["storage"] = f"unavailable: {exc}"
         return all(v == "ok" for v in status.values()), status
-
-
-class StageTimeoutError(DarkroomError):
-    """A stage or the whole request ran past its time limit."""
-
-    status_code = 504
-    code = "timeout"

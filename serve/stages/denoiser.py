@@ -54,10 +54,11 @@ class DenoiseJob:
         return self.guidance_scale > 1.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _State:
     """A request in flight: its own scheduler, generator and latents."""
 
+    index: int  # position in the denoise() call
     job: DenoiseJob
     scheduler: Any
     generator: torch.Generator
@@ -66,10 +67,11 @@ class _State:
     latents: torch.Tensor
     embeds: torch.Tensor  # (n or 2n, seq, hidden): [negative x n, prompt x n] with CFG
     i: int = 0
+    cancelled: bool = False
 
     @property
     def done(self) -> bool:
-        return self.i >= len(self.timesteps)
+        return self.cancelled or self.i >= len(self.timesteps)
 
 
 def guidance_enabled(info: ModelInfo, guidance_scale: float) -> bool:
@@ -118,23 +120,20 @@ class Denoiser:
                 raise InvalidRequestError("negative_embeds", None, "required with guidance_scale > 1")
         make_scheduler(job.scheduler, self.info.scheduler_config, self.info.scheduler_class)
 
-    def _start(self, job: DenoiseJob) -> _State:
+    def _start(self, index: int, job: DenoiseJob) -> _State:
         dev, dtype = self.engine.device, self.engine.dtype
         scheduler = make_scheduler(job.scheduler, self.info.scheduler_config, self.info.scheduler_class)
         scheduler.set_timesteps(job.num_inference_steps, device=dev)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         shape = self.info.latent_shape(job.n, job.width, job.height)
-        latents = (
-            randn_tensor(shape, generator=generator, device=dev, dtype=dtype) * scheduler.init_noise_sigma
-        )
-        prompt = torch.tensor(
-            np.asarray(job.prompt_embeds), device=dev, dtype=dtype
-        )  # copy: may be read-only
+        latents = randn_tensor(shape, generator=generator, device=dev, dtype=dtype) * scheduler.init_noise_sigma
+        prompt = torch.tensor(np.asarray(job.prompt_embeds), device=dev, dtype=dtype)  # copy: may be read-only
         embeds = prompt[None].expand(job.n, -1, -1)
         if guidance_enabled(self.info, job.guidance_scale):
             neg = torch.tensor(np.asarray(job.negative_embeds), device=dev, dtype=dtype)
             embeds = torch.cat([neg[None].expand(job.n, -1, -1), embeds])
         return _State(
+            index=index,
             job=job,
             scheduler=scheduler,
             generator=generator,
@@ -145,16 +144,21 @@ class Denoiser:
         )
 
     def denoise(
-        self, jobs: Sequence[DenoiseJob], progress: Callable[[int, int], None] | None = None
-    ) -> list[np.ndarray]:
+        self,
+        jobs: Sequence[DenoiseJob],
+        progress: Callable[[int, int], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[np.ndarray | None]:
         """Final latents for each job, in order, as float32 numpy arrays.
 
         ``progress(done, total)`` is called after each iteration (total = iterations of all groups).
+        ``cancelled(i)`` is asked before each iteration: a cancelled job leaves the batch at once
+        (its slot in the result is None), so a timed-out request stops costing UNet time.
         """
         for job in jobs:
             self.validate(job)
         self.last_batch_sizes = []
-        states = [self._start(job) for job in jobs]
+        states = [self._start(i, job) for i, job in enumerate(jobs)]
         groups: dict[tuple[int, int], list[_State]] = {}
         for s in states:
             groups.setdefault((s.job.width, s.job.height), []).append(s)
@@ -162,6 +166,10 @@ class Denoiser:
         done = 0
         for group in groups.values():
             while True:
+                if cancelled is not None:
+                    for s in group:
+                        if not s.done and cancelled(s.index):
+                            s.cancelled = True
                 active = [s for s in group if not s.done]
                 if not active:
                     break
@@ -169,7 +177,7 @@ class Denoiser:
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        return [s.latents.float().cpu().numpy() for s in states]
+        return [None if s.cancelled else s.latents.float().cpu().numpy() for s in states]
 
     def _iterate(self, active: list[_State]) -> None:
         """One denoising iteration for every active request: UNet calls in chunks, then steps."""
@@ -188,9 +196,7 @@ class Denoiser:
         for lo in range(0, sample.shape[0], self.max_batch_samples):
             hi = lo + self.max_batch_samples
             outs.append(
-                self.engine.run(
-                    sample=sample[lo:hi], timestep=tvec[lo:hi], encoder_hidden_states=embeds[lo:hi]
-                )
+                self.engine.run(sample=sample[lo:hi], timestep=tvec[lo:hi], encoder_hidden_states=embeds[lo:hi])
             )
             self.unet_calls += 1
             self.last_batch_sizes.append(min(hi, sample.shape[0]) - lo)

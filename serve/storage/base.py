@@ -144,6 +144,10 @@ class ResultStore(abc.ABC):
     def _url(self, key: str) -> str: ...
 
     @abc.abstractmethod
+    def _put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+        """Create the object only if no object has the key; False when one already does."""
+
+    @abc.abstractmethod
     def check(self) -> None:
         """Raise :class:`StorageError` unless the store can take writes now (readiness probes)."""
 
@@ -180,6 +184,11 @@ class ResultStore(abc.ABC):
             raise TypeError(f"obj must be a dict, not {type(obj).__name__}")
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         self.put_bytes(key, data, JSON_CONTENT_TYPE)
+
+    def put_json_if_absent(self, key: str, obj: dict[str, Any]) -> bool:
+        """Atomically create a JSON object unless the key exists (a claim: one caller wins)."""
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return self._put_if_absent(validate_key(key), data, JSON_CONTENT_TYPE)
 
     def get_json(self, key: str) -> dict[str, Any]:
         """Load a JSON object; a corrupt one is a (non-transient) :class:`StorageError`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
@@ -22,14 +23,19 @@ _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 
 
 def open_store(
-    uri: str = "./outputs", *, url_expiry_s: int = 3600, public_base_url: str | None = None
+    uri: str = "./outputs",
+    *,
+    url_expiry_s: int = 3600,
+    public_base_url: str | None = None,
+    s3_options: dict[str, Any] | None = None,
 ) -> ResultStore:
     """Open the store a URI names: a path or ``file://...`` (local folder) or ``s3://bucket/prefix``.
 
     ``url_expiry_s`` is the lifetime of S3 presigned URLs. ``public_base_url`` (e.g.
     ``https://images.example.com``) makes local-store URLs ``{base}/v1/files/{key}``, served by
     the API; S3 URLs are presigned and ignore it. Nothing here touches the network or the
-    disk; call :meth:`ResultStore.check` for that.
+    disk; call :meth:`ResultStore.check` for that. ``s3_options`` are ``S3Store`` keyword
+    arguments (``max_attempts``, ``connect_timeout``, ``read_timeout``).
     """
     if isinstance(url_expiry_s, bool) or not isinstance(url_expiry_s, int):
         raise InvalidRequestError("url_expiry_s", url_expiry_s, "must be an integer number of seconds")
@@ -42,13 +48,11 @@ def open_store(
 
     lowered = uri.lower()
     if lowered.startswith("s3://"):
-        return _open_s3(uri, url_expiry_s)
+        return _open_s3(uri, url_expiry_s, s3_options or {})
     if lowered.startswith("file://"):
         return LocalStore(_file_uri_path(uri), public_base_url=public_base_url)
     if _SCHEME.match(uri):
-        raise InvalidRequestError(
-            "storage", uri, "unsupported scheme; use a path, file://... or s3://bucket/prefix"
-        )
+        raise InvalidRequestError("storage", uri, "unsupported scheme; use a path, file://... or s3://bucket/prefix")
     return LocalStore(uri, public_base_url=public_base_url)
 
 
@@ -63,7 +67,7 @@ def _file_uri_path(uri: str) -> str:
     return path
 
 
-def _open_s3(uri: str, url_expiry_s: int) -> S3Store:
+def _open_s3(uri: str, url_expiry_s: int, options: dict[str, Any]) -> S3Store:
     parts = urlsplit(uri)
     bucket = parts.netloc
     if not _BUCKET.fullmatch(bucket or ""):
@@ -78,4 +82,4 @@ def _open_s3(uri: str, url_expiry_s: int) -> S3Store:
             raise InvalidRequestError(
                 "storage", uri, "s3 prefix may only use [A-Za-z0-9._-] segments separated by '/'"
             ) from None
-    return S3Store(bucket, prefix, url_expiry_s=url_expiry_s)
+    return S3Store(bucket, prefix, url_expiry_s=url_expiry_s, **options)

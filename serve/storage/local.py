@@ -72,6 +72,27 @@ class LocalStore(ResultStore):
                 except OSError:
                     logger.warning("could not remove temp file %s", tmp_name, exc_info=True)
 
+    def _put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.chmod(tmp_name, 0o644)
+                # link() fails if the name exists: an atomic create-if-absent of a complete file.
+                os.link(tmp_name, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp_name)
+        except OSError as exc:
+            raise _storage_error("write", key, exc) from exc
+
     def _get(self, key: str) -> bytes:
         path = self._path(key)
         try:

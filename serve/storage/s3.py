@@ -130,11 +130,23 @@ class S3Store(ResultStore):
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._object_key(key), Body=data, ContentType=content_type
-            )
+            self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data, ContentType=content_type)
         except (bexc.BotoCoreError, bexc.ClientError) as exc:
             _raise_mapped(exc, "put", self._where(key))
+
+    def _put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._object_key(key), Body=data, ContentType=content_type, IfNoneMatch="*"
+            )
+            return True
+        except bexc.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            _raise_mapped(exc, "put", self._where(key))
+        except bexc.BotoCoreError as exc:
+            _raise_mapped(exc, "put", self._where(key))
+        return False  # unreachable: _raise_mapped always raises
 
     def _get(self, key: str) -> bytes:
         try:

@@ -113,3 +113,15 @@ def test_image_encoding_round_trip(fmt):
     assert data.startswith(magic)
     with pytest.raises(InvalidRequestError):
         encode_image(pixels, "gif")
+
+
+def test_cancelled_job_leaves_the_batch(encoder, denoiser):
+    jobs = [_job(encoder, seed=1, num_inference_steps=8), _job(encoder, seed=2, num_inference_steps=8)]
+    c0 = denoiser.unet_calls
+    alone = denoiser.denoise([jobs[0]])[0]
+    c1 = denoiser.unet_calls
+    out = denoiser.denoise(jobs, cancelled=lambda i: i == 1)
+    assert out[1] is None and out[0].shape == (1, 4, 8, 8)
+    assert max(denoiser.last_batch_sizes) == 2  # only job 0 (x2 for CFG) ever ran
+    assert denoiser.unet_calls - c1 == c1 - c0
+    np.testing.assert_allclose(out[0], alone, atol=1e-5)
