@@ -2,11 +2,82 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.api.policy import PromptPolicy
 from serve.api.schemas import Limits
+
+# Every field of Ray Serve 2.60's ``ray.serve.config.AutoscalingConfig``. Ray's model silently
+# drops keys it does not know, so a typo such as ``min_replica: 0`` would deploy with Ray's
+# default ``min_replicas: 1`` and never scale to zero; we reject unknown keys instead.
+# tests/unit/test_serve_configs.py checks this set against Ray's own model.
+AUTOSCALING_KEYS = frozenset(
+    {
+        "min_replicas",
+        "initial_replicas",
+        "max_replicas",
+        "target_ongoing_requests",
+        "metrics_interval_s",
+        "look_back_period_s",
+        "smoothing_factor",
+        "upscale_smoothing_factor",
+        "downscale_smoothing_factor",
+        "upscaling_factor",
+        "downscaling_factor",
+        "downscale_delay_s",
+        "downscale_to_zero_delay_s",
+        "upscale_delay_s",
+        "aggregation_function",
+        "policy",
+    }
+)
+_NON_NEGATIVE_KEYS = (
+    "min_replicas",
+    "initial_replicas",
+    "downscale_delay_s",
+    "downscale_to_zero_delay_s",
+    "upscale_delay_s",
+)
+_POSITIVE_KEYS = (
+    "max_replicas",
+    "target_ongoing_requests",
+    "metrics_interval_s",
+    "look_back_period_s",
+    "upscaling_factor",
+    "downscaling_factor",
+)
+
+
+def check_autoscaling_config(config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the key for what Ray would reject (or silently ignore)."""
+    unknown = sorted(set(config) - AUTOSCALING_KEYS)
+    if unknown:
+        raise ValueError(f"autoscaling_config: unknown key(s) {unknown}; known: {sorted(AUTOSCALING_KEYS)}")
+    for key in _NON_NEGATIVE_KEYS + _POSITIVE_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"autoscaling_config.{key} must be a number, got {value!r}")
+        if key in _POSITIVE_KEYS and value <= 0:
+            raise ValueError(f"autoscaling_config.{key} must be > 0, got {value!r}")
+        if value < 0:
+            raise ValueError(f"autoscaling_config.{key} must be >= 0, got {value!r}")
+    for key in ("min_replicas", "initial_replicas", "max_replicas"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, int):
+            raise ValueError(f"autoscaling_config.{key} must be an integer, got {value!r}")
+    # Ray's defaults when a key is absent: min_replicas 1, max_replicas 1.
+    lo, hi = config.get("min_replicas", 1), config.get("max_replicas", 1)
+    if hi < lo:
+        raise ValueError(f"autoscaling_config: max_replicas ({hi}) must be >= min_replicas ({lo})")
+    initial = config.get("initial_replicas")
+    if initial is not None and not lo <= initial <= hi:
+        raise ValueError(
+            f"autoscaling_config: initial_replicas ({initial}) must be within min_replicas..max_replicas ({lo}..{hi})"
+        )
 
 
 class DeploymentOptions(BaseModel):
@@ -14,8 +85,10 @@ class DeploymentOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int | None = Field(
-        1, description="Fixed replica count; ignored when autoscaling_config is set."
+    num_replicas: int | Literal["auto"] | None = Field(
+        1,
+        description='Fixed replica count; ignored when autoscaling_config is set. "auto" = Ray\'s '
+        "default autoscaling (min 1, max 100, target 2), overridden by autoscaling_config's keys.",
     )
     autoscaling_config: dict[str, Any] | None = Field(
         None,
@@ -34,9 +107,35 @@ class DeploymentOptions(BaseModel):
         256, ge=-1, description="Requests a caller may queue before getting back-pressure (-1 = unbounded)."
     )
     max_batch_size: int = Field(8, ge=1, description="Most requests in one batched model call.")
-    batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long a partial batch waits for more requests."
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a partial batch waits for more requests.")
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="How long a replica being scaled down may finish its ongoing requests "
+        "(Ray's default 20 s when None); set it above the longest batch.",
     )
+
+    @model_validator(mode="after")
+    def _autoscaling_valid(self) -> DeploymentOptions:
+        if self.autoscaling_config:
+            check_autoscaling_config(self.autoscaling_config)
+        if isinstance(self.num_replicas, int) and self.num_replicas < 0:
+            raise ValueError(f"num_replicas must be >= 0, got {self.num_replicas}")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether Serve sizes this deployment (autoscaling_config set or num_replicas "auto")."""
+        return bool(self.autoscaling_config) or self.num_replicas == "auto"
+
+    @property
+    def min_replicas(self) -> int:
+        """The fewest replicas this deployment can have: 0 means it can scale to zero."""
+        if self.autoscaling_config:
+            return int(self.autoscaling_config.get("min_replicas", 1))
+        if self.num_replicas == "auto":
+            return 1
+        return self.num_replicas if self.num_replicas is not None else 1
 
     @model_validator(mode="after")
     def _batch_fits(self) -> DeploymentOptions:
@@ -56,10 +155,17 @@ class DeploymentOptions(BaseModel):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
         }
-        if self.autoscaling_config:
+        if self.num_replicas == "auto":
+            # Ray merges autoscaling_config's keys over its "auto" defaults.
+            opts["num_replicas"] = "auto"
+            if self.autoscaling_config:
+                opts["autoscaling_config"] = self.autoscaling_config
+        elif self.autoscaling_config:
             opts["autoscaling_config"] = self.autoscaling_config
         else:
             opts["num_replicas"] = self.num_replicas
+        if self.graceful_shutdown_timeout_s is not None:
+            opts["graceful_shutdown_timeout_s"] = self.graceful_shutdown_timeout_s
         return opts
 
 
@@ -68,28 +174,28 @@ class AppConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(
-        None, description="Diffusers folder, hub id or exported repository; None = tiny model."
-    )
-    model_name: str | None = Field(
-        None, description="Name clients pass as `model`; default: the folder name."
-    )
-    backend: str = Field(
-        "torch", description="Engine backend for every stage: torch, onnxruntime, tensorrt, auto."
-    )
+    model: str | None = Field(None, description="Diffusers folder, hub id or exported repository; None = tiny model.")
+    model_name: str | None = Field(None, description="Name clients pass as `model`; default: the folder name.")
+    backend: str = Field("torch", description="Engine backend for every stage: torch, onnxruntime, tensorrt, auto.")
     device: str | None = Field(None, description="cpu, cuda, cuda:N; None = CUDA when present.")
-    dtype: str | None = Field(
-        None, description="float32, float16, bfloat16; None = fp16 on CUDA, fp32 on CPU."
-    )
-    storage: str = Field(
-        "./outputs", description="Result store URI: a folder, file://..., or s3://bucket/prefix."
-    )
+    dtype: str | None = Field(None, description="float32, float16, bfloat16; None = fp16 on CUDA, fp32 on CPU.")
+    storage: str = Field("./outputs", description="Result store URI: a folder, file://..., or s3://bucket/prefix.")
     url_expiry_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned S3 URLs.")
     limits: Limits = Field(default_factory=Limits, description="Request limits enforced at the Ingress.")
-    request_timeout_s: float = Field(
-        300.0, gt=0, description="Whole-request limit; past it the client gets 504."
-    )
+    request_timeout_s: float = Field(300.0, gt=0, description="Whole-request limit; past it the client gets 504.")
     stage_timeout_s: float = Field(300.0, gt=0, description="Limit on each stage call from the Ingress.")
+    api_keys: tuple[str, ...] = Field(
+        (), description="Bearer keys every route but /healthz and /readyz needs (plus DARKROOM_API_KEYS); empty = open."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; bigger ones get 413.")
+    prompt_policy: PromptPolicy = Field(default_factory=PromptPolicy, description="Prompts refused with 400.")
+    stage_retries: int = Field(
+        5, ge=1, le=20, description="Tries per stage call when a replica dies mid-request (calls are idempotent)."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="S3 client options: max_attempts (retries, standard mode), connect_timeout, read_timeout (s).",
+    )
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(max_ongoing_requests=256, max_batch_size=1),
         description="Options of the Ingress deployment (batch settings unused).",
@@ -99,9 +205,7 @@ class AppConfig(BaseModel):
         description="Options of the TextEncoder deployment.",
     )
     denoiser: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(
-            max_batch_size=8, max_ongoing_requests=32, batch_wait_timeout_s=0.02
-        ),
+        default_factory=lambda: DeploymentOptions(max_batch_size=8, max_ongoing_requests=32, batch_wait_timeout_s=0.02),
         description="Options of the Denoiser deployment.",
     )
     decoder: DeploymentOptions = Field(
