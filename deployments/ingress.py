@@ -60,8 +60,14 @@ class HandleStages:
         attempt = 0
         while True:
             attempt += 1
+            response = method.remote(*args)
             try:
-                return await method.remote(*args)
+                return await response
+            except asyncio.CancelledError:
+                # Our timeout (or the client leaving) cancelled this call: Serve does not pass
+                # that on by itself, and the stage would keep computing for nobody.
+                response.cancel()
+                raise
             except BackPressureError as exc:
                 raise OverloadedError(f"{stage} is at capacity; retry shortly") from exc
             except RETRYABLE as exc:

@@ -72,7 +72,10 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         keys = get_service().config.api_keys
-        if keys and request.url.path not in OPEN_PATHS:
+        # The route path without the app's prefix (Serve mounts apps under a root_path).
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        route_path = path[len(root) :] if root and path.startswith(root) else path
+        if keys and route_path not in OPEN_PATHS:
             if not api_key_ok(request.headers.get("authorization"), keys):
                 err = AuthenticationError("missing or invalid API key: send 'Authorization: Bearer <key>'")
                 response = _darkroom_error_response(err)

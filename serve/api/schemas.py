@@ -244,7 +244,8 @@ class ImageGenerationRequest(BaseModel):
 
     def check_limits(self, limits: Limits) -> None:
         """Re-validate against other ``limits`` (e.g. a per-model policy), raising one error."""
-        parse_generation_request(self.model_dump(), limits)
+        # Only what the client sent: a default (50 steps) must not fail a server whose max is 30.
+        parse_generation_request(self.model_dump(exclude_unset=True), limits)
 
     def to_params(
         self,
@@ -278,6 +279,9 @@ class ImageGenerationRequest(BaseModel):
                         f"is required: the model's native size {width}x{height} is outside this "
                         f"server's limits ({exc.reason})",
                     ) from exc
+        steps = self.num_inference_steps
+        if limits is not None and "num_inference_steps" not in self.model_fields_set:
+            steps = min(steps, limits.max_steps)  # the default, within this server's limit
         if self.seed is not None:
             resolved_seed = self.seed
         elif seed is not None:
@@ -289,7 +293,7 @@ class ImageGenerationRequest(BaseModel):
             negative_prompt=self.negative_prompt,
             width=width,
             height=height,
-            num_inference_steps=self.num_inference_steps,
+            num_inference_steps=steps,
             guidance_scale=float(self.guidance_scale),
             seed=resolved_seed,
             n=self.n,

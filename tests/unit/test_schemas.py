@@ -324,9 +324,7 @@ def test_custom_limits_pixels():
 
 def test_custom_limits_can_raise_bounds():
     limits = Limits(max_side=4096, max_pixels=4096 * 4096, max_n=16, max_steps=500, max_guidance=50)
-    req = parse_generation_request(
-        body(size="4096x4096", n=16, num_inference_steps=500, guidance_scale=50), limits
-    )
+    req = parse_generation_request(body(size="4096x4096", n=16, num_inference_steps=500, guidance_scale=50), limits)
     assert (req.n, req.num_inference_steps, req.guidance_scale) == (16, 500, 50.0)
 
 
@@ -550,3 +548,13 @@ def test_error_response_from_exception():
     }
     missing = ErrorResponse.from_exception(ModelNotFoundError("model", "sdxl", "not served here"))
     assert missing.error.code == "model_not_found"
+
+
+def test_default_steps_fit_a_lower_server_limit():
+    limits = Limits(max_steps=30)
+    req = parse_generation_request({"prompt": "a cat"}, limits)
+    assert req.to_params(default_size=(64, 64), limits=limits).num_inference_steps == 30
+    assert req.to_params(default_size=(64, 64)).num_inference_steps == 50
+    with pytest.raises(InvalidRequestError) as err:
+        parse_generation_request({"prompt": "a cat", "num_inference_steps": 31}, limits)
+    assert err.value.field == "num_inference_steps"
