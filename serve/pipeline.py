@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.engines import default_device, default_dtype, load_engine
 from serve.imageio import encode_image
-from serve.model import ModelInfo, read_model_info
+from serve.model import ModelInfo
 from serve.params import GenerationParams
 from serve.stages import Decoder, DenoiseJob, Denoiser, TextEncoder, guidance_enabled
 
@@ -89,16 +88,10 @@ class Pipeline:
         device: str | None = None,
         dtype: str | None = None,
     ) -> Pipeline:
-        from transformers import CLIPTokenizer
-
-        info = read_model_info(source)
-        dev = default_device(device)
-        dt = default_dtype(dev, dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(info.path, subfolder="tokenizer")
         return cls(
-            TextEncoder(info, load_engine(backend, info.path, "text_encoder", dev, dt), tokenizer),
-            Denoiser(info, load_engine(backend, info.path, "unet", dev, dt)),
-            Decoder(info, load_engine(backend, info.path, "vae_decoder", dev, dt)),
+            TextEncoder.load(source, backend=backend, device=device, dtype=dtype),
+            Denoiser.load(source, backend=backend, device=device, dtype=dtype),
+            Decoder.load(source, backend=backend, device=device, dtype=dtype),
         )
 
     def generate(

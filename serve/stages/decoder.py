@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve.engines import Engine, default_device, default_dtype, load_engine
-from serve.model import ModelInfo, read_model_info
+from serve.engines import Engine
+from serve.model import ModelInfo
+from serve.stages.loading import load_stage_engine
 
 
 class Decoder:
@@ -30,9 +31,8 @@ class Decoder:
         device: str | None = None,
         dtype: str | None = None,
     ) -> Decoder:
-        info = read_model_info(source)
-        dev = default_device(device)
-        return cls(info, load_engine(backend, info.path, "vae_decoder", dev, default_dtype(dev, dtype)))
+        info, engine = load_stage_engine(source, "vae_decoder", backend=backend, device=device, dtype=dtype)
+        return cls(info, engine)
 
     def decode(self, latents: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Each (n, C, h, w) latent array -> (n, 8h, 8w, 3) uint8, as diffusers' postprocess makes."""

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from serve.engines import Engine, default_device, default_dtype, load_engine
+from serve.engines import Engine
 from serve.errors import InvalidRequestError
-from serve.model import ModelInfo, read_model_info
+from serve.model import ModelInfo
 from serve.schedulers import make_scheduler, step_kwargs
+from serve.stages.loading import load_stage_engine
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,8 @@ class Denoiser:
         device: str | None = None,
         dtype: str | None = None,
     ) -> Denoiser:
-        info = read_model_info(source)
-        dev = default_device(device)
-        return cls(info, load_engine(backend, info.path, "unet", dev, default_dtype(dev, dtype)))
+        info, engine = load_stage_engine(source, "unet", backend=backend, device=device, dtype=dtype)
+        return cls(info, engine)
 
     def validate(self, job: DenoiseJob) -> None:
         """Reject a job before it joins a batch, so one bad job never fails its batch-mates."""

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve.engines import Engine, default_device, default_dtype, load_engine
-from serve.model import ModelInfo, read_model_info
+from serve.engines import Engine
+from serve.model import ModelInfo
+from serve.stages.loading import load_stage_engine
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,7 @@ class TextEncoder:
     ) -> TextEncoder:
         from transformers import CLIPTokenizer
 
-        info = read_model_info(source)
-        dev = default_device(device)
-        engine = load_engine(backend, info.path, "text_encoder", dev, default_dtype(dev, dtype))
+        info, engine = load_stage_engine(source, "text_encoder", backend=backend, device=device, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(info.path, subfolder="tokenizer")
         return cls(info, engine, tokenizer)
 
