@@ -28,6 +28,12 @@ _FLAG_FOR_FIELD = {
     "size": "--size",
     "n": "--n",
     "output_format": "--output",
+    "backend": "--backend",
+    "batch": "--batch",
+    "precision": "--precision",
+    "format": "--format",
+    "out": "--out",
+    "model": "--model",
 }
 _FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -117,11 +123,39 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from export import OPSET, export_model, read_manifest
+    from serve.model import resolve_source
+
+    t0 = time.perf_counter()
+    out = export_model(
+        resolve_source(args.model),
+        args.out,
+        fmt=args.format,
+        precision=args.precision,
+        batch=args.batch,
+        size=args.size,
+        opset=args.opset or OPSET,
+        optimize=not args.no_optimize,
+        device=args.device,
+        progress=_say,
+    )
+    manifest = read_manifest(out)
+    for name, entry in manifest["components"].items():
+        errors = entry.get("verify", {}).get("onnxruntime", {}).get("max_abs_error", {})
+        line = f"{name}: onnx max abs error {max(errors.values()):.3g}" if errors else f"{name}: onnx"
+        for engine in entry.get("engines", []):
+            trt_errors = engine.get("verify", {}).get("max_abs_error", {})
+            if trt_errors:
+                line += f", tensorrt {engine['precision']} {engine['gpu_arch']} {max(trt_errors.values()):.3g}"
+        print(line)
+    print(f"exported to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="darkroom", description="Serve text-to-image diffusion models.")
-    parser.add_argument(
-        "--log-level", default=None, help="logging level (default: DARKROOM_LOG_LEVEL or INFO)"
-    )
+    parser.add_argument("--log-level", default=None, help="logging level (default: DARKROOM_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images in-process (no serving stack)")
@@ -150,17 +184,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("image.png"),
         help="output path; .png .jpg .webp (n > 1 writes STEM-0.png, STEM-1.png, ...)",
     )
-    gen.add_argument("--backend", default="torch", help="engine backend (default: torch)")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     gen.add_argument(
-        "--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)"
+        "--backend",
+        default="auto",
+        help="torch, onnxruntime, tensorrt or auto (default: auto = torch for a diffusers folder; "
+        "for an exported repository tensorrt when engines for this GPU exist, else onnxruntime)",
     )
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    gen.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
     gen.set_defaults(func=cmd_generate)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers layout)")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
+
+    exp = sub.add_parser("export", help="export a model to ONNX (and TensorRT) engines with a manifest")
+    exp.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded tiny model)")
+    exp.add_argument("--out", type=Path, required=True, help="model repository folder to write")
+    exp.add_argument("--format", default="onnx", help="onnx, or tensorrt (ONNX + TensorRT engines; needs a GPU)")
+    exp.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 or fp16 (fp16 ONNX needs CUDA; tensorrt fp16 builds from fp32 ONNX) (default fp32)",
+    )
+    exp.add_argument(
+        "--batch", default="1:1:4", help="images per engine call MIN:OPT:MAX; CFG doubles it (default 1:1:4)"
+    )
+    exp.add_argument(
+        "--size",
+        default=None,
+        help="image side pixels MIN:OPT:MAX, each S or WxH, e.g. 256:512:768 or 512x384:512x512:768x768 "
+        "(default: native/2 : native : 2 x native)",
+    )
+    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    exp.add_argument("--no-optimize", action="store_true", help="skip graph optimisation (onnxslim)")
+    exp.add_argument("--device", default=None, help="cpu or cuda for the export (default: CUDA when present)")
+    exp.set_defaults(func=cmd_export)
 
     # Subcommands that need Ray or heavier packages register themselves from their packages.
     from deployments.cli import add_parser as add_serve_parser
@@ -175,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     level = args.log_level or Settings.from_env().log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "filelock"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return args.func(args)
     except InvalidRequestError as exc:

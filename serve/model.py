@@ -52,7 +52,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def resolve_model_path(source: str | Path) -> Path:
-    """A local diffusers folder as is; a hub id (``org/name``) through the hub cache."""
+    """A local folder as is; ``s3://bucket/prefix`` through the repository cache; a hub id
+    (``org/name``) through the hub cache."""
+    if str(source).startswith("s3://"):
+        from serve.settings import Settings
+        from serve.storage.repository import fetch_s3_repository
+
+        return fetch_s3_repository(str(source), Settings.from_env().cache_dir)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "manifest.json").is_file():
@@ -91,8 +97,8 @@ def read_model_info(source: str | Path) -> ModelInfo:
         max_len = text.get("max_position_embeddings", 77)
     if (path / "darkroom_tiny.json").is_file():
         name = "tiny"  # the embedded default, whatever cache folder it was made in
-    elif Path(source).expanduser().is_dir():
-        name = path.name
+    elif Path(source).expanduser().is_dir() or str(source).startswith("s3://"):
+        name = Path(str(source).rstrip("/")).name
     else:
         name = str(source)
     return ModelInfo(

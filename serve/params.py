@@ -80,9 +80,7 @@ class GenerationParams:
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequestError("seed", self.seed, f"must be an integer in 0..{MAX_SEED}")
         if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
-            raise InvalidRequestError(
-                "scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULER_NAMES)}"
-            )
+            raise InvalidRequestError("scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULER_NAMES)}")
         if self.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(
                 "output_format", self.output_format, f"must be one of {', '.join(OUTPUT_FORMATS)}"

@@ -34,9 +34,7 @@ def scheduler_class(name: str | None, default_class: str) -> type:
     elif name in _CLASSES:
         cls_name = _CLASSES[name]
     else:
-        raise InvalidRequestError(
-            "scheduler", name, f"unknown scheduler; choose one of {', '.join(_CLASSES)}"
-        )
+        raise InvalidRequestError("scheduler", name, f"unknown scheduler; choose one of {', '.join(_CLASSES)}")
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise InvalidRequestError("scheduler", name, f"diffusers has no scheduler class {cls_name}")

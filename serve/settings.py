@@ -156,8 +156,7 @@ class Settings(BaseModel):
     api_keys: tuple[str, ...] = Field(
         (),
         repr=False,  # keep secrets out of logs that print the settings
-        description="Bearer tokens the HTTP API accepts (DARKROOM_API_KEYS, comma-separated); "
-        "empty disables auth.",
+        description="Bearer tokens the HTTP API accepts (DARKROOM_API_KEYS, comma-separated); empty disables auth.",
     )
     log_level: str = Field("INFO", description="Python logging level name (DARKROOM_LOG_LEVEL).")
 

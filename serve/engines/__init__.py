@@ -40,9 +40,7 @@ def is_exported_repository(model_path: Path) -> bool:
     return (Path(model_path) / "manifest.json").is_file()
 
 
-def resolve_backend(
-    backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype
-) -> str:
+def resolve_backend(backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for ``backend`` (``auto`` resolved per component, see the module doc)."""
     if backend not in BACKENDS:
         raise InvalidRequestError("backend", backend, f"unknown backend; choose one of {', '.join(BACKENDS)}")
@@ -57,9 +55,7 @@ def resolve_backend(
     return "onnxruntime"
 
 
-def load_engine(
-    backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype
-) -> Engine:
+def load_engine(backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> Engine:
     """Load one component's engine with the named backend (or ``auto``)."""
     name = resolve_backend(backend, model_path, component, device, dtype)
     if name == "torch":

@@ -71,9 +71,7 @@ class OnnxRuntimeEngine(Engine):
         self.io_binding = self.device.type == "cuda" and on_gpu
         out_dtype = _TORCH[self.spec.outputs[0].dtype]
         if out_dtype != self.dtype:
-            logger.info(
-                "%s: graph is %s (asked %s); stages use the graph's", self.component, out_dtype, self.dtype
-            )
+            logger.info("%s: graph is %s (asked %s); stages use the graph's", self.component, out_dtype, self.dtype)
         self.dtype = out_dtype
         logger.info("loaded %s from %s with %s", self.component, path, self.providers)
 
@@ -116,6 +114,9 @@ class OnnxRuntimeEngine(Engine):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Three sessions (and torch) share the cores of one process, one call at a time: worker
+        # threads that keep spinning after a call only steal CPU from the next stage's call.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chains = self._provider_chain(ort)
         for i, providers in enumerate(chains):
             try:
@@ -123,9 +124,7 @@ class OnnxRuntimeEngine(Engine):
             except Exception as exc:  # a provider whose libraries are missing fails here
                 if i == len(chains) - 1:
                     raise EngineError(f"onnxruntime cannot load {path}: {exc}") from exc
-                logger.warning(
-                    "%s: providers %s failed (%s); trying the next", self.component, providers, exc
-                )
+                logger.warning("%s: providers %s failed (%s); trying the next", self.component, providers, exc)
         raise EngineError(f"onnxruntime cannot load {path}")  # unreachable: chains is never empty
 
     def _inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,9 +138,7 @@ class OnnxRuntimeEngine(Engine):
         try:
             if self.io_binding:
                 return self._run_bound(feed)
-            arrays = {
-                t.name: feed[t.name].to("cpu", _TORCH[t.dtype]).contiguous().numpy() for t in self.spec.inputs
-            }
+            arrays = {t.name: feed[t.name].to("cpu", _TORCH[t.dtype]).contiguous().numpy() for t in self.spec.inputs}
             out = self.session.run(self.spec.output_names[:1], arrays)[0]
         except DarkroomError:
             raise
@@ -162,9 +159,7 @@ class OnnxRuntimeEngine(Engine):
         shapes = self.spec.output_shapes({k: tuple(v.shape) for k, v in bound.items()})
         out_spec = self.spec.outputs[0]
         y = torch.empty(shapes[out_spec.name], dtype=_TORCH[out_spec.dtype], device=self.device)
-        binding.bind_output(
-            out_spec.name, "cuda", index, np.dtype(out_spec.dtype), tuple(y.shape), y.data_ptr()
-        )
+        binding.bind_output(out_spec.name, "cuda", index, np.dtype(out_spec.dtype), tuple(y.shape), y.data_ptr())
         # ORT runs on its own CUDA stream: the inputs torch just wrote must be complete first.
         torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)

@@ -29,7 +29,7 @@ def require_tensorrt() -> Any:
     """The ``tensorrt`` module, or EngineError saying how to get it."""
     try:
         import tensorrt
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # OSError: the package is there, libnvinfer is not
         raise EngineError(
             "TensorRT is not installed: install `tensorrt` (10.x, the darkroom[gpu] extra) on a CUDA "
             f"machine, or use the onnxruntime backend ({exc})"
@@ -39,9 +39,7 @@ def require_tensorrt() -> Any:
 
 def require_cuda(device: torch.device) -> torch.device:
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise EngineError(
-            f"TensorRT engines run on a CUDA GPU; device {device} is not one (or CUDA is missing)"
-        )
+        raise EngineError(f"TensorRT engines run on a CUDA GPU; device {device} is not one (or CUDA is missing)")
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -82,9 +80,7 @@ class TensorRTRunner:
                 raise EngineError(f"cannot read TensorRT engine {plan}: {exc}") from exc
             self.engine = self.runtime.deserialize_cuda_engine(data)
             if self.engine is None:
-                raise EngineError(
-                    f"TensorRT could not deserialise {plan} (built by another TensorRT or GPU?)"
-                )
+                raise EngineError(f"TensorRT could not deserialise {plan} (built by another TensorRT or GPU?)")
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
@@ -93,17 +89,14 @@ class TensorRTRunner:
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         # (min, opt, max) of optimisation profile 0, for a readable error before TensorRT's own.
         self.profile = {
-            n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, 0))
-            for n in self.inputs
+            n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, 0)) for n in self.inputs
         }
         self._lock = threading.Lock()  # one execution context: one call at a time
 
     def _check_profile(self, name: str, shape: tuple[int, ...]) -> None:
         lo, _, hi = self.profile[name]
         if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi, strict=False)):
-            raise EngineError(
-                f"{name} shape {shape} is outside the engine's profile {lo}..{hi}; re-export wider"
-            )
+            raise EngineError(f"{name} shape {shape} is outside the engine's profile {lo}..{hi}; re-export wider")
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock, torch.cuda.device(self.device):
@@ -132,9 +125,7 @@ class TensorRTRunner:
             return outputs
 
 
-def engine_candidates(
-    model_path: Path, component: str, device: torch.device, dtype: torch.dtype
-) -> list[str]:
+def engine_candidates(model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Engine keys this machine can run for ``component``, preferred first (fp16 first for fp16)."""
     from export.manifest import component_entry, component_spec, engine_key, read_manifest
 
@@ -148,9 +139,7 @@ def engine_candidates(
     return [engine_key(entry["onnx"]["sha256"], spec.profile, p, trt.__version__, arch) for p in order]
 
 
-def find_engine_file(
-    model_path: Path, component: str, device: torch.device, dtype: torch.dtype
-) -> Path | None:
+def find_engine_file(model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> Path | None:
     """The engine file this machine should load, or None (no TensorRT, no CUDA, none built)."""
     from export.manifest import find_engine, read_manifest
 
@@ -170,10 +159,10 @@ class TensorRTEngine(Engine):
     def load(self) -> None:
         from export.manifest import component_spec, read_manifest
 
+        require_tensorrt()
         self.device = require_cuda(self.device)
         plan = find_engine_file(self.model_path, self.component, self.device, self.dtype)
         if plan is None:
-            require_tensorrt()  # the clearest reason first
             arch = gpu_arch(self.device)
             raise EngineError(
                 f"no TensorRT engine for {self.component} in {self.model_path} built for {arch} with this "

@@ -36,9 +36,7 @@ class TorchEngine(Engine):
     @torch.inference_mode()
     def run(self, **inputs: torch.Tensor) -> torch.Tensor:
         if self.component == "text_encoder":
-            return self.module(
-                inputs["input_ids"].to(self.device), attention_mask=inputs.get("attention_mask")
-            )[0]
+            return self.module(inputs["input_ids"].to(self.device), attention_mask=inputs.get("attention_mask"))[0]
         if self.component == "unet":
             return self.module(
                 inputs["sample"],

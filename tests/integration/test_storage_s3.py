@@ -63,9 +63,7 @@ def test_save_image_writes_both_objects(s3_bucket: str, s3_client: Any) -> None:
     assert json.loads(raw_meta["Body"].read()) == meta
 
 
-def test_failed_image_put_removes_metadata(
-    s3_bucket: str, s3_client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_failed_image_put_removes_metadata(s3_bucket: str, s3_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     bucket, _ = split_uri(s3_bucket)
     store = open_store(s3_bucket)
     assert isinstance(store, S3Store)

@@ -26,9 +26,7 @@ def test_no_ray_import_statements():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
-            offenders += [
-                f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "ray"
-            ]
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "ray"]
     assert offenders == [], f"ray imported outside deployments/: {offenders}"
 
 

@@ -207,9 +207,7 @@ IMAGE_KEY = re.compile(r"images/\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.(png|jpg|webp)")
     "fmt, ext, content_type",
     [("png", "png", "image/png"), ("jpeg", "jpg", "image/jpeg"), ("WEBP", "webp", "image/webp")],
 )
-def test_save_image_writes_image_and_metadata(
-    store: LocalStore, fmt: str, ext: str, content_type: str
-) -> None:
+def test_save_image_writes_image_and_metadata(store: LocalStore, fmt: str, ext: str, content_type: str) -> None:
     meta = {"prompt": "a red fox", "seed": 7, "model": "tiny"}
     stored = store.save_image(PNG, fmt, meta)
     assert isinstance(stored, StoredImage)
@@ -328,9 +326,7 @@ def test_url_without_public_base_is_file_uri(store: LocalStore) -> None:
 
 def test_url_with_public_base(tmp_path: Path) -> None:
     store = LocalStore(tmp_path, public_base_url="https://img.example.com/")
-    assert (
-        store.url("images/2024/01/02/ab.png") == "https://img.example.com/v1/files/images/2024/01/02/ab.png"
-    )
+    assert store.url("images/2024/01/02/ab.png") == "https://img.example.com/v1/files/images/2024/01/02/ab.png"
 
 
 def test_check_creates_root_and_passes(store: LocalStore) -> None:
