@@ -26,6 +26,4 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     text_encoder = TextEncoderDeployment.options(**cfg.text_encoder.serve_options("TextEncoder")).bind(shared)
     denoiser = DenoiserDeployment.options(**cfg.denoiser.serve_options("Denoiser")).bind(shared)
     decoder = DecoderDeployment.options(**cfg.decoder.serve_options("Decoder")).bind(shared)
-    return Ingress.options(**cfg.ingress.serve_options("Ingress")).bind(
-        text_encoder, denoiser, decoder, shared
-    )
+    return Ingress.options(**cfg.ingress.serve_options("Ingress")).bind(text_encoder, denoiser, decoder, shared)

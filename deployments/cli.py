@@ -2,6 +2,10 @@
 
 Ctrl-C (or SIGTERM) shuts down what this command started: the Serve app, and the local Ray
 cluster when it started one (a cluster joined through RAY_ADDRESS is left running).
+
+``darkroom serve --config FILE --check`` validates a Serve config file without starting Ray:
+the file against Ray's own ``ServeDeploySchema``, each Darkroom application's ``args`` against
+``AppConfig`` (which rejects unknown keys, autoscaling ones included), and deployment names.
 """
 
 from __future__ import annotations
@@ -20,6 +24,108 @@ import yaml
 logger = logging.getLogger(__name__)
 
 APP_NAME = "darkroom"
+BUILDER = "deployments.app:build_app"
+DEPLOYMENT_NAMES = ("Ingress", "TextEncoder", "Denoiser", "Decoder")
+# AppConfig field of each deployment's options, by deployment name.
+OPTIONS_FIELD = {"Ingress": "ingress", "TextEncoder": "text_encoder", "Denoiser": "denoiser", "Decoder": "decoder"}
+
+
+def load_serve_config(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Parse and validate a Serve config file without starting Ray.
+
+    Returns ``(ServeDeploySchema, {app name: AppConfig})`` for the applications built by
+    ``deployments.app:build_app`` (others are checked by Ray's schema only). Raises
+    ``InvalidRequestError`` naming ``--config`` and what is wrong.
+    """
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.config import AppConfig
+    from serve.errors import InvalidRequestError
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidRequestError("--config", str(path), f"cannot read the file: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("--config", str(path), "not a Serve config (a YAML mapping with applications)")
+    try:
+        config = ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequestError("--config", str(path), f"not a valid Serve config: {exc}") from None
+    apps: dict[str, Any] = {}
+    for app in config.applications:
+        if app.import_path != BUILDER:
+            continue  # e.g. the monolithic baseline: Ray's schema is all we check
+        for dep in app.deployments:
+            if dep.name not in DEPLOYMENT_NAMES:
+                raise InvalidRequestError(
+                    "--config",
+                    str(path),
+                    f"application {app.name!r}: unknown deployment {dep.name!r} "
+                    f"(Darkroom's are {', '.join(DEPLOYMENT_NAMES)})",
+                )
+        try:
+            cfg = AppConfig.model_validate(app.args or {})
+        except ValidationError as exc:
+            raise InvalidRequestError("--config", str(path), f"application {app.name!r} args: {exc}") from None
+        for name in DEPLOYMENT_NAMES:
+            try:
+                _check_deployment_options(getattr(cfg, OPTIONS_FIELD[name]).serve_options(name))
+            except (ValidationError, ValueError, TypeError) as exc:
+                raise InvalidRequestError(
+                    "--config", str(path), f"application {app.name!r}, deployment {name}: {exc}"
+                ) from None
+        apps[app.name] = cfg
+    return config, apps
+
+
+def _check_deployment_options(options: dict[str, Any]) -> None:
+    """What ``Deployment.options`` would get, through Ray's own schemas (no Ray start, no torch)."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
+
+    # Ray's schema ignores unknown actor options (a typo such as num_gpu); its deploy rejects
+    # them later, on the cluster: reject them here, from the same list of fields.
+    unknown = sorted(set(options.get("ray_actor_options") or {}) - set(RayActorOptionsSchema.model_fields))
+    if unknown:
+        raise ValueError(
+            f"ray_actor_options: unknown key(s) {unknown}; known: {sorted(RayActorOptionsSchema.model_fields)}"
+        )
+    DeploymentSchema.model_validate(options)
+    if options.get("autoscaling_config"):
+        AutoscalingConfig.model_validate(options["autoscaling_config"])
+
+
+def describe_app(cfg: Any) -> list[str]:
+    """One line per deployment: replicas (fixed or min..max) and resources, for ``--check``."""
+    lines = []
+    for name in DEPLOYMENT_NAMES:
+        opts = getattr(cfg, OPTIONS_FIELD[name])
+        if opts.autoscaling:
+            auto = opts.autoscaling_config or {}
+            hi = auto.get("max_replicas", 100 if opts.num_replicas == "auto" else 1)
+            replicas = f"{opts.min_replicas}..{hi} replicas (target {auto.get('target_ongoing_requests', 2)} ongoing)"
+        else:
+            replicas = f"{opts.num_replicas if opts.num_replicas is not None else 1} replica(s)"
+        res = opts.ray_actor_options
+        lines.append(f"  {name}: {replicas}, num_cpus {res.get('num_cpus', 1)}, num_gpus {res.get('num_gpus', 0)}")
+    return lines
+
+
+def run_check(path: Path) -> int:
+    config, apps = load_serve_config(path)
+    print(f"{path}: valid Serve config, {len(config.applications)} application(s)")
+    for app in config.applications:
+        print(f"{app.name} at {app.route_prefix or '/'} ({app.import_path})")
+        if app.name in apps:
+            cfg = apps[app.name]
+            print(f"  model {cfg.model or '(tiny)'}, backend {cfg.backend}, storage {cfg.storage}")
+            for line in describe_app(cfg):
+                print(line)
+        else:
+            print(f"  not built by {BUILDER}: checked against Ray's schema only")
+    return 0
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:
@@ -39,7 +145,34 @@ def _wait_ready(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"the app did not become ready within {timeout_s:.0f} s: {last}")
 
 
-def _deploy_config(path: Path, host: str | None, port: int | None) -> tuple[str, int, list[str]]:
+def _wait_apps_running(names: set[str], timeout_s: float) -> None:
+    """Bounded wait for every named app to be RUNNING; a DEPLOY_FAILED app raises with Ray's reason.
+
+    Not ``deploy_apps(_blocking=True)``: that gives up after a fixed 60 s, shorter than a GPU
+    replica's start (weights download + load) or a busy small machine's.
+    """
+    from ray import serve
+
+    from serve.errors import DarkroomError
+
+    deadline = time.monotonic() + timeout_s
+    last = "no status yet"
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status for n in names if n in apps}
+        failed = {n: apps[n].message for n, st in states.items() if str(st.value) == "DEPLOY_FAILED"}
+        if failed:
+            raise DarkroomError(f"Serve could not deploy {sorted(failed)}: {failed}")
+        if len(states) == len(names) and all(str(st.value) == "RUNNING" for st in states.values()):
+            return
+        last = ", ".join(f"{n} {st.value}" for n, st in states.items()) or last
+        time.sleep(0.5)
+    raise DarkroomError(f"Serve applications not running within {timeout_s:.0f} s: {last}")
+
+
+def _deploy_config(
+    path: Path, host: str | None, port: int | None, timeout_s: float = 600.0
+) -> tuple[str, int, list[str]]:
     """Deploy every application of a Serve config file, as ``serve run config.yaml`` does."""
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
@@ -58,12 +191,22 @@ def _deploy_config(path: Path, host: str | None, port: int | None) -> tuple[str,
         http_options=config.http_options.model_dump(),
         proxy_location=config.proxy_location,
     )
-    client.deploy_apps(config, _blocking=True)
+    client.deploy_apps(config)
+    _wait_apps_running({app.name for app in config.applications}, timeout_s)
     prefixes = [app.route_prefix or "/" for app in config.applications]
     return http["host"], int(http["port"]), prefixes
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.check:
+        if not args.config:
+            from serve.errors import InvalidRequestError
+
+            raise InvalidRequestError("--check", True, "needs --config FILE (the file to validate)")
+        return run_check(Path(args.config))
+    if args.config:
+        load_serve_config(Path(args.config))  # fail on a bad file before starting Ray
+
     import ray
     from ray import serve
 
@@ -75,12 +218,9 @@ def run_serve(args: argparse.Namespace) -> int:
         # "local" starts a new cluster even if another one runs on this machine (never join one
         # by accident). The dashboard executes code for whoever reaches it (CVE-2023-48022):
         # off in the cluster we start.
-        ray.init(
-            address=address or "local",
-            include_dashboard=False if address is None else None,
-            logging_level=logging.WARNING,
-            log_to_driver=args.verbose,
-        )
+        local = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"} if address is None else {}
+        # A cluster we start listens on loopback only (its GCS, raylet and object-store ports).
+        ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=args.verbose, **local)
         started_ray = address is None
 
     def stop(*_: Any) -> None:
@@ -89,7 +229,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         if args.config:
-            host, port, prefixes = _deploy_config(Path(args.config), args.host, args.port)
+            host, port, prefixes = _deploy_config(Path(args.config), args.host, args.port, args.ready_timeout)
         else:
             host, port = args.host or "127.0.0.1", args.port or 8000
             serve.start(http_options={"host": host, "port": port})
@@ -126,6 +266,12 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="a Serve config YAML (import_path + args), e.g. "
         "deployments/configs/local.yaml; --host/--port override its http_options",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --config: validate the file (Ray's ServeDeploySchema + Darkroom's AppConfig) "
+        "and print each deployment's replicas and resources, without starting Ray",
     )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
     p.add_argument("--verbose", action="store_true", help="stream Ray's worker logs to this terminal")
