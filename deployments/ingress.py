@@ -47,13 +47,40 @@ class HandleStages:
         decoder: DeploymentHandle,
         retry: RetryPolicy | None = None,
         deadline_s: float = 300.0,
+        scale_to_zero: frozenset[str] = frozenset(),
     ):
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.decoder = decoder
         self.retry = retry or RetryPolicy()
         self.deadline_s = deadline_s
+        self.scale_to_zero = scale_to_zero  # stage names whose min_replicas is 0
         self.retries = 0  # calls re-sent after a replica died, for tests and metrics
+        self._last_wake = -1e9
+        self._wakers: set[asyncio.Task] = set()
+
+    @property
+    def _handles(self) -> dict[str, DeploymentHandle]:
+        return {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "Decoder": self.decoder}
+
+    def wake(self) -> None:
+        """Start every scaled-to-zero stage at once when a request arrives, so a cold request
+        waits for the slowest stage's start instead of the sum of all three (at most every 5 s)."""
+        now = time.monotonic()
+        if not self.scale_to_zero or now - self._last_wake < 5.0:
+            return
+        self._last_wake = now
+        for name in ("Denoiser", "Decoder"):
+            if name in self.scale_to_zero:
+                task = asyncio.create_task(self._ping(self._handles[name]))
+                self._wakers.add(task)
+                task.add_done_callback(self._wakers.discard)
+
+    async def _ping(self, handle: DeploymentHandle) -> None:
+        try:
+            await asyncio.wait_for(handle.ready.remote(), self.deadline_s)
+        except Exception:  # a wake-up is best effort; the request itself reports failures
+            logger.debug("wake-up ping failed", exc_info=True)
 
     async def _call(self, stage: str, method: Any, *args: Any) -> StageResult:
         start = time.monotonic()
@@ -90,13 +117,40 @@ class HandleStages:
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
         return await self._call("Decoder", self.decoder.decode, latents, request)
 
+    async def _controller_view(self) -> dict[str, str]:
+        """Stages whose state the controller already decides: failed, or scaled to zero.
+
+        A readiness probe must not wake a serverless app (it would never scale to zero), and a
+        DEPLOY_FAILED stage stays failed for good (PITFALLS): say so instead of pinging.
+        """
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), 10)
+            app = status.applications[serve.get_replica_context().app_name]
+        except Exception:
+            logger.debug("controller status unavailable; pinging stages", exc_info=True)
+            return {}
+        view = {}
+        for name in self._handles:
+            dep = app.deployments.get(name)
+            if dep is None:
+                continue
+            if str(dep.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+                view[name] = f"unavailable: {dep.status}: {dep.message}"[:300]
+            elif name in self.scale_to_zero and not any(
+                str(state).endswith("RUNNING") and count for state, count in dep.replica_states.items()
+            ):
+                view[name] = "scaled_to_zero"
+        return view
+
     async def ready(self) -> dict[str, str]:
-        names = ("TextEncoder", "Denoiser", "Decoder")
-        handles = (self.text_encoder, self.denoiser, self.decoder)
-        results = await asyncio.gather(*(h.ready.remote() for h in handles), return_exceptions=True)
-        return {
-            n: r if isinstance(r, str) else f"unavailable: {r!r}"[:200] for n, r in zip(names, results, strict=True)
-        }
+        view = await self._controller_view()
+        pinged = [n for n in self._handles if n not in view]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self._handles[n].ready.remote(), 10) for n in pinged), return_exceptions=True
+        )
+        for name, result in zip(pinged, results, strict=True):
+            view[name] = result if isinstance(result, str) else f"unavailable: {result!r}"[:200]
+        return {n: view[n] for n in self._handles}
 
 
 @serve.deployment(name="Ingress")
@@ -127,6 +181,15 @@ class Ingress:
             decoder,
             retry=RetryPolicy(max_attempts=cfg.stage_retries),
             deadline_s=cfg.stage_timeout_s,
+            scale_to_zero=frozenset(
+                name
+                for name, opts in (
+                    ("TextEncoder", cfg.text_encoder),
+                    ("Denoiser", cfg.denoiser),
+                    ("Decoder", cfg.decoder),
+                )
+                if opts.min_replicas == 0
+            ),
         )
         self.service = ImageService(service_cfg, info, stages, store)
 

@@ -97,11 +97,13 @@ def build_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return seen, merges
 
 
-def write_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+def write_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = True) -> Path:
     """Write the tiny model to ``out_dir`` (diffusers layout) and return its path.
 
     Writes into a temporary sibling first and renames, so a crash or a concurrent writer
-    never leaves a half-written model behind.
+    never leaves a half-written model behind. With ``overwrite=False`` a model that another
+    process finished first is kept as it is (replicas starting together on an empty cache must
+    not delete the folder a sibling is already loading).
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -190,9 +192,14 @@ def write_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
         merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
         (tmp / "tokenizer" / "merges.txt").write_text(merges_txt, encoding="utf-8")
         (tmp / "darkroom_tiny.json").write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}))
-        if out.exists():
+        try:
+            os.replace(tmp, out)  # fails if out is a non-empty folder
+        except OSError:
+            if not overwrite and (out / "darkroom_tiny.json").is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
             shutil.rmtree(out)
-        os.replace(tmp, out)
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -206,4 +213,4 @@ def default_tiny_model(cache_dir: str | os.PathLike[str]) -> Path:
     marker = path / "darkroom_tiny.json"
     if marker.is_file():
         return path
-    return write_tiny_model(path)
+    return write_tiny_model(path, overwrite=False)

@@ -117,6 +117,9 @@ class ImageService:
     async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
         """Run one request through the stages; returns its stored images and timings (ms)."""
         timings: dict[str, float] = {}
+        wake = getattr(self.stages, "wake", None)
+        if wake is not None:
+            wake()  # start scaled-to-zero stages now, not one after another
         t0 = time.perf_counter()
         cfg = guidance_enabled(self.info, params.guidance_scale)
         texts = [params.prompt] + ([params.negative_prompt or ""] if cfg else [])
@@ -306,4 +309,5 @@ class ImageService:
             status["storage"] = "ok"
         except Exception as exc:
             status["storage"] = f"unavailable: {exc}"
-        return all(v == "ok" for v in status.values()), status
+        # A stage at zero replicas is ready: the first request starts it (serverless profile).
+        return all(v in ("ok", "scaled_to_zero") for v in status.values()), status

@@ -27,6 +27,8 @@ class Engine(ABC):
     """A loaded network for one component on one device."""
 
     backend: str = "?"
+    #: Most samples one ``run`` may take (a TensorRT profile's max batch); None = no limit.
+    max_batch_samples: int | None = None
 
     def __init__(self, model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> None:
         if component not in COMPONENT_NAMES:

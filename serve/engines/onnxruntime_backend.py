@@ -65,6 +65,8 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(f"{path} is missing; re-run darkroom export")
         self.session = self._create_session(ort, path)
         self.providers = self.session.get_providers()
+        if self.providers[0] == "TensorrtExecutionProvider":  # its engines hold the export profile
+            self.max_batch_samples = self.spec.shapes("max")[self.spec.input_names[0]][0]
         on_gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
         if self.device.type == "cuda" and not on_gpu:
             logger.warning("%s: no CUDA provider in onnxruntime; running on CPU", self.component)

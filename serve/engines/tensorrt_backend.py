@@ -180,6 +180,8 @@ class TensorRTEngine(Engine):
                 self.dtype,
             )
         self.dtype = out_dtype
+        first = self.spec.input_names[0]
+        self.max_batch_samples = self.runner.profile[first][2][0]  # profile max of the batch axis
         self.warmup()
         logger.info("loaded TensorRT %s from %s on %s", self.component, plan, self.device)
 

@@ -44,8 +44,9 @@ class Decoder:
             batch = torch.from_numpy(np.concatenate([latents[i] for i in idxs]))
             batch = batch.to(self.engine.device, self.engine.dtype) / self.info.vae_scaling_factor
             images = []
-            for lo in range(0, batch.shape[0], self.max_batch_samples):
-                images.append(self.engine.run(latent=batch[lo : lo + self.max_batch_samples]))
+            chunk = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
+            for lo in range(0, batch.shape[0], chunk):
+                images.append(self.engine.run(latent=batch[lo : lo + chunk]))
                 self.vae_calls += 1
             pixels = to_uint8(torch.cat(images))
             offset = 0

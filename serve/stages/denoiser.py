@@ -193,8 +193,9 @@ class Denoiser:
         tvec = torch.cat(timesteps).to(self.engine.device)
         embeds = torch.cat([s.embeds for s in active])
         outs = []
-        for lo in range(0, sample.shape[0], self.max_batch_samples):
-            hi = lo + self.max_batch_samples
+        chunk = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
+        for lo in range(0, sample.shape[0], chunk):
+            hi = lo + chunk
             outs.append(
                 self.engine.run(sample=sample[lo:hi], timestep=tvec[lo:hi], encoder_hidden_states=embeds[lo:hi])
             )

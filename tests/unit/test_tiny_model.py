@@ -57,3 +57,17 @@ def test_tokenizer_is_real_bpe(tiny_model):
     assert len(tok("Zürich ☃ 42").input_ids) > 3
     saved = json.loads((Path(tiny_model) / "tokenizer" / "vocab.json").read_text())
     assert saved == vocab
+
+
+def test_default_model_is_kept_when_another_writer_finished_first(tmp_path):
+    from serve.tiny import default_tiny_model
+
+    first = default_tiny_model(tmp_path)
+    marker = first / "unet" / "config.json"
+    inode = marker.stat().st_ino
+    # A second writer racing on the same cache folder keeps the finished copy in place.
+    again = write_tiny_model(first, overwrite=False)
+    assert again == first and marker.stat().st_ino == inode
+    # An explicit rewrite (darkroom tiny-model DIR) replaces it.
+    write_tiny_model(first)
+    assert marker.stat().st_ino != inode
