@@ -104,10 +104,14 @@ def test_stages_autoscale_independently_and_scale_to_zero(tiny_model, tmp_path, 
     cold = r["from_zero"]
     assert cold["status"] == 200 and cold["images"] == 1, cold
     assert cold["ok"], cold
-    for stage in ("encode", "denoise", "decode"):
-        # Each stage's wait on the cold request was its replica start: seconds, vs ms warm.
-        s = cold["stages"][stage]
-        assert s["cold_start_ms"] > 1000 and s["warm_queue_ms"] < s["cold_queue_ms"] / 2, cold["stages"]
+    stages = cold["stages"]
+    # The first stage's wait on the cold request was its replica start: seconds, vs ms warm.
+    enc = stages["encode"]
+    assert enc["cold_start_ms"] > 1000 and enc["warm_queue_ms"] < enc["cold_queue_ms"] / 2, stages
+    # The Ingress woke the Denoiser and Decoder when the request arrived, so they started
+    # alongside the TextEncoder: the cold request pays the slowest start, not the sum of three.
+    waited_later = stages["denoise"]["cold_queue_ms"] + stages["decode"]["cold_queue_ms"]
+    assert waited_later < enc["cold_queue_ms"], stages
 
 
 def _free_port() -> int:
