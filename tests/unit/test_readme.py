@@ -20,3 +20,30 @@ def test_two_setup_commands_and_ci_runs_the_second():
     assert main.startswith("pip install torch==2.13.0")
     assert tests.startswith("pip install torch==2.13.0")
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def documented_commands() -> list[list[str]]:
+    """Every ``darkroom ...`` command in the README's and docs' code blocks (continuations joined)."""
+    import shlex
+
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    commands = []
+    for text in texts:
+        for block in re.findall(r"```bash\n(.+?)\n```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                for part in line.split("&&"):
+                    part = part.split("#")[0].strip()
+                    if part.startswith("darkroom "):
+                        commands.append(shlex.split(part)[1:])
+    return commands
+
+
+def test_every_documented_command_parses():
+    """Flags in the docs exist: a renamed flag fails here, not in a user's terminal."""
+    from serve.cli import build_parser
+
+    commands = documented_commands()
+    assert len(commands) >= 8
+    for args in commands:
+        parsed = build_parser().parse_args(args)
+        assert callable(parsed.func), args
