@@ -223,9 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     # Subcommands that need Ray or heavier packages register themselves from their packages.
+    from bench.cli import add_parser as add_bench_parser
     from deployments.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,174 @@
+"""``darkroom bench``: drive a served app (and optionally a second one, or the in-process
+pipeline) with a seeded workload at several load levels; write report.json, summary.md, plots.
+
+Examples::
+
+    darkroom bench --url http://127.0.0.1:8000 --concurrency 1,2,4,8 --requests 40 --steps 20
+    darkroom bench --url http://127.0.0.1:8000/split --compare http://127.0.0.1:8000/mono \\
+        --rate 1,2,4 --duration 60 --arrival gamma --burstiness 0.5 --slo-ms 5000
+    darkroom bench --in-process --concurrency 1,8 --requests 40 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from serve.errors import InvalidRequestError
+
+_SIZE = re.compile(r"[0-9]+x[0-9]+")
+
+
+def parse_levels(text: str | None, mode: str, flag: str) -> list[Any]:
+    """``"1,2,4"`` -> closed levels at 1, 2, 4 clients (``mode="open"``: req/s, floats)."""
+    from bench.runner import Level
+
+    if not text:
+        return []
+    levels = []
+    for part in text.split(","):
+        try:
+            value = float(part) if mode == "open" else int(part)
+            levels.append(Level(mode, value))
+        except ValueError:
+            kind = "a rate > 0 (req/s)" if mode == "open" else "an integer >= 1"
+            raise InvalidRequestError(flag, text, f"each comma-separated value must be {kind}") from None
+    return levels
+
+
+def _label(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.netloc + parts.path.rstrip("/")) or url
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from bench.core import BenchConfig, TargetSpec
+    from bench.schedule import DEFAULT_PROMPTS, Workload, read_prompts
+
+    if not args.url and not args.in_process:
+        raise InvalidRequestError("--url", None, "give a URL to benchmark, or --in-process")
+    if args.compare and not args.url:
+        raise InvalidRequestError("--compare", args.compare, "needs --url (the first target)")
+    if args.size is not None and not _SIZE.fullmatch(args.size):
+        raise InvalidRequestError("--size", args.size, "must be WIDTHxHEIGHT, e.g. 512x512")
+    levels = parse_levels(args.concurrency, "closed", "--concurrency") + parse_levels(args.rate, "open", "--rate")
+    if not levels:
+        levels = parse_levels("1", "closed", "--concurrency")
+    if args.requests is not None and args.duration is not None:
+        raise InvalidRequestError("--duration", args.duration, "give --requests or --duration, not both")
+    targets = []
+    if args.url:
+        targets.append(TargetSpec(args.label or _label(args.url), url=args.url))
+    if args.compare:
+        targets.append(TargetSpec(args.compare_label or _label(args.compare), url=args.compare))
+    if args.in_process:
+        targets.append(TargetSpec("in-process", model=args.model))
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError("--prompts", str(args.prompts), str(exc)) from None
+    workload = Workload(
+        prompts=prompts,
+        seed=args.seed,
+        size=args.size,
+        steps=args.steps,
+        n=args.n,
+        guidance_scale=args.guidance,
+        response_format=args.response_format,
+    )
+    try:
+        return BenchConfig(
+            targets=tuple(targets),
+            levels=tuple(levels),
+            workload=workload,
+            requests=args.requests if args.duration is None else None,
+            duration_s=args.duration,
+            warmup=args.warmup,
+            slo_ms=args.slo_ms,
+            arrival=args.arrival,
+            burstiness=args.burstiness,
+            timeout_s=args.timeout,
+            ready_timeout_s=args.ready_timeout,
+            max_batch=args.max_batch,
+            torch_threads=args.torch_threads,
+            progress=not args.quiet,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError("bench", None, str(exc)) from None
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from bench.core import run_benchmark
+    from bench.report import summary_markdown, write_report
+
+    if args.requests is None and args.duration is None:
+        args.requests = 20
+    config = config_from_args(args)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    out = args.out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = run_benchmark(config)
+    paths = write_report(result, out, include_records=not args.no_records)
+    print(summary_markdown(result))
+    print(f"wrote {paths['report']}, {paths['summary']}" + "".join(f", {p}" for p in paths["plots"]))
+    failed = sum(run.metrics.failed for lr in result.levels for run in lr.runs.values())
+    if failed:
+        print(f"darkroom bench: {failed} request(s) failed (see errors in {paths['summary']})", file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="load-test a served app (closed or open loop), optionally against a second app or in-process",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--url", default=None, help="the app to benchmark, e.g. http://127.0.0.1:8000")
+    p.add_argument("--label", default=None, help="name of --url's target in the report (default: host/path)")
+    p.add_argument(
+        "--compare", default=None, help="a second app driven with the identical schedule, after --url at each level"
+    )
+    p.add_argument("--compare-label", default=None, help="name of --compare's target in the report")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also (or only) run the workload on serve.pipeline.Pipeline in this process: the limit",
+    )
+    p.add_argument("--model", default=None, help="model for --in-process (default: the embedded tiny model)")
+    load = p.add_argument_group("load")
+    load.add_argument("--concurrency", default=None, help="closed loop: clients, comma-separated sweep, e.g. 1,2,4")
+    load.add_argument("--rate", default=None, help="open loop: requests/s, comma-separated sweep, e.g. 0.5,1,2")
+    load.add_argument("--requests", type=int, default=None, help="measured requests per level and target (default 20)")
+    load.add_argument("--duration", type=float, default=None, help="seconds of sending per level and target")
+    load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per level and target")
+    load.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="open-loop arrivals")
+    load.add_argument(
+        "--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, < 1 burstier, > 1 smoother"
+    )
+    load.add_argument("--slo-ms", type=float, default=None, help="latency SLO for goodput (default: none)")
+    load.add_argument("--timeout", type=float, default=600.0, help="per-request client timeout, seconds")
+    load.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
+    work = p.add_argument_group("workload")
+    work.add_argument("--prompts", type=Path, default=None, help="prompts file, one per line (default: built-in)")
+    work.add_argument("--size", default=None, help="WxH (default: the model's native size)")
+    work.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the server's, 50)")
+    work.add_argument("--n", type=int, default=1, help="images per request")
+    work.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the server's, 7.5)")
+    work.add_argument("--seed", type=int, default=0, help="seeds every request body and arrival time")
+    work.add_argument("--response-format", choices=("url", "b64_json"), default="url")
+    inproc = p.add_argument_group("in-process")
+    inproc.add_argument(
+        "--max-batch", type=int, default=8, help="in-process batch limit (closed loop: min(C, this)), as the Denoiser's"
+    )
+    inproc.add_argument("--torch-threads", type=int, default=None, help="in-process torch threads (default: torch's)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>)")
+    out.add_argument("--no-records", action="store_true", help="leave per-request records out of report.json")
+    out.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run_bench)

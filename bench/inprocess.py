@@ -1,0 +1,149 @@
+"""The in-process target: the same workload straight on ``serve.pipeline.Pipeline``, no serving stack.
+
+One worker runs one ``generate_batch`` at a time over whatever is queued, up to the batch limit:
+``min(C, max_batch)`` in closed loop (C clients -> batches of up to C, capped like the served
+Denoiser's ``max_batch_size``, 8 by default), ``max_batch`` in open loop (requests join the
+queue at their arrival times). No HTTP, no Ray, no storage
+writes: this is the limit the served system approaches. ``serve.pipeline`` (torch) is imported
+only when the target starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from bench.runner import Level, Response
+
+logger = logging.getLogger(__name__)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class InProcessTarget:
+    name = "in-process"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        max_batch: int = 8,
+        torch_threads: int | None = None,
+        backend: str = "torch",
+        device: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        self.torch_threads = torch_threads
+        self.backend = backend
+        self.device = device
+        if name:
+            self.name = name
+        self.batch_limit = max_batch
+        self._pipe: Any = None
+        self._info: Any = None
+        self._queue: list[tuple[Any, asyncio.Future, float]] = []
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def start(self) -> dict[str, Any]:
+        def load() -> tuple[Any, Any, int]:
+            import torch
+
+            from serve.model import read_model_info, resolve_source
+            from serve.pipeline import Pipeline
+
+            if self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+            source = resolve_source(self.model)
+            pipe = Pipeline.load(source, backend=self.backend, device=self.device)
+            return pipe, read_model_info(source), torch.get_num_threads()
+
+        t0 = time.perf_counter()
+        self._pipe, self._info, threads = await asyncio.to_thread(load)
+        self._wake = asyncio.Event()
+        self._worker = asyncio.create_task(self._run())
+        return {
+            "kind": "in-process",
+            "model": str(self._info.path),
+            "backend": self.backend,
+            "torch_threads": threads,
+            "max_batch_open_loop": self.max_batch,
+            "load_s": round(time.perf_counter() - t0, 3),
+        }
+
+    def configure(self, level: Level) -> None:
+        # Closed loop: C clients -> batches of up to C, capped like the Denoiser's max_batch_size.
+        self.batch_limit = min(level.concurrency, self.max_batch) if level.mode == "closed" else self.max_batch
+
+    async def send(self, body: dict[str, Any]) -> Response:
+        from serve.api.schemas import parse_generation_request
+        from serve.errors import DarkroomError
+
+        try:
+            params = parse_generation_request(body).to_params(default_size=self._info.native_size)
+        except DarkroomError as exc:
+            return Response(exc.status_code, error=exc.message[:300])
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        if self._wake is None:
+            raise RuntimeError("InProcessTarget.send() before start()")
+        self._queue.append((params, future, time.perf_counter()))
+        self._wake.set()
+        return await future
+
+    async def _run(self) -> None:
+        if self._wake is None:
+            raise RuntimeError("InProcessTarget worker before start()")
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue[: self.batch_limit], self._queue[self.batch_limit :]
+            began = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self._pipe.generate_batch, [p for p, _, _ in batch])
+            except Exception as exc:  # the whole batch fails, like a failed stage call
+                logger.exception("in-process batch failed")
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_result(Response(500, error=f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            finished = time.perf_counter()
+            for (_, future, queued), result in zip(batch, results, strict=True):
+                t = result.timings
+                timings = {
+                    "encode": _ms(t["encode"]),
+                    "denoise": _ms(t["denoise"]),
+                    "decode": _ms(t["decode"] + t.get("image_encode", 0.0)),
+                    "storage": 0.0,
+                    "encode_queue": _ms(began - queued),
+                    "denoise_queue": 0.0,
+                    "decode_queue": 0.0,
+                    "encode_batch": float(len(batch)),
+                    "denoise_batch": float(len(batch)),
+                    "decode_batch": float(len(batch)),
+                    "total": _ms(finished - queued),
+                }
+                if not future.done():
+                    future.set_result(Response(200, images=len(result.images), timings=timings))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        for _, future, _ in self._queue:
+            if not future.done():
+                future.set_result(Response(0, error="target closed"))
+        self._queue = []
