@@ -107,7 +107,12 @@ class DeploymentOptions(BaseModel):
         256, ge=-1, description="Requests a caller may queue before getting back-pressure (-1 = unbounded)."
     )
     max_batch_size: int = Field(8, ge=1, description="Most requests in one batched model call.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a partial batch waits for more requests.")
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long a partial batch waits for more requests (TextEncoder, Decoder). 0 still batches "
+        "under load: requests queue while a batch runs. The Denoiser ignores it: it batches continuously.",
+    )
     graceful_shutdown_timeout_s: float | None = Field(
         None,
         ge=0,
@@ -205,7 +210,7 @@ class AppConfig(BaseModel):
         description="Options of the TextEncoder deployment.",
     )
     denoiser: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(max_batch_size=8, max_ongoing_requests=32, batch_wait_timeout_s=0.02),
+        default_factory=lambda: DeploymentOptions(max_batch_size=8, max_ongoing_requests=32),
         description="Options of the Denoiser deployment.",
     )
     decoder: DeploymentOptions = Field(

@@ -1,16 +1,15 @@
 """The three stage deployments: thin Ray Serve wrappers around ``serve.stages`` with batching.
 
-Each entry method validates its own request first (so a bad request fails alone), then joins a
-``@serve.batch`` queue; a batch runs in a worker thread so the replica keeps accepting requests
-(they form the next batch) while the model works. Batch sizes and waits come from config via
-``set_max_batch_size`` / ``set_batch_wait_timeout_s``.
+Each entry method validates its own request first (so a bad request fails alone). TextEncoder
+and Decoder join a ``@serve.batch`` queue (their calls are short); the Denoiser batches
+continuously (``serve/stages/continuous.py``). Model work runs in a worker thread so the replica
+keeps accepting requests while it computes. Batch sizes and waits come from config.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import Any
 
 import numpy as np
@@ -18,9 +17,10 @@ from ray import serve
 
 from deployments.config import AppConfig, DeploymentOptions
 from serve.api.service import DecodeRequest, StageResult
-from serve.api.stage_ops import decode_batch, denoise_batch, encode_batch
+from serve.api.stage_ops import decode_batch, encode_batch
 from serve.model import resolve_source
 from serve.stages import Decoder, DenoiseJob, Denoiser, TextEncoder
+from serve.stages.continuous import ContinuousDenoiser
 from serve.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -57,34 +57,20 @@ class TextEncoderDeployment:
 
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
+    """Continuous batching: requests join the running batch between UNet steps (no window).
+
+    ``max_batch_size`` caps the requests in flight at once; ``batch_wait_timeout_s`` is unused
+    here (nobody waits for a window: a request arriving mid-batch joins at the next step).
+    A cancelled call (a client timeout) leaves the batch before the next step.
+    """
+
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         self.denoiser = Denoiser.load(resolve_source(cfg.model), **_load_kwargs(cfg))
-        self._live: dict[int, threading.Event] = {}  # in-flight jobs -> their cancellation flags
-        _configure(self._denoise_batch, cfg.denoiser)
+        self.loop = ContinuousDenoiser(self.denoiser, max_requests=cfg.denoiser.max_batch_size)
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
-        self.denoiser.validate(job)  # fails this request alone, before it joins a batch
-        # Cancellation (a client timeout: Serve cancels this call) must reach the worker thread,
-        # which asks between iterations; a request gone before its batch starts has no flag.
-        flag = threading.Event()
-        self._live[id(job)] = flag
-        try:
-            return await self._denoise_batch(job)
-        except asyncio.CancelledError:
-            flag.set()
-            raise
-        finally:
-            self._live.pop(id(job), None)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _denoise_batch(self, batch: list[DenoiseJob]) -> list[StageResult]:
-        flags = [self._live.get(id(job)) for job in batch]
-
-        def cancelled(i: int) -> bool:
-            return flags[i] is None or flags[i].is_set()
-
-        return await asyncio.to_thread(denoise_batch, self.denoiser, batch, cancelled)
+        return await self.loop.submit(job)
 
     async def ready(self) -> str:
         return "ok"

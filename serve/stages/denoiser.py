@@ -177,7 +177,26 @@ class Denoiser:
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        return [None if s.cancelled else s.latents.float().cpu().numpy() for s in states]
+        return [None if s.cancelled else self.result(s) for s in states]
+
+    # -- the step-level API used by continuous batching (serve/stages/continuous.py) -------------
+    def start(self, job: DenoiseJob, index: int = 0) -> _State:
+        """A validated job's state in flight: its scheduler, generator and initial latents."""
+        return self._start(index, job)
+
+    def step(self, states: Sequence[_State]) -> None:
+        """One iteration for every unfinished state: one UNet call (chunked) per latent size."""
+        groups: dict[tuple[int, int], list[_State]] = {}
+        for s in states:
+            if not s.done:
+                groups.setdefault((s.job.width, s.job.height), []).append(s)
+        self.last_batch_sizes = []
+        for group in groups.values():
+            self._iterate(group)
+
+    @staticmethod
+    def result(state: _State) -> np.ndarray:
+        return state.latents.float().cpu().numpy()
 
     def _iterate(self, active: list[_State]) -> None:
         """One denoising iteration for every active request: UNet calls in chunks, then steps."""

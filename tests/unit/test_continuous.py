@@ -1,0 +1,94 @@
+"""Continuous batching: late requests join the running batch, results equal solo runs,
+cancelled requests leave it, and a failing step fails only its batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from serve.stages import DenoiseJob, Denoiser, TextEncoder
+from serve.stages.continuous import ContinuousDenoiser
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    return TextEncoder.load(tiny_model, device="cpu"), Denoiser.load(tiny_model, device="cpu")
+
+
+def job(encoder, seed, steps=6, **kw) -> DenoiseJob:
+    emb = encoder.encode([f"prompt {seed}", ""])
+    base = dict(prompt_embeds=emb[0], negative_embeds=emb[1], seed=seed, num_inference_steps=steps,
+                guidance_scale=7.5, width=64, height=64)
+    base.update(kw)
+    return DenoiseJob(**base)
+
+
+def test_late_requests_join_and_match_solo_runs(parts):
+    encoder, denoiser = parts
+    jobs = [job(encoder, 1, steps=12), job(encoder, 2, scheduler="euler_a"), job(encoder, 3, width=48, n=2)]
+    solo = [denoiser.denoise([j])[0] for j in jobs]
+    loop = ContinuousDenoiser(denoiser, max_requests=8)
+
+    async def main():
+        first = asyncio.create_task(loop.submit(jobs[0]))
+        await asyncio.sleep(0.05)  # the first request is mid-way through its steps
+        rest = [asyncio.create_task(loop.submit(j)) for j in jobs[1:]]
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(main())
+    assert loop.peak_requests == 3  # the late ones joined the running batch
+    assert results[0].batch_size == 3
+    for got, want in zip(results, solo, strict=True):
+        np.testing.assert_allclose(got.value, want, atol=1e-4)
+        assert got.compute_s > 0
+
+
+def test_max_requests_bounds_the_batch(parts):
+    encoder, denoiser = parts
+    loop = ContinuousDenoiser(denoiser, max_requests=2)
+
+    async def main():
+        return await asyncio.gather(*(loop.submit(job(encoder, s, steps=3)) for s in range(5)))
+
+    results = asyncio.run(main())
+    assert len(results) == 5 and loop.peak_requests == 2
+
+
+def test_cancelled_request_leaves_the_batch(parts):
+    encoder, denoiser = parts
+    loop = ContinuousDenoiser(denoiser, max_requests=8)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(loop.submit(job(encoder, 9, steps=150)), timeout=0.2)
+        steps_at_cancel = loop.steps
+        quick = await loop.submit(job(encoder, 10, steps=3))
+        return steps_at_cancel, quick
+
+    steps_at_cancel, quick = asyncio.run(main())
+    assert quick.value.shape == (1, 4, 8, 8)
+    assert loop.steps - steps_at_cancel < 10  # not the remaining ~150 steps of the cancelled job
+
+
+def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(parts, monkeypatch):
+    encoder, denoiser = parts
+    loop = ContinuousDenoiser(denoiser, max_requests=8)
+    real = denoiser.step
+    calls = {"n": 0}
+
+    def flaky(states):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("engine hiccup")
+        return real(states)
+
+    monkeypatch.setattr(denoiser, "step", flaky)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="hiccup"):
+            await loop.submit(job(encoder, 11, steps=4))
+        return await loop.submit(job(encoder, 12, steps=3))
+
+    assert asyncio.run(main()).value.shape == (1, 4, 8, 8)
