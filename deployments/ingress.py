@@ -134,11 +134,12 @@ class HandleStages:
             dep = app.deployments.get(name)
             if dep is None:
                 continue
-            if str(dep.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            running = sum(count for state, count in dep.replica_states.items() if str(state).endswith("RUNNING"))
+            # UNHEALTHY also means "a replica died and is being replaced": while another replica
+            # runs, the stage still serves (and the Ingress retries onto it), so ping instead.
+            if str(dep.status).endswith("DEPLOY_FAILED") or (str(dep.status).endswith("UNHEALTHY") and not running):
                 view[name] = f"unavailable: {dep.status}: {dep.message}"[:300]
-            elif name in self.scale_to_zero and not any(
-                str(state).endswith("RUNNING") and count for state, count in dep.replica_states.items()
-            ):
+            elif name in self.scale_to_zero and not running:
                 view[name] = "scaled_to_zero"
         return view
 

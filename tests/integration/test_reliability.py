@@ -214,7 +214,9 @@ def test_fuzz_openapi_no_5xx(rel):
                     body["num_inference_steps"] = min(max(body["num_inference_steps"], 1), 2)  # keep it fast
                 response = case.call(base_url=url, headers=AUTH, timeout=120)
                 statuses.append(response.status_code)
-                assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
+                # /readyz answers 503 by design while a stage recovers (e.g. after the kill test).
+                not_ready = case.path == "/readyz" and response.status_code == 503
+                assert response.status_code < 500 or not_ready, (case.method, case.path, case.body, response.text[:300])
 
             try:
                 check()
