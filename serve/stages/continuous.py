@@ -69,11 +69,22 @@ class ContinuousDenoiser:
                 new.append(entry)
         return new
 
-    def _advance(self, new: list[_Entry], active: list[_Entry]) -> None:
-        """Worker thread: start the newcomers' states, then one step for everyone."""
+    def _advance(self, new: list[_Entry], active: list[_Entry]) -> int:
+        """Worker thread: start the newcomers' states, then step everyone until something changes.
+
+        Steps continue in this thread while the batch is unchanged (a hop to the event loop per
+        step cost ~4 ms, 40% of a tiny-model step); it returns to admit a newcomer, hand back a
+        finished request or drop a cancelled one. Returns the number of steps taken.
+        """
         for entry in new:
             entry.state = self.denoiser.start(entry.job)
-        self.denoiser.step([e.state for e in active])
+        states = [e.state for e in active]
+        steps = 0
+        while True:
+            self.denoiser.step(states)
+            steps += 1
+            if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):
+                return steps
 
     async def _run(self) -> None:
         active: list[_Entry] = []
@@ -87,7 +98,7 @@ class ContinuousDenoiser:
                 continue
             t0 = time.perf_counter()
             try:
-                await asyncio.to_thread(self._advance, new, active)
+                steps = await asyncio.to_thread(self._advance, new, active)
             except Exception as exc:  # the batch fails; the loop (and the replica) carry on
                 logger.exception("denoising step failed for %d request(s)", len(active))
                 for entry in active:
@@ -96,7 +107,7 @@ class ContinuousDenoiser:
                 active = []
                 continue
             dt = time.perf_counter() - t0
-            self.steps += 1
+            self.steps += steps
             self.peak_requests = max(self.peak_requests, len(active))
             still = []
             for entry in active:
