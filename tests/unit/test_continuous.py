@@ -19,8 +19,15 @@ def parts(tiny_model):
 
 def job(encoder, seed, steps=6, **kw) -> DenoiseJob:
     emb = encoder.encode([f"prompt {seed}", ""])
-    base = dict(prompt_embeds=emb[0], negative_embeds=emb[1], seed=seed, num_inference_steps=steps,
-                guidance_scale=7.5, width=64, height=64)
+    base = dict(
+        prompt_embeds=emb[0],
+        negative_embeds=emb[1],
+        seed=seed,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        width=64,
+        height=64,
+    )
     base.update(kw)
     return DenoiseJob(**base)
 
