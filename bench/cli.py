@@ -112,14 +112,43 @@ def run_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     out = args.out or Path("bench-results") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    cold = measure_cold(args) if args.cold_start else None  # before the load warms anything
     result = run_benchmark(config)
     paths = write_report(result, out, include_records=not args.no_records)
+    if cold is not None:
+        add_cold_start(paths, cold)
     print(summary_markdown(result))
     print(f"wrote {paths['report']}, {paths['summary']}" + "".join(f", {p}" for p in paths["plots"]))
     failed = sum(run.metrics.failed for lr in result.levels for run in lr.runs.values())
     if failed:
         print(f"darkroom bench: {failed} request(s) failed (see errors in {paths['summary']})", file=sys.stderr)
     return 0
+
+
+def measure_cold(args: argparse.Namespace) -> dict[str, Any]:
+    """Scale-from-zero cold start per stage (bench/cold_start.py), against ``--url``."""
+    from bench.cold_start import ColdStartConfig, format_report, measure_cold_start
+
+    if not args.url:
+        raise InvalidRequestError("--cold-start", None, "needs --url (a served app)")
+    cfg = ColdStartConfig(url=args.url, steps=args.steps or 20, idle_s=args.cold_idle_s, seed=args.seed)
+    report = measure_cold_start(cfg)
+    print(format_report(report), file=sys.stderr)
+    return report
+
+
+def add_cold_start(paths: dict[str, Any], cold: dict[str, Any]) -> None:
+    """Put the cold-start measurement into report.json and summary.md."""
+    import json
+
+    from bench.cold_start import format_report
+
+    data = json.loads(paths["report"].read_text())
+    data["cold_start"] = cold
+    paths["report"].write_text(json.dumps(data, indent=2))
+    summary = "\n## Scale-from-zero cold start (first request at zero replicas)\n\n```\n"
+    summary += format_report(cold) + "\n```\n"
+    paths["summary"].write_text(paths["summary"].read_text() + summary)
 
 
 def add_parser(sub: Any) -> None:
@@ -171,4 +200,11 @@ def add_parser(sub: Any) -> None:
     out.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>)")
     out.add_argument("--no-records", action="store_true", help="leave per-request records out of report.json")
     out.add_argument("--quiet", action="store_true", help="no progress output")
+    out.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="first measure the scale-from-zero cold start per stage (an app in the serverless profile, "
+        "scaled to zero) and add it to the report",
+    )
+    out.add_argument("--cold-idle-s", type=float, default=0.0, help="with --cold-start: idle this long first")
     p.set_defaults(func=run_bench)

@@ -195,3 +195,20 @@ def test_monolith_configs_validate_and_build(tiny_model, tmp_path):
     assert isinstance(app, Application)
     with pytest.raises(ValueError):
         build_monolith_app({"monolith": {"bogus": 1}})
+
+
+def test_cli_cold_start_goes_into_the_report(local_app, tmp_path):
+    """--cold-start measures the first request before the load and reports it per stage."""
+    out = tmp_path / "cold"
+    args = [
+        sys.executable, "-m", "serve.cli", "bench", "--url", local_app["url"], "--cold-start",
+        "--concurrency", "1", "--requests", "2", "--warmup", "0", "--steps", str(STEPS), "--out", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    stages = report["cold_start"]["breakdown"]["stages"]
+    assert set(stages) >= {"encode", "denoise", "decode"}
+    assert report["cold_start"]["cold"]["status"] == 200
+    assert "Scale-from-zero cold start" in (out / "summary.md").read_text()
