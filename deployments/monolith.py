@@ -167,20 +167,9 @@ class MonolithService(ImageService):
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(self._executor, self._generate, params, t0)
         images, s = await self._bounded(work, DEPLOYMENT_NAME)
-        metadata = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
-            "seed": params.seed,
-            "n": params.n,
-            "num_inference_steps": params.num_inference_steps,
-            "guidance_scale": params.guidance_scale,
-            "scheduler": params.scheduler or self.info.scheduler_class,
-            "size": f"{params.width}x{params.height}",
-            "model": self.config.model_name,
-            "output_format": params.output_format,
-            "timings_ms": {"encode": _ms(s["encode"]), "denoise": _ms(s["denoise"]), "decode": _ms(s["decode"])},
-            "created": int(time.time()),
-        }
+        metadata = self.metadata(
+            params, {"encode": _ms(s["encode"]), "denoise": _ms(s["denoise"]), "decode": _ms(s["decode"])}
+        )
         inline = request.response_format == "b64_json"
         stored, encode_s, store_s = await asyncio.to_thread(self._store, images, params, metadata, inline)
         timings = {

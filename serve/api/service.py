@@ -139,20 +139,7 @@ class ImageService:
         )
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
-        metadata = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
-            "seed": params.seed,
-            "n": params.n,
-            "num_inference_steps": params.num_inference_steps,
-            "guidance_scale": params.guidance_scale,
-            "scheduler": params.scheduler or self.info.scheduler_class,
-            "size": f"{params.width}x{params.height}",
-            "model": self.config.model_name,
-            "output_format": params.output_format,
-            "timings_ms": {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)},
-            "created": int(time.time()),
-        }
+        metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
         dec_req = DecodeRequest(params.output_format, metadata, inline=request.response_format == "b64_json")
         dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
         t3 = time.perf_counter()
@@ -171,6 +158,23 @@ class ImageService:
             "total": _ms(t3 - t0),
         }
         return dec.value, timings
+
+    def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
+        """What is stored beside each image (its index is added per image)."""
+        return {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "seed": params.seed,
+            "n": params.n,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "scheduler": params.scheduler or self.info.scheduler_class,
+            "size": f"{params.width}x{params.height}",
+            "model": self.config.model_name,
+            "output_format": params.output_format,
+            "timings_ms": timings_ms,
+            "created": int(time.time()),
+        }
 
     async def generate(
         self, body: Any, base_url: str, idempotency_key: str | None = None
