@@ -53,3 +53,23 @@ def max_level_diff(a: np.ndarray, b: np.ndarray) -> int:
     """Largest per-channel difference in 8-bit levels (the seed contract allows 3)."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def make_params(**kw):
+    """A GenerationParams for parity tests: a small CFG request at 64x64, overridden by ``kw``."""
+    from serve.params import GenerationParams
+
+    base = dict(
+        prompt="a lighthouse at dusk",
+        negative_prompt=None,
+        width=64,
+        height=64,
+        num_inference_steps=6,
+        guidance_scale=7.5,
+        seed=1234,
+        n=1,
+        scheduler=None,
+        output_format="png",
+    )
+    base.update(kw)
+    return GenerationParams(**base)

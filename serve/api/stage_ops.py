@@ -7,7 +7,7 @@ deployments' ``@serve.batch`` methods and the in-process client call the same co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,11 +30,9 @@ def encode_batch(encoder: TextEncoder, batch: Sequence[list[str]]) -> list[Stage
     return out
 
 
-def denoise_batch(
-    denoiser: Denoiser, batch: Sequence[DenoiseJob], cancelled: Callable[[int], bool] | None = None
-) -> list[StageResult]:
+def denoise_batch(denoiser: Denoiser, batch: Sequence[DenoiseJob]) -> list[StageResult]:
     t0 = time.perf_counter()
-    latents = denoiser.denoise(list(batch), cancelled=cancelled)
+    latents = denoiser.denoise(list(batch))
     dt = time.perf_counter() - t0
     return [StageResult(lat, dt, batch_size=len(batch)) for lat in latents]
 

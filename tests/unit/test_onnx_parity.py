@@ -16,8 +16,8 @@ import pytest
 from export import export_model
 from serve.engines.onnxruntime_backend import OnnxRuntimeEngine
 from serve.imageio import decode_image
-from serve.params import GenerationParams
 from serve.pipeline import Pipeline
+from tests.conftest import make_params as params
 from tests.conftest import max_level_diff
 
 TOLERANCE = 3
@@ -33,23 +33,6 @@ def repo(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(repo) -> Pipeline:
     return Pipeline.load(repo, backend="onnxruntime", device="cpu")
-
-
-def params(**kw) -> GenerationParams:
-    base = dict(
-        prompt="a lighthouse at dusk",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        num_inference_steps=6,
-        guidance_scale=7.5,
-        seed=1234,
-        n=1,
-        scheduler=None,
-        output_format="png",
-    )
-    base.update(kw)
-    return GenerationParams(**base)
 
 
 CASES = {

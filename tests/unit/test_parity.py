@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serve.params import SCHEDULER_NAMES, GenerationParams
+from serve.params import SCHEDULER_NAMES
 from serve.pipeline import Pipeline
+from tests.conftest import make_params as params
 from tests.conftest import max_level_diff
 
 TOLERANCE = 3
@@ -20,23 +21,6 @@ TOLERANCE = 3
 @pytest.fixture(scope="module")
 def pipe(tiny_model) -> Pipeline:
     return Pipeline.load(tiny_model, device="cpu")
-
-
-def params(**kw) -> GenerationParams:
-    base = dict(
-        prompt="a lighthouse at dusk",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        num_inference_steps=6,
-        guidance_scale=7.5,
-        seed=1234,
-        n=1,
-        scheduler=None,
-        output_format="png",
-    )
-    base.update(kw)
-    return GenerationParams(**base)
 
 
 # (name, overrides): each case is run for every scheduler.
