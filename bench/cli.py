@@ -169,7 +169,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also (or only) run the workload on serve.pipeline.Pipeline in this process: the limit",
     )
-    p.add_argument("--model", default=None, help="model for --in-process (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help="model for --in-process (default: the shipped demo model)")
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", default=None, help="closed loop: clients, comma-separated sweep, e.g. 1,2,4")
     load.add_argument("--rate", default=None, help="open loop: requests/s, comma-separated sweep, e.g. 0.5,1,2")

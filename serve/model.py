@@ -96,7 +96,9 @@ def read_model_info(source: str | Path) -> ModelInfo:
     if not isinstance(max_len, int) or max_len > 4096:  # "very large int" means unset
         max_len = text.get("max_position_embeddings", 77)
     if (path / "darkroom_tiny.json").is_file():
-        name = "tiny"  # the embedded default, whatever cache folder it was made in
+        name = "tiny"  # the random tiny model, whatever cache folder it was made in
+    elif (path / "darkroom_demo.json").is_file():
+        name = "darkroom-demo"  # the shipped demo model (serve/demo/weights), wherever installed
     elif Path(source).expanduser().is_dir() or str(source).startswith("s3://"):
         name = Path(str(source).rstrip("/")).name
     else:
@@ -116,11 +118,22 @@ def read_model_info(source: str | Path) -> ModelInfo:
     )
 
 
-def resolve_source(model: str | None) -> str:
-    """``model`` as given, or the embedded tiny model (made once into the cache folder)."""
-    if model:
-        return model
-    from serve.settings import Settings
-    from serve.tiny import default_tiny_model
+#: Model names that mean a model this package provides rather than a folder or hub id.
+TINY_MODEL_NAME = "tiny"
+DEMO_MODEL_NAMES = ("darkroom-demo", "demo")
 
-    return str(default_tiny_model(Settings.from_env().cache_dir))
+
+def resolve_source(model: str | None) -> str:
+    """``model`` as given; no model (or ``darkroom-demo``): the shipped demo model (package
+    data, no download, no training); ``tiny``: the random tiny model (made once into the cache
+    folder), which parity tests use."""
+    if model == TINY_MODEL_NAME:
+        from serve.settings import Settings
+        from serve.tiny import default_tiny_model
+
+        return str(default_tiny_model(Settings.from_env().cache_dir))
+    if model and model not in DEMO_MODEL_NAMES:
+        return model
+    from serve.demo import demo_model_path
+
+    return str(demo_model_path())

@@ -1,0 +1,90 @@
+"""`darkroom train-demo` on a toy budget: it writes a loadable SD model, and an interrupted run
+resumes from its checkpoint to exactly the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from serve.demo.train import TrainConfig, train_demo
+from serve.errors import DarkroomError
+from tests.unit.test_cli import run
+
+# A few steps of every phase, a checkpoint every other step.
+TOY = dict(
+    vae_steps=3, vae_batch_size=2, dataset_size=6, unet_steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2
+)
+
+
+def _weights(model_dir):
+    return {name: load_file(model_dir / name / "diffusion_pytorch_model.safetensors") for name in ("unet", "vae")} | {
+        "text_encoder": load_file(model_dir / "text_encoder" / "model.safetensors")
+    }
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return train_demo(tmp_path_factory.mktemp("train") / "run", TrainConfig(**TOY))
+
+
+def test_writes_a_stable_diffusion_pipeline(uninterrupted):
+    from diffusers import StableDiffusionPipeline
+
+    from serve.model import read_model_info
+
+    info = read_model_info(uninterrupted)
+    assert info.name == "darkroom-demo"
+    assert info.native_size == (64, 64) and info.vae_scale_factor == 4
+    assert info.vae_scaling_factor != 0.18215  # measured on the encoded data set
+    marker = json.loads((uninterrupted / "darkroom_demo.json").read_text())
+    assert marker["train"]["unet_steps"] == TOY["unet_steps"]
+    pipe = StableDiffusionPipeline.from_pretrained(uninterrupted, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("phase, at", [("vae", 2), ("unet", 3)])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, uninterrupted, phase, at):
+    def stop(p, done, total, metrics):
+        if p == phase and done == at:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_demo(out, TrainConfig(**TOY), progress=stop)
+    saved = torch.load(out / "checkpoints" / f"{phase}.pt", weights_only=False)
+    assert saved["step"] == at  # the checkpoint taken on Ctrl-C, between regular ones
+    assert not (out / "model").exists()
+    seen = []
+    resumed = train_demo(out, TrainConfig(**TOY), progress=lambda p, d, t, m: seen.append((p, d)))
+    assert (phase, at) not in seen and (phase, at + 1) in seen  # it did not start over
+    assert _same(_weights(resumed), _weights(uninterrupted))
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    out = tmp_path / "run"
+    train_demo(out, TrainConfig(**{**TOY, "unet_steps": 0, "vae_steps": 1}))
+    with pytest.raises(DarkroomError, match="another configuration"):
+        train_demo(out, TrainConfig(**{**TOY, "unet_steps": 0, "vae_steps": 2}))
+
+
+def test_cli_trains_and_names_bad_flags(tmp_path):
+    out = tmp_path / "cli-run"
+    args = ["--vae-steps", "1", "--unet-steps", "2", "--dataset-size", "4", "--batch-size", "2", "--threads", "1"]
+    proc = run("train-demo", str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote demo model to" in proc.stdout and "s CPU" in proc.stdout
+    assert "unet: 2/2" in proc.stderr  # progress goes to stderr
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    for bad, flag in ((["--unet-steps", "-1"], "--unet-steps"), (["--batch-size", "0"], "--batch-size")):
+        proc = run("train-demo", str(tmp_path / "bad"), *bad)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().count("\n") == 0 and flag in proc.stderr, proc.stderr
