@@ -75,7 +75,7 @@ class Server:
 
 def _env(tmp_path: Path, tiny_model: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # The embedded default model is made into the cache on first start: point it at a fresh one.
+    # A fresh cache folder: nothing a previous run left there (the tiny model, hub files) is used.
     env["DARKROOM_CACHE_DIR"] = str(tmp_path / "cache")
     return env
 
@@ -106,7 +106,7 @@ def test_readme_main_command_serves_and_examples_work(tmp_path, tiny_model):
                 assert '"data"' in proc.stdout or '"status"' in proc.stdout, proc.stdout
             else:
                 assert proc.stdout.strip() == "42"
-        for name in ("fox-0.png", "fox-1.png"):
+        for name in ("star-0.png", "star-1.png"):
             assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
         # Results landed in ./outputs relative to where the user ran the command.
         assert list((tmp_path / "outputs" / "images").rglob("*.png"))
