@@ -41,16 +41,17 @@ SIZES: tuple[str, ...] = ("small", "large")
 
 #: Where a position puts a shape's centre, in pixels of a 64x64 image.
 ANCHORS: dict[str, tuple[float, float]] = {
-    "left": (17.0, 32.0),
-    "right": (47.0, 32.0),
-    "top": (32.0, 17.0),
-    "bottom": (32.0, 47.0),
+    "left": (18.0, 32.0),
+    "right": (46.0, 32.0),
+    "top": (32.0, 18.0),
+    "bottom": (32.0, 46.0),
     "center": (32.0, 32.0),
 }
-#: Half-extent of a shape in pixels: a small circle is 14 px across, a large one 26.
-RADIUS = {"small": 7.0, "large": 13.0}
+#: Half-extent of a shape in pixels: a small circle is 16 px across, a large one 28. (A 14-pixel
+#: star spans under four latent cells; its points were the first thing the VAE lost.)
+RADIUS = {"small": 8.0, "large": 14.0}
 #: Centre-to-centre distance of shapes in a group (small only), along the position's axis.
-GROUP_SPACING = 17.0
+GROUP_SPACING = 19.0
 JITTER = 2  # +- pixels a single shape may move from its anchor
 
 _COUNT_WORDS = {2: "two", 3: "three"}
