@@ -197,6 +197,13 @@ class AppConfig(BaseModel):
     stage_retries: int = Field(
         5, ge=1, le=20, description="Tries per stage call when a replica dies mid-request (calls are idempotent)."
     )
+    debug_step_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Fault-injection hook for tests, 0 in production: the Denoiser sleeps this long after "
+        "every UNet step, so a test can make a request certainly outlast a timeout on any machine.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="S3 client options: max_attempts (retries, standard mode), connect_timeout, read_timeout (s).",

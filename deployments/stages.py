@@ -67,7 +67,9 @@ class DenoiserDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         self.denoiser = Denoiser.load(resolve_source(cfg.model), **_load_kwargs(cfg))
-        self.loop = ContinuousDenoiser(self.denoiser, max_requests=cfg.denoiser.max_batch_size)
+        self.loop = ContinuousDenoiser(
+            self.denoiser, max_requests=cfg.denoiser.max_batch_size, step_delay_s=cfg.debug_step_delay_s
+        )
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         return await self.loop.submit(job)

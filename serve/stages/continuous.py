@@ -38,9 +38,12 @@ class _Entry:
 class ContinuousDenoiser:
     """Admits queued jobs before every step, up to ``max_requests`` in flight at once."""
 
-    def __init__(self, denoiser: Denoiser, *, max_requests: int = 8) -> None:
+    def __init__(self, denoiser: Denoiser, *, max_requests: int = 8, step_delay_s: float = 0.0) -> None:
         self.denoiser = denoiser
         self.max_requests = max_requests
+        # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
+        # a request certainly outlast a timeout whatever the machine's speed.
+        self.step_delay_s = step_delay_s
         self._pending: deque[_Entry] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -83,6 +86,8 @@ class ContinuousDenoiser:
         while True:
             self.denoiser.step(states)
             steps += 1
+            if self.step_delay_s > 0:
+                time.sleep(self.step_delay_s)
             if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):
                 return steps
 

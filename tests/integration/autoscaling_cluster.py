@@ -85,6 +85,9 @@ def app_config(model: str, storage: str, port: int) -> dict[str, Any]:
         auto["initial_replicas"] = 1
         opts["graceful_shutdown_timeout_s"] = 10
     args["denoiser"]["max_batch_size"] = 4
+    # 50 ms per UNet step (fault injection, 0 in production): the load phase's requests pile up
+    # in the Denoiser (and batch there) however fast the machine is.
+    args["debug_step_delay_s"] = 0.05
     return raw
 
 
