@@ -154,7 +154,7 @@ class MonolithService(ImageService):
         out, encode_s, store_s = [], 0.0, 0.0
         for index, img in enumerate(images):
             a = time.perf_counter()
-            data = encode_image(img, params.output_format)
+            data = encode_image(img, params.output_format, params.output_compression)
             b = time.perf_counter()
             stored = self.store.save_image(data, params.output_format, {**metadata, "index": index})
             store_s += time.perf_counter() - b

@@ -58,6 +58,10 @@ class GenerationParams:
     n: int
     scheduler: str | None
     output_format: str
+    #: jpeg/webp encoder quality 0..100; None = the encoder's default (92).
+    output_compression: int | None = None
+    #: The client's end-user id (OpenAI's ``user``), stored with the images; not used otherwise.
+    user: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -81,6 +85,10 @@ class GenerationParams:
             raise InvalidRequestError("seed", self.seed, f"must be an integer in 0..{MAX_SEED}")
         if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
             raise InvalidRequestError("scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULER_NAMES)}")
+        if self.output_compression is not None and (
+            not _is_int(self.output_compression) or not 0 <= self.output_compression <= 100
+        ):
+            raise InvalidRequestError("output_compression", self.output_compression, "must be an integer in 0..100")
         if self.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(
                 "output_format", self.output_format, f"must be one of {', '.join(OUTPUT_FORMATS)}"

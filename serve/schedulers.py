@@ -25,6 +25,14 @@ _CLASSES: dict[str, str] = {
 }
 
 
+def scheduler_name(class_name: str) -> str | None:
+    """The name users type for a diffusers scheduler class (``PNDMScheduler`` -> ``pndm``), or None."""
+    for name, cls_name in _CLASSES.items():
+        if cls_name == class_name:
+            return name
+    return None
+
+
 def scheduler_class(name: str | None, default_class: str) -> type:
     """The diffusers class for ``name``; ``None`` means the model's own (``default_class``)."""
     import diffusers

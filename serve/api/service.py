@@ -24,6 +24,7 @@ from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_r
 from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError, RequestTimeoutError
 from serve.model import ModelInfo
 from serve.params import GenerationParams
+from serve.schedulers import scheduler_name
 from serve.stages.denoiser import DenoiseJob, guidance_enabled
 from serve.storage import LocalStore, ResultStore
 
@@ -48,6 +49,7 @@ class DecodeRequest:
     output_format: str
     metadata: dict[str, Any]
     inline: bool  # return the encoded bytes too (response_format=b64_json)
+    output_compression: int | None = None  # jpeg/webp quality 0..100; None = the encoder's default
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class ImageService:
         if request.model is not None and request.model not in self.model_ids():
             raise ModelNotFoundError("model", request.model, f"this server serves {self.config.model_name!r}")
         params = request.to_params(default_size=self.info.native_size, limits=self.config.limits)
-        self.config.prompt_policy.check(params.prompt, params.negative_prompt)
+        policy = self.config.prompt_policy
+        policy.check(params.prompt, params.negative_prompt, moderation=request.moderation or "auto")
         return request, params
 
     def model_ids(self) -> tuple[str, ...]:
@@ -140,7 +143,12 @@ class ImageService:
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
         metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
-        dec_req = DecodeRequest(params.output_format, metadata, inline=request.response_format == "b64_json")
+        dec_req = DecodeRequest(
+            params.output_format,
+            metadata,
+            inline=request.response_format == "b64_json",
+            output_compression=params.output_compression,
+        )
         dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
         t3 = time.perf_counter()
         storage_s = dec.extra.get("storage_s", 0.0)
@@ -161,20 +169,26 @@ class ImageService:
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
         """What is stored beside each image (its index is added per image)."""
-        return {
+        meta = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
             "seed": params.seed,
             "n": params.n,
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
-            "scheduler": params.scheduler or self.info.scheduler_class,
+            # The name a client sends back to get the same scheduler (the class when it has none).
+            "scheduler": params.scheduler or scheduler_name(self.info.scheduler_class) or self.info.scheduler_class,
             "size": f"{params.width}x{params.height}",
             "model": self.config.model_name,
             "output_format": params.output_format,
             "timings_ms": timings_ms,
             "created": int(time.time()),
         }
+        if params.output_compression is not None:
+            meta["output_compression"] = params.output_compression
+        if params.user is not None:
+            meta["user"] = params.user  # OpenAI's end-user id: recorded for abuse tracking
+        return meta
 
     async def generate(
         self, body: Any, base_url: str, idempotency_key: str | None = None
@@ -218,8 +232,11 @@ class ImageService:
         timings: dict[str, float],
     ) -> dict[str, Any]:
         data = []
-        for image in images:
-            item: dict[str, Any] = {"seed": seed, "revised_prompt": None}
+        # Each image carries what reproduces it: the request's seed and its index in the batch of
+        # n (image i of seed s and n is image i when sent again with s and n). Fields Darkroom does
+        # not fill (OpenAI's revised_prompt) are absent, never null.
+        for index, image in enumerate(images):
+            item: dict[str, Any] = {"seed": seed, "index": index}
             if response_format == "b64_json":
                 raw = image.data if image.data is not None else self.store.get_bytes(image.key)
                 item["b64_json"] = base64.b64encode(raw).decode("ascii")

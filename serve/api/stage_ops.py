@@ -49,7 +49,7 @@ def decode_batch(
         images, encode_s, store_s = [], 0.0, 0.0
         for index, img in enumerate(px):
             a = time.perf_counter()
-            data = encode_image(img, req.output_format)
+            data = encode_image(img, req.output_format, req.output_compression)
             b = time.perf_counter()
             meta = {**req.metadata, "index": index}
             meta["timings_ms"] = {**meta.get("timings_ms", {}), "decode": round((decode_s + b - a) * 1000, 3)}
