@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from serve.console import configure_logging, missing_package_message, route_library_logs
 from serve.errors import DarkroomError, InvalidRequestError
 
 logger = logging.getLogger("darkroom")
@@ -71,7 +72,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from serve.model import read_model_info, resolve_source
     from serve.pipeline import Pipeline
+    from serve.schedulers import scheduler_name
 
+    route_library_logs()
     source = resolve_source(args.model)
     info = read_model_info(source)
     params = request.to_params(default_size=info.native_size, limits=Limits())
@@ -79,9 +82,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _say(f"loading {info.name} ({args.backend}) ...")
     pipe = Pipeline.load(source, backend=args.backend, device=args.device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
+    # The scheduler as users type it (pndm, not PNDMScheduler); a class outside the list as is.
+    scheduler = params.scheduler or scheduler_name(info.scheduler_class) or info.scheduler_class
     _say(
         f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
-        f"scheduler {params.scheduler or info.scheduler_class}, seed {params.seed} ..."
+        f"scheduler {scheduler}, seed {params.seed} ..."
     )
     result = pipe.generate(params, progress=_progress_bar(params.num_inference_steps))
     paths = output_paths(args.output, params.n)
@@ -116,6 +121,7 @@ def _progress_bar(total: int) -> Callable[[int, int], None] | None:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from serve.tiny import write_tiny_model
 
+    route_library_logs()
     t0 = time.perf_counter()
     path = write_tiny_model(args.dir, seed=args.seed)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -124,9 +130,16 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    # ONNX export and its check against torch need these: say so before minutes of work.
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        if importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(f"No module named '{package}'", name=package)
     from export import OPSET, export_model, read_manifest
     from serve.model import resolve_source
 
+    route_library_logs()
     t0 = time.perf_counter()
     out = export_model(
         resolve_source(args.model),
@@ -155,17 +168,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="darkroom", description="Serve text-to-image diffusion models.")
-    parser.add_argument("--log-level", default=None, help="logging level (default: DARKROOM_LOG_LEVEL or INFO)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        help="logging level of the libraries' messages: debug, info, warning, error (default: "
+        "DARKROOM_LOG_LEVEL or warning; the command's own progress lines always show)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images in-process (no serving stack)")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help='what to draw, e.g. "a red fox in the snow"')
     gen.add_argument(
         "--model",
         default=None,
         help="diffusers folder, hub id or exported repository (default: the embedded tiny model)",
     )
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None, help="what not to draw (used with guidance > 1)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps, 1..150 (default 50)")
     gen.add_argument(
         "--guidance", type=float, default=None, help="guidance scale, 0..30; <= 1 disables CFG (default 7.5)"
@@ -177,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--seed", type=int, default=None, help="0..2**32-1 (default: random, printed)")
     gen.add_argument("--size", default=None, help="WxH, multiples of 8 (default: the model's native size)")
-    gen.add_argument("--n", type=int, default=None, help="images to generate, 1..8 (default 1)")
+    gen.add_argument("--n", type=int, default=None, help="images to generate, 1..10 (default 1)")
     gen.add_argument(
         "--output",
         type=Path,
@@ -195,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers layout)")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("dir", type=Path, help="folder to write the model into (diffusers layout)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)
 
     exp = sub.add_parser("export", help="export a model to ONNX (and TensorRT) engines with a manifest")
@@ -235,12 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from serve.settings import Settings
 
-    level = args.log_level or Settings.from_env().log_level
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "filelock"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(args.log_level or Settings.from_env().log_level)
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in ("serve", "export", "deployments", "bench"):
+            raise  # our own module: a bug, not an install problem
+        print(f"darkroom: error: {missing_package_message(exc)}", file=sys.stderr)
+        return 2
     except InvalidRequestError as exc:
         flag = _FLAG_FOR_FIELD.get(exc.field, exc.field)
         print(f"darkroom: error: {flag}: {exc.reason} (got {exc.value!r})", file=sys.stderr)
