@@ -15,10 +15,14 @@ build fp16 engines from it (``BuilderFlag.FP16``), which works from any machine 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,13 +70,13 @@ def _reusable(old: Mapping[str, Any] | None, new: Mapping[str, Any], component: 
     return content_sha256(onnx_files(repo, component), repo) == entry.get("onnx", {}).get("sha256")
 
 
-def _prepare_out(out: Path) -> dict[str, Any] | None:
-    """Create ``out``; refuse a non-empty folder that is not a previous export (never clobber)."""
+def _check_out(out: Path) -> dict[str, Any] | None:
+    """Refuse an ``out`` that must not be replaced (never clobber); the previous export's
+    manifest when ``out`` holds one (its unchanged ONNX files are reused)."""
     if out.exists() and not out.is_dir():
         raise InvalidRequestError("out", str(out), "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not is_exported_repository(out):
         raise InvalidRequestError("out", str(out), "is not empty and holds no export; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
     if not is_exported_repository(out):
         return None
     try:
@@ -80,6 +84,75 @@ def _prepare_out(out: Path) -> dict[str, Any] | None:
     except DarkroomError as exc:
         logger.warning("ignoring the previous manifest in %s: %s", out, exc)
         return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove staging folders of ``out`` left by runs that were killed (their process is gone)."""
+    for path in out.parent.glob(f".{out.name}.export-*"):
+        pid = path.name[len(f".{out.name}.export-") :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new folder next to ``out`` that the export writes into and that becomes ``out`` only
+    when everything succeeded (renamed into place; a previous export there is replaced).
+
+    A failed or interrupted export deletes it and leaves ``out`` as it was (absent, or the
+    previous export), so a retry starts clean; a folder left by a killed run is removed by the
+    next one. Next to ``out`` (not in /tmp) so the final rename stays on one file system.
+    """
+    missing = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    work = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        yield work
+        if out.exists():
+            previous = out.parent / f".{out.name}.export-{os.getpid()}-previous"
+            os.replace(out, previous)
+            os.replace(work, out)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for folder in missing:  # parents this run created, innermost first, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # no second copy of a GB-sized engine; nothing writes to these again
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old_repo: Path, new_repo: Path, component: str, entry: Mapping[str, Any]) -> None:
+    """Bring a reused component's files (ONNX, TensorRT engines) from the previous export."""
+    files = [f.relative_to(old_repo) for f in onnx_files(old_repo, component)]
+    files += [Path(e["file"]) for e in entry.get("engines", []) if e.get("file")]
+    for rel in files:
+        if (old_repo / rel).is_file():
+            _link_or_copy(old_repo / rel, new_repo / rel)
+    for cache in old_repo.glob("timing-cache-*.cache"):  # TensorRT rewrites these: copy
+        if not (new_repo / cache.name).exists():
+            shutil.copy2(cache, new_repo / cache.name)
 
 
 def export_model(
@@ -101,7 +174,35 @@ def export_model(
     double it for classifier-free guidance); ``size`` is image side pixels MIN:OPT:MAX, each
     ``S`` or ``WxH`` (default: native/2 : native : 2 x native). Raises InvalidRequestError for a
     bad argument and EngineError when an exported component does not match torch.
+
+    Everything is written into a folder next to ``out_dir`` that replaces it only when the
+    export succeeded: a failed run leaves ``out_dir`` as it was (absent, or the last export).
     """
+    out = Path(out_dir).expanduser().resolve()
+    old = _check_out(out)
+    options = dict(fmt=fmt, precision=precision, batch=batch, size=size, opset=opset, optimize=optimize)
+    with _staged(out) as work:
+        _export(source, out, work, old, device=device, progress=progress, **options)
+    return out
+
+
+def _export(
+    source: str | os.PathLike[str],
+    out: Path,
+    work: Path,
+    old: dict[str, Any] | None,
+    *,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    batch: str | tuple[int, int, int] | Range = "1:1:4",
+    size: str | tuple[Any, Any, Any] | SizeRange | None = None,
+    opset: int = OPSET,
+    optimize: bool = True,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """``export_model``'s work: the repository for ``out`` written into ``work``; ``old`` is the
+    previous export's manifest, whose unchanged components are carried over."""
     say = _reporter(progress)
     if fmt not in FORMATS:
         raise InvalidRequestError("format", fmt, f"choose one of {', '.join(FORMATS)}")
@@ -128,8 +229,6 @@ def export_model(
         )
     info = read_model_info(src)
     specs = component_specs(info, b, s, onnx_precision)
-    out = Path(out_dir).expanduser().resolve()
-    old = _prepare_out(out)
     say(f"exporting {src} -> {out} ({fmt}, {precision}, batch {b}, size {s or 'default'})")
     t0 = time.perf_counter()
     manifest: dict[str, Any] = {
@@ -144,25 +243,25 @@ def export_model(
         "tools": tool_versions(),
         "components": {name: {"spec": spec.to_dict()} for name, spec in specs.items()},
     }
-    copy_model_files(src, out)
+    copy_model_files(src, work)
     dtype = torch.float16 if onnx_precision == "fp16" else torch.float32
     providers = _verify_providers(dev)
     for name, spec in specs.items():
         entry = manifest["components"][name]
         if _reusable(old, manifest, name, out):
             prev = old["components"][name]  # type: ignore[index]
+            _carry_over(out, work, name, prev)
             entry.update(onnx=prev["onnx"], verify=prev.get("verify", {}), engines=prev.get("engines", []))
             say(f"{name}: unchanged since the last export ({prev['onnx']['sha256'][:12]}), kept")
             continue
-        entry.update(_export_component(src, out, name, spec, dtype, dev, opset, optimize, providers, say))
+        entry.update(_export_component(src, work, name, spec, dtype, dev, opset, optimize, providers, say))
         entry["engines"] = []
-    write_manifest(out, manifest)
+    write_manifest(work, manifest)
     say(f"ONNX export done in {time.perf_counter() - t0:.1f} s: {out}")
     if fmt == "tensorrt":
         from export.tensorrt_build import build_engines
 
-        build_engines(out, precision=precision, source=src, device=str(dev), progress=progress)
-    return out
+        build_engines(work, precision=precision, source=src, device=str(dev), progress=progress)
 
 
 def _export_component(
@@ -228,12 +327,10 @@ def _verify_providers(dev: torch.device) -> list[str]:
 
 
 def _reporter(progress: Progress | None) -> Progress:
-    def say(message: str) -> None:
-        logger.info("%s", message)
-        if progress is not None:
-            progress(message)
-
-    return say
+    """Each progress message once: to ``progress`` when given (the CLI prints it), else the log."""
+    if progress is not None:
+        return progress
+    return lambda message: logger.info("%s", message)
 
 
 __all__ = ["FORMATS", "PRECISIONS", "export_model"]
