@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -20,8 +22,10 @@ from serve.api.service import DecodeRequest, ImageService, ServiceConfig, StageR
 from serve.errors import DarkroomError, OverloadedError
 from serve.model import read_model_info, resolve_source
 from serve.settings import Settings
-from serve.stages import DenoiseJob
 from serve.storage import open_store
+
+if TYPE_CHECKING:
+    from serve.stages import DenoiseJob
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +139,15 @@ class HandleStages:
             if dep is None:
                 continue
             running = sum(count for state, count in dep.replica_states.items() if str(state).endswith("RUNNING"))
+            starting = sum(count for state, count in dep.replica_states.items() if str(state).endswith("STARTING"))
             # UNHEALTHY also means "a replica died and is being replaced": while another replica
             # runs, the stage still serves (and the Ingress retries onto it), so ping instead.
             if str(dep.status).endswith("DEPLOY_FAILED") or (str(dep.status).endswith("UNHEALTHY") and not running):
                 view[name] = f"unavailable: {dep.status}: {dep.message}"[:300]
             elif name in self.scale_to_zero and not running:
                 view[name] = "scaled_to_zero"
+            elif not running and (starting or str(dep.status).endswith("UPDATING")):
+                view[name] = "loading"  # its first replica is starting (loading the model)
         return view
 
     async def ready(self) -> dict[str, str]:
@@ -193,6 +200,9 @@ class Ingress:
             ),
         )
         self.service = ImageService(service_cfg, info, stages, store)
+        # This module imports no torch, so the replica (and /healthz) is up in seconds; the
+        # stage messages the first request needs (torch, diffusers) load in the background.
+        threading.Thread(target=importlib.import_module, args=("serve.stages",), daemon=True).start()
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -25,8 +25,10 @@ from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError, Reque
 from serve.model import ModelInfo
 from serve.params import GenerationParams
 from serve.schedulers import scheduler_name
-from serve.stages.denoiser import DenoiseJob, guidance_enabled
 from serve.storage import LocalStore, ResultStore
+
+if TYPE_CHECKING:
+    from serve.stages.denoiser import DenoiseJob
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,6 +121,10 @@ class ImageService:
 
     async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
         """Run one request through the stages; returns its stored images and timings (ms)."""
+        # torch comes with serve.stages: imported on first use, not with this module, so the
+        # Ingress replica starts without it and answers /healthz seconds sooner.
+        from serve.stages.denoiser import DenoiseJob, guidance_enabled
+
         timings: dict[str, float] = {}
         wake = getattr(self.stages, "wake", None)
         if wake is not None:
