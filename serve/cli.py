@@ -34,6 +34,8 @@ _FLAG_FOR_FIELD = {
     "format": "--format",
     "out": "--out",
     "model": "--model",
+    "family": "--family",
+    "true_cfg_scale": "--true-cfg",
 }
 _FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -66,22 +68,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "size": args.size,
         "n": args.n,
         "output_format": _FORMAT_FOR_SUFFIX[suffix],
+        "true_cfg_scale": args.true_cfg,
     }
     request = parse_generation_request({k: v for k, v in body.items() if v is not None}, Limits())
 
+    from serve.families import family_of
     from serve.model import read_model_info, resolve_source
     from serve.pipeline import Pipeline
+    from serve.settings import Settings
 
     source = resolve_source(args.model)
-    info = read_model_info(source)
-    params = request.to_params(default_size=info.native_size, limits=Limits())
+    info = read_model_info(source, args.family)
+    family = family_of(info)
+    params = request.to_params(default_size=info.native_size, limits=Limits(), defaults=family.request_defaults())
+    family.check(params)
+    settings = Settings.from_env()
     t0 = time.perf_counter()
-    _say(f"loading {info.name} ({args.backend}) ...")
-    pipe = Pipeline.load(source, backend=args.backend, device=args.device, dtype=args.dtype)
+    _say(f"loading {info.name} ({info.family}, {args.backend}) ...")
+    pipe = Pipeline.load(
+        source,
+        backend=args.backend,
+        device=args.device or settings.device,
+        dtype=args.dtype or settings.dtype,
+        family=args.family,
+    )
     load_s = time.perf_counter() - t0
     _say(
         f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
-        f"scheduler {params.scheduler or info.scheduler_class}, seed {params.seed} ..."
+        f"scheduler {family.scheduler_label(params.scheduler)}, seed {params.seed} ..."
     )
     result = pipe.generate(params, progress=_progress_bar(params.num_inference_steps))
     paths = output_paths(args.output, params.n)
@@ -139,6 +153,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         optimize=not args.no_optimize,
         device=args.device,
         progress=_say,
+        family=args.family,
     )
     manifest = read_manifest(out)
     for name, entry in manifest["components"].items():
@@ -190,8 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch, onnxruntime, tensorrt or auto (default: auto = torch for a diffusers folder; "
         "for an exported repository tensorrt when engines for this GPU exist, else onnxruntime)",
     )
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
-    gen.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    gen.add_argument(
+        "--family", default=None, help="sd, sdxl or flux (default: the one the model's model_index.json names)"
+    )
+    gen.add_argument(
+        "--true-cfg",
+        type=float,
+        default=None,
+        help="Flux only: guidance with --negative-prompt, as FluxPipeline's true_cfg_scale (> 1 turns it on)",
+    )
+    gen.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: DARKROOM_DEVICE, else CUDA when present)"
+    )
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, float16, bfloat16 (default: DARKROOM_DTYPE, else fp16 on CUDA, fp32 on CPU)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers layout)")
@@ -220,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     exp.add_argument("--no-optimize", action="store_true", help="skip graph optimisation (onnxslim)")
     exp.add_argument("--device", default=None, help="cpu or cuda for the export (default: CUDA when present)")
+    exp.add_argument(
+        "--family", default=None, help="sd, sdxl or flux (default: the one the model's model_index.json names)"
+    )
     exp.set_defaults(func=cmd_export)
 
     # Subcommands that need Ray or heavier packages register themselves from their packages.

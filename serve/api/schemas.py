@@ -75,7 +75,14 @@ DEFAULT_LIMITS = Limits()
 _LIMITS_CONTEXT_KEY = "limits"
 # Fields OpenAI documents as nullable with a default: `"n": null` means "the default", so
 # clients that serialise unset options as null keep working.
-_NULL_MEANS_DEFAULT = ("n", "response_format", "output_format", "num_inference_steps", "guidance_scale")
+_NULL_MEANS_DEFAULT = (
+    "n",
+    "response_format",
+    "output_format",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+)
 # [0-9] and fullmatch, not \d and $: \d also matches e.g. Arabic-Indic digits, and $ matches
 # before a trailing newline, so r"^\d+x\d+$" would accept "64x64\n".
 _SIZE_RE = re.compile(r"([0-9]+)x([0-9]+)")
@@ -174,7 +181,16 @@ class ImageGenerationRequest(BaseModel):
         None, description=f"Seed in 0..{MAX_SEED} for reproducible images; None picks one (returned)."
     )
     scheduler: StrictStr | None = Field(
-        None, description=f"One of {', '.join(SCHEDULER_NAMES)}; None means the model's own scheduler."
+        None,
+        description=f"One of {', '.join(SCHEDULER_NAMES)} (UNet models: all but flow matching; Flux: euler); "
+        "None means the model's own scheduler.",
+    )
+    true_cfg_scale: StrictFloat = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Flux only: classifier-free guidance with negative_prompt, as FluxPipeline's true_cfg_scale "
+        "(> 1 turns it on and needs a negative_prompt; 1 = off). Other families refuse it.",
     )
 
     @model_validator(mode="before")
@@ -219,7 +235,7 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError(f"must be at most {limit}")
         return value
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "true_cfg_scale")
     @classmethod
     def _check_guidance(cls, value: float, info: ValidationInfo) -> float:
         limit = _limits_from(info).max_guidance
@@ -253,6 +269,7 @@ class ImageGenerationRequest(BaseModel):
         default_size: tuple[int, int],
         limits: Limits | None = None,
         seed: int | None = None,
+        defaults: Mapping[str, float] | None = None,
     ) -> GenerationParams:
         """Resolve every default into ``GenerationParams``.
 
@@ -260,7 +277,9 @@ class ImageGenerationRequest(BaseModel):
         With ``limits`` the request is re-checked against them, the native size included (so a
         server whose limits are below its model's native size asks clients for a ``size``).
         ``seed`` is the fallback when the request has none (e.g. a job retry keeping its seed);
-        with neither, a fresh ``random_seed()``.
+        with neither, a fresh ``random_seed()``. ``defaults`` are the model family's own for
+        fields the client did not send (``Family.request_defaults``: e.g. Flux's guidance 3.5 and
+        28 steps, as its diffusers pipeline defaults them).
         """
         if limits is not None:
             self.check_limits(limits)
@@ -279,7 +298,10 @@ class ImageGenerationRequest(BaseModel):
                         f"is required: the model's native size {width}x{height} is outside this "
                         f"server's limits ({exc.reason})",
                     ) from exc
-        steps = self.num_inference_steps
+        defaults = defaults or {}
+        unset = {name for name in defaults if name not in self.model_fields_set}
+        steps = int(defaults["num_inference_steps"]) if "num_inference_steps" in unset else self.num_inference_steps
+        guidance = float(defaults["guidance_scale"]) if "guidance_scale" in unset else float(self.guidance_scale)
         if limits is not None and "num_inference_steps" not in self.model_fields_set:
             steps = min(steps, limits.max_steps)  # the default, within this server's limit
         if self.seed is not None:
@@ -294,11 +316,12 @@ class ImageGenerationRequest(BaseModel):
             width=width,
             height=height,
             num_inference_steps=steps,
-            guidance_scale=float(self.guidance_scale),
+            guidance_scale=guidance,
             seed=resolved_seed,
             n=self.n,
             scheduler=self.scheduler,
             output_format=self.output_format,
+            true_cfg_scale=float(self.true_cfg_scale),
         )
 
 

@@ -9,11 +9,16 @@ folder, ``torch``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from serve.engines.base import COMPONENT_NAMES, Engine
+from serve.engines.base import Engine
+from serve.engines.manifest import is_exported_repository
 from serve.errors import EngineError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from serve.model import ModelInfo
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
@@ -35,11 +40,6 @@ def default_dtype(device: torch.device, requested: str | None = None) -> torch.d
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def is_exported_repository(model_path: Path) -> bool:
-    """An exported model repository (``darkroom export``) has a ``manifest.json``."""
-    return (Path(model_path) / "manifest.json").is_file()
-
-
 def resolve_backend(backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for ``backend`` (``auto`` resolved per component, see the module doc)."""
     if backend not in BACKENDS:
@@ -55,8 +55,9 @@ def resolve_backend(backend: str, model_path: Path, component: str, device: torc
     return "onnxruntime"
 
 
-def load_engine(backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> Engine:
-    """Load one component's engine with the named backend (or ``auto``)."""
+def load_engine(backend: str, info: ModelInfo, component: str, device: torch.device, dtype: torch.dtype) -> Engine:
+    """Load one of the model's components with the named backend (or ``auto``)."""
+    model_path = info.path
     name = resolve_backend(backend, model_path, component, device, dtype)
     if name == "torch":
         if is_exported_repository(model_path):
@@ -66,22 +67,21 @@ def load_engine(backend: str, model_path: Path, component: str, device: torch.de
             )
         from serve.engines.torch_backend import TorchEngine
 
-        engine: Engine = TorchEngine(model_path, component, device, dtype)
+        engine: Engine = TorchEngine(info, component, device, dtype)
     elif name == "onnxruntime":
         from serve.engines.onnxruntime_backend import OnnxRuntimeEngine
 
-        engine = OnnxRuntimeEngine(model_path, component, device, dtype)
+        engine = OnnxRuntimeEngine(info, component, device, dtype)
     else:
         from serve.engines.tensorrt_backend import TensorRTEngine
 
-        engine = TensorRTEngine(model_path, component, device, dtype)
+        engine = TensorRTEngine(info, component, device, dtype)
     engine.load()
     return engine
 
 
 __all__ = [
     "BACKENDS",
-    "COMPONENT_NAMES",
     "Engine",
     "default_device",
     "default_dtype",

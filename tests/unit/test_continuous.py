@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.stages import DenoiseJob, Denoiser, TextEncoder
+from serve.stages import Conditioning, DenoiseJob, Denoiser, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
 
 
@@ -18,10 +18,10 @@ def parts(tiny_model):
 
 
 def job(encoder, seed, steps=6, **kw) -> DenoiseJob:
-    emb = encoder.encode([f"prompt {seed}", ""])
+    pos, neg = encoder.encode([f"prompt {seed}", ""])
     base = dict(
-        prompt_embeds=emb[0],
-        negative_embeds=emb[1],
+        conditioning=Conditioning(pos, neg),
+        cfg_scale=7.5,
         seed=seed,
         num_inference_steps=steps,
         guidance_scale=7.5,

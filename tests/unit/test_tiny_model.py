@@ -4,6 +4,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from serve.families import family_of
 from serve.model import read_model_info
 from serve.tiny import build_tokenizer_files, write_tiny_model
 
@@ -39,7 +40,7 @@ def test_tiny_model_info(tiny_model):
     assert info.vae_scale_factor == 8
     assert info.native_size == (64, 64)
     assert info.scheduler_class == "PNDMScheduler"
-    assert info.max_token_length == 77
+    assert info.family == "sd" and family_of(info).conditioning_shapes() == {"encoder_hidden_states": (77, 32)}
     assert info.latent_shape(2, 64, 48) == (2, 4, 6, 8)
 
 
