@@ -14,11 +14,12 @@ size (aligned sizes give the same numbers: both paths are nearest-neighbour 2x).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,49 @@ def load_component(
 def vocab_size(module: torch.nn.Module) -> int:
     config = getattr(getattr(module, "model", None), "config", None)
     return int(getattr(config, "vocab_size", 1000))
+
+
+@contextlib.contextmanager
+def traceable_ops() -> Iterator[None]:
+    """Two of Flux's ops as traceable equivalents, for the trace alone.
+
+    - ``torch.nn.RMSNorm`` (the attention q/k norms): the TorchScript exporter has no symbolic for
+      ``aten::rms_norm`` at opset 17; the same math in pow/mean/rsqrt/mul exports everywhere.
+    - diffusers' ``apply_rotary_emb`` reshapes with ``x.reshape(*x.shape[:-1], -1, 2)``, which the
+      tracer records with the trace's batch and sequence length baked in (a graph traced at batch 2
+      then fails at batch 1); ``unflatten(-1, (-1, 2))`` is the same view with the sizes left dynamic.
+
+    Only functions are swapped, and only while tracing: the modules keep their own code, so
+    ``verify_onnx`` checks the graph against the real implementation at every profile level.
+    """
+    from diffusers.models.transformers import transformer_flux
+
+    norm_forward = torch.nn.RMSNorm.forward
+    rope = transformer_flux.apply_rotary_emb
+
+    def rms_norm(self: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return y * self.weight if self.weight is not None else y
+
+    def rotary(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+        if not use_real or use_real_unbind_dim != -1 or sequence_dim not in (1, 2):
+            return rope(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
+        cos, sin = freqs_cis
+        index = (None, None, slice(None), slice(None)) if sequence_dim == 2 else (None, slice(None), None, slice(None))
+        cos, sin = cos[index].to(x.device), sin[index].to(x.device)
+        x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+        x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+        return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+    torch.nn.RMSNorm.forward = rms_norm  # type: ignore[method-assign]
+    transformer_flux.apply_rotary_emb = rotary
+    try:
+        yield
+    finally:
+        torch.nn.RMSNorm.forward = norm_forward  # type: ignore[method-assign]
+        transformer_flux.apply_rotary_emb = rope
 
 
 def trace_shapes(spec: ComponentSpec) -> dict[str, tuple[int, ...]]:
@@ -129,7 +173,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"  # big graphs spill their weights beside it
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), traceable_ops():
             warnings.simplefilter("ignore")  # TracerWarnings about shape branches; see module docstring
             torch.onnx.export(
                 module,
