@@ -36,6 +36,7 @@ _FLAG_FOR_FIELD = {
     "model": "--model",
     "family": "--family",
     "true_cfg_scale": "--true-cfg",
+    "variant": "--variant",
 }
 _FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -131,9 +132,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from serve.tiny import write_tiny_model
 
     t0 = time.perf_counter()
-    path = write_tiny_model(args.dir, seed=args.seed)
+    path = write_tiny_model(args.dir, family=args.family, variant=args.variant, seed=args.seed)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"wrote tiny model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    kind = args.family + (f" ({args.variant})" if args.variant else "")
+    print(f"wrote tiny {kind} model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -169,6 +171,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serve.tiny import FAMILIES as TINY_FAMILIES  # stdlib-only at import: --help stays instant
+
     parser = argparse.ArgumentParser(prog="darkroom", description="Serve text-to-image diffusion models.")
     parser.add_argument("--log-level", default=None, help="logging level (default: DARKROOM_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,9 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(func=cmd_generate)
 
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers layout)")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = sub.add_parser(
+        "tiny-model", help="write a tiny random-weight SD, SDXL or Flux model (diffusers layout, for tests)"
+    )
+    tiny.add_argument("dir", type=Path, help="folder to write (replaced if it exists)")
+    tiny.add_argument(
+        "--family",
+        default="sd",
+        choices=TINY_FAMILIES,
+        help="model family: sd (StableDiffusionPipeline), sdxl (StableDiffusionXLPipeline), flux (FluxPipeline) "
+        "(default sd)",
+    )
+    tiny.add_argument(
+        "--variant",
+        default=None,
+        help="flux only: dev (guidance embedding) or schnell (no guidance) (default dev)",
+    )
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)
 
     exp = sub.add_parser("export", help="export a model to ONNX (and TensorRT) engines with a manifest")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,15 @@ def test_tiny_model_command(tmp_path):
     proc = run("tiny-model", str(tmp_path / "m"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_tiny_model_command_family_and_variant(tmp_path):
+    proc = run("tiny-model", str(tmp_path / "f"), "--family", "flux", "--variant", "schnell", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    marker = json.loads((tmp_path / "f" / "darkroom_tiny.json").read_text())
+    assert marker == {"version": marker["version"], "seed": 3, "family": "flux", "variant": "schnell"}
+    assert (tmp_path / "f" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    # Only Flux has variants: the error names the flag, and nothing is written.
+    proc = run("tiny-model", str(tmp_path / "x"), "--family", "sdxl", "--variant", "dev")
+    assert proc.returncode == 2 and "--variant" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
