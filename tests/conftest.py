@@ -74,24 +74,27 @@ def tiny_flux_schnell(tmp_path_factory) -> str:
     )
 
 
-def _diffusers_reference(pipe, *, negative_prompt: bool):
+def _diffusers_reference(pipe, *, negative_prompt: bool, flow: bool = False):
     """``run(params, **pipeline_kwargs) -> uint8 (n, H, W, 3)`` over one loaded diffusers pipeline.
 
     Like ``reference``: a fresh scheduler per call (the model's own class when ``params.scheduler``
     is None), the request's seed on a CPU generator, ``n`` images per prompt. ``negative_prompt``
     says whether the pipeline takes ``params.negative_prompt`` (FluxPipeline ignores it unless
-    ``true_cfg_scale > 1``, so Flux callers pass it in ``pipeline_kwargs``).
+    ``true_cfg_scale > 1``, so Flux callers pass it in ``pipeline_kwargs``). ``flow``: scheduler
+    names resolve among the flow-matching schedulers (Flux), else among the UNet ones.
     """
     import torch
 
-    from serve.schedulers import scheduler_class
+    from serve.schedulers import FLOW_SCHEDULERS, UNET_SCHEDULERS, scheduler_class
+
+    accepted = FLOW_SCHEDULERS if flow else UNET_SCHEDULERS
 
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config
     default_class = type(pipe.scheduler).__name__
 
     def run(p, **pipeline_kwargs) -> np.ndarray:
-        pipe.scheduler = scheduler_class(p.scheduler, default_class).from_config(config)
+        pipe.scheduler = scheduler_class(p.scheduler, default_class, accepted).from_config(config)
         if negative_prompt:
             pipeline_kwargs.setdefault("negative_prompt", p.negative_prompt)
         out = pipe(
@@ -127,7 +130,7 @@ def reference_flux(tiny_flux):
     """
     from diffusers import FluxPipeline
 
-    return _diffusers_reference(FluxPipeline.from_pretrained(tiny_flux), negative_prompt=False)
+    return _diffusers_reference(FluxPipeline.from_pretrained(tiny_flux), negative_prompt=False, flow=True)
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +138,7 @@ def reference_flux_schnell(tiny_flux_schnell):
     """``reference_flux_schnell(params, **kw)``: like ``reference_flux``, on the schnell-style model."""
     from diffusers import FluxPipeline
 
-    return _diffusers_reference(FluxPipeline.from_pretrained(tiny_flux_schnell), negative_prompt=False)
+    return _diffusers_reference(FluxPipeline.from_pretrained(tiny_flux_schnell), negative_prompt=False, flow=True)
 
 
 def max_level_diff(a: np.ndarray, b: np.ndarray) -> int:
