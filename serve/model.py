@@ -127,7 +127,9 @@ def read_model_info(source: str | Path, family: str | None = None) -> ModelInfo:
     marker = _read_json(path / TINY_MARKER) if (path / TINY_MARKER).is_file() else {}
     factor = 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1)
     if marker:
-        name = str(marker.get("name") or "tiny")  # the embedded default, whatever cache folder it was made in
+        # A tiny model is named by its family, whatever (cache) folder it was made in.
+        parts = [marker.get("family"), marker.get("variant")]
+        name = "-".join(["tiny"] + [str(p) for p in parts if p not in (None, "sd", "dev")])
     elif Path(source).expanduser().is_dir() or str(source).startswith("s3://"):
         name = Path(str(source).rstrip("/")).name
     else:
@@ -154,11 +156,22 @@ def read_model_info(source: str | Path, family: str | None = None) -> ModelInfo:
     return replace(info, native_size=(int(size[0]), int(size[1])))
 
 
+#: Names of the tiny random-weight models (made once into the cache folder): name -> (family, variant).
+TINY_NAMES = {
+    "tiny": ("sd", None),
+    "tiny-sdxl": ("sdxl", None),
+    "tiny-flux": ("flux", None),
+    "tiny-flux-schnell": ("flux", "schnell"),
+}
+
+
 def resolve_source(model: str | None) -> str:
-    """``model`` as given, or the embedded tiny model (made once into the cache folder)."""
-    if model:
+    """``model`` as given; a tiny model's name (``tiny``, ``tiny-sdxl``, ``tiny-flux``,
+    ``tiny-flux-schnell``) or nothing: that tiny model, made once into the cache folder."""
+    if model and model not in TINY_NAMES:
         return model
     from serve.settings import Settings
     from serve.tiny import default_tiny_model
 
-    return str(default_tiny_model(Settings.from_env().cache_dir))
+    family, variant = TINY_NAMES[model or "tiny"]
+    return str(default_tiny_model(Settings.from_env().cache_dir, family=family, variant=variant))

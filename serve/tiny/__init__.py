@@ -94,6 +94,10 @@ def _marker(family: str, variant: str | None, seed: int) -> dict[str, object]:
     marker: dict[str, object] = {"version": TINY_MODEL_VERSION, "seed": seed, "family": family}
     if variant:
         marker["variant"] = variant
+    if family == "flux":
+        # FluxPipeline's default is 1024 px (default_sample_size 128 is hard-coded, not in any
+        # config); a tiny model's requests without a size get the 64 px it is built for.
+        marker["native_size"] = [64, 64]
     return marker
 
 
