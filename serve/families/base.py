@@ -16,6 +16,8 @@ A ``Family`` owns, for one model:
 
 Adding a family = one module defining a subclass, registered in ``serve/families/__init__.py``.
 A family object is cheap (configs only, no weights): ``family_of(info)`` builds one per process.
+Planning a request needs neither torch nor diffusers (the Ingress starts without them): the
+hooks that touch tensors import torch where they run.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 
 from serve.engines.specs import ComponentSpec, Range, SizeRange, TensorSpec, float_dtype, latent_range
 from serve.errors import InvalidRequestError
-from serve.families.modules import VaeDecoderWrapper, load_pretrained
 from serve.params import GenerationParams
 from serve.schedulers import UNET_SCHEDULERS, make_scheduler, step_kwargs
 from serve.stages.messages import Conditioning, DenoiseJob
 
 if TYPE_CHECKING:
+    import torch
+
     from serve.engines.base import Engine
     from serve.model import ModelInfo
 
@@ -234,6 +236,8 @@ class Family(ABC):
 
     def timestep_input(self, t: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """The denoiser's per-row timestep (the UNet embeds it as float32: get_timestep_embedding)."""
+        import torch
+
         return t.to(torch.float32).reshape(1).expand(rows)
 
     def step_inputs(
@@ -265,6 +269,8 @@ class Family(ABC):
         """Every component's export spec, in ``components`` order."""
 
     def vae_module(self, dtype: torch.dtype) -> torch.nn.Module:
+        from serve.families.modules import VaeDecoderWrapper, load_pretrained
+
         return VaeDecoderWrapper(load_pretrained("diffusers", "AutoencoderKL", self.info.path, "vae", dtype))
 
     def latent_dims(self, size: SizeRange) -> tuple[tuple[str, Range], tuple[str, Range]]:
@@ -306,6 +312,8 @@ class Family(ABC):
 
 def expand_rows(rows: Mapping[str, np.ndarray], n: int, device: Any, dtype: Any) -> dict[str, torch.Tensor]:
     """One text's arrays -> tensors of ``n`` identical rows (``num_images_per_prompt`` repeats)."""
+    import torch
+
     out = {}
     for name, row in rows.items():
         x = torch.tensor(np.asarray(row), device=device, dtype=dtype)  # copy: the array may be read-only
@@ -315,6 +323,8 @@ def expand_rows(rows: Mapping[str, np.ndarray], n: int, device: Any, dtype: Any)
 
 def guided_rows(job: DenoiseJob, device: Any, dtype: Any) -> dict[str, torch.Tensor]:
     """The job's conditioning as rows: ``[negative x n, positive x n]`` with CFG, else ``positive x n``."""
+    import torch
+
     pos = expand_rows(job.conditioning.positive, job.n, device, dtype)
     if not job.cfg:
         return pos

@@ -20,18 +20,17 @@ What differs from the UNet families, as ``FluxPipeline.__call__`` does it:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
-from diffusers.utils.torch_utils import randn_tensor
+from typing import TYPE_CHECKING, Any
 
 from serve.engines.specs import ComponentSpec, Range, SizeRange, TensorSpec, float_dtype
 from serve.errors import InvalidRequestError
 from serve.families.base import Family, guided_rows
-from serve.families.modules import ClipTextWrapper, FluxTransformerWrapper, T5Wrapper, load_pretrained
 from serve.params import GenerationParams
 from serve.schedulers import FLOW_SCHEDULERS
 from serve.stages.messages import DenoiseJob
+
+if TYPE_CHECKING:
+    import torch
 
 #: FluxPipeline's ``max_sequence_length`` default: a different length changes the image (PITFALLS).
 MAX_SEQUENCE_LENGTH = 512
@@ -161,6 +160,8 @@ class FluxFamily(Family):
         return {}  # FluxPipeline calls step(noise_pred, t, latents) with nothing else
 
     def initial_latents(self, job, generator, scheduler, device, dtype) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
         c = self.packed_channels // 4
         h, w = self.latent_side(job.height), self.latent_side(job.width)
         latents = randn_tensor((job.n, c, h, w), generator=generator, device=device, dtype=dtype)
@@ -169,6 +170,8 @@ class FluxFamily(Family):
         return latents.reshape(job.n, (h // 2) * (w // 2), c * 4)
 
     def request_inputs(self, job: DenoiseJob, device, dtype) -> dict[str, torch.Tensor]:
+        import torch
+
         rows = guided_rows(job, device, dtype)
         if self.guidance_embeds:
             count = rows["pooled_projections"].shape[0]
@@ -182,6 +185,8 @@ class FluxFamily(Family):
         return t.expand(rows).to(dtype) / 1000
 
     def step_inputs(self, sample, timestep, conditioning, job) -> dict[str, torch.Tensor]:
+        import torch
+
         h, w = self.latent_side(job.height) // 2, self.latent_side(job.width) // 2
         # FluxPipeline._prepare_latent_image_ids: (row, column) of each patch; txt_ids are zeros.
         ids = torch.zeros(h, w, 3)
@@ -203,6 +208,8 @@ class FluxFamily(Family):
 
     # -- components ----------------------------------------------------------------------------------
     def module(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
+        from serve.families.modules import ClipTextWrapper, FluxTransformerWrapper, T5Wrapper, load_pretrained
+
         path = self.info.path
         if component == "text_encoder":
             return ClipTextWrapper(

@@ -9,16 +9,15 @@ step: CFG doubling, ``scale_model_input``, UNet, ``uncond + g * (text - uncond)`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
-from diffusers.utils.torch_utils import randn_tensor
+from typing import TYPE_CHECKING, Any
 
 from serve.engines.specs import ComponentSpec, Range, SizeRange, TensorSpec, float_dtype
 from serve.families.base import Family, guided_rows
-from serve.families.modules import ClipTextWrapper, UNetWrapper, load_pretrained
 from serve.params import GenerationParams
 from serve.stages.messages import DenoiseJob
+
+if TYPE_CHECKING:
+    import torch
 
 
 class UNetFamily(Family):
@@ -56,10 +55,14 @@ class UNetFamily(Family):
         ).input_ids
 
     def initial_latents(self, job, generator, scheduler, device, dtype) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
         shape = self.info.latent_shape(job.n, job.width, job.height)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
     def unet_module(self, dtype: torch.dtype) -> torch.nn.Module:
+        from serve.families.modules import UNetWrapper, load_pretrained
+
         return UNetWrapper(load_pretrained("diffusers", "UNet2DConditionModel", self.info.path, "unet", dtype))
 
 
@@ -84,6 +87,8 @@ class SDFamily(UNetFamily):
         return guided_rows(job, device, dtype)
 
     def module(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
+        from serve.families.modules import ClipTextWrapper, load_pretrained
+
         if component == "text_encoder":
             clip = load_pretrained("transformers", "CLIPTextModel", self.info.path, "text_encoder", dtype)
             return ClipTextWrapper(clip, ("last_hidden_state",))

@@ -15,16 +15,16 @@ What differs from SD, as ``StableDiffusionXLPipeline.__call__`` does it:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from serve.engines.specs import ComponentSpec, Range, SizeRange, TensorSpec, float_dtype
 from serve.families.base import guided_rows
-from serve.families.modules import ClipTextWrapper, load_pretrained
 from serve.families.sd import UNetFamily
 from serve.params import GenerationParams
 from serve.stages.messages import DenoiseJob
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SDXLFamily(UNetFamily):
@@ -58,12 +58,16 @@ class SDXLFamily(UNetFamily):
         }
 
     def encode(self, engines: Mapping[str, Any], tokenizers: Mapping[str, Any], texts: Sequence[str]):
+        import torch
+
         first = engines["text_encoder"].run(input_ids=self.token_ids(tokenizers["text_encoder"], texts))
         second = engines["text_encoder_2"].run(input_ids=self.token_ids(tokenizers["text_encoder_2"], texts))
         hidden = torch.cat([first["penultimate_hidden_state"], second["penultimate_hidden_state"]], dim=-1)
         return {"encoder_hidden_states": hidden, "text_embeds": second["text_embeds"]}
 
     def request_inputs(self, job: DenoiseJob, device, dtype) -> dict[str, torch.Tensor]:
+        import torch
+
         rows = guided_rows(job, device, dtype)
         # original_size (h, w) + crops_coords_top_left (0, 0) + target_size (h, w): diffusers' defaults.
         time_ids = torch.tensor([[job.height, job.width, 0, 0, job.height, job.width]], dtype=dtype, device=device)
@@ -76,6 +80,8 @@ class SDXLFamily(UNetFamily):
             scheduler.set_begin_index(0)
 
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        import torch
+
         vae = self.info.config("vae")
         mean, std = vae.get("latents_mean"), vae.get("latents_std")
         if mean is not None and std is not None:
@@ -86,12 +92,16 @@ class SDXLFamily(UNetFamily):
         return latents / self.info.vae_scaling_factor
 
     def component_dtype(self, component: str, dtype: torch.dtype) -> torch.dtype:
+        import torch
+
         # SDXL's VAE overflows in fp16 (NaN images): its config asks for fp32 decoding.
         if component == "vae_decoder" and dtype == torch.float16 and self.info.config("vae").get("force_upcast"):
             return torch.float32
         return dtype
 
     def module(self, component: str, dtype: torch.dtype) -> torch.nn.Module:
+        from serve.families.modules import ClipTextWrapper, load_pretrained
+
         if component == "text_encoder":
             clip = load_pretrained("transformers", "CLIPTextModel", self.info.path, "text_encoder", dtype)
             return ClipTextWrapper(clip, ("penultimate_hidden_state",))
