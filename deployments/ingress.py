@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -18,14 +16,10 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import AppConfig
 from serve.api.http import create_app
 from serve.api.policy import RetryPolicy
-from serve.api.service import DecodeRequest, ImageService, ServiceConfig, StageResult
+from serve.api.service import ImageService
 from serve.errors import DarkroomError, OverloadedError
-from serve.model import read_model_info, resolve_source
-from serve.settings import Settings
+from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
 from serve.storage import open_store
-
-if TYPE_CHECKING:
-    from serve.stages import DenoiseJob
 
 logger = logging.getLogger(__name__)
 
@@ -172,16 +166,8 @@ class Ingress:
         config: dict[str, Any],
     ) -> None:
         cfg = AppConfig.model_validate(config)
-        info = read_model_info(resolve_source(cfg.model))
-        service_cfg = ServiceConfig(
-            model_name=cfg.model_name or info.name,
-            limits=cfg.limits,
-            request_timeout_s=cfg.request_timeout_s,
-            stage_timeout_s=cfg.stage_timeout_s,
-            prompt_policy=cfg.prompt_policy,
-            api_keys=tuple(dict.fromkeys(cfg.api_keys + Settings.from_env().api_keys)),
-            max_body_bytes=cfg.max_body_bytes,
-        )
+        info = cfg.model_info()
+        service_cfg = cfg.service_config(info.name)
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         stages = HandleStages(
             text_encoder,
@@ -200,9 +186,6 @@ class Ingress:
             ),
         )
         self.service = ImageService(service_cfg, info, stages, store)
-        # This module imports no torch, so the replica (and /healthz) is up in seconds; the
-        # stage messages the first request needs (torch, diffusers) load in the background.
-        threading.Thread(target=importlib.import_module, args=("serve.stages",), daemon=True).start()
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)

@@ -41,9 +41,10 @@ from export.manifest import (
     tool_versions,
     write_manifest,
 )
-from export.onnx_export import OPSET, TOLERANCE, export_onnx, load_component, verify_onnx
-from export.specs import ComponentSpec, Range, SizeRange, component_specs, parse_batch, parse_size
+from export.onnx_export import OPSET, TOLERANCE, export_onnx, verify_onnx
+from serve.engines.specs import ComponentSpec, Range, SizeRange, parse_batch, parse_size
 from serve.errors import DarkroomError, InvalidRequestError
+from serve.families import Family, family_of
 from serve.model import read_model_info, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def export_model(
     optimize: bool = True,
     device: str | None = None,
     progress: Progress | None = None,
+    family: str | None = None,
 ) -> Path:
     """Export ``source`` (a diffusers folder) into the model repository ``out_dir``; returns its path.
 
@@ -182,7 +184,7 @@ def export_model(
     old = _check_out(out)
     options = dict(fmt=fmt, precision=precision, batch=batch, size=size, opset=opset, optimize=optimize)
     with _staged(out) as work:
-        _export(source, out, work, old, device=device, progress=progress, **options)
+        _export(source, out, work, old, device=device, progress=progress, family=family, **options)
     return out
 
 
@@ -200,6 +202,7 @@ def _export(
     optimize: bool = True,
     device: str | None = None,
     progress: Progress | None = None,
+    family: str | None = None,
 ) -> None:
     """``export_model``'s work: the repository for ``out`` written into ``work``; ``old`` is the
     previous export's manifest, whose unchanged components are carried over."""
@@ -227,15 +230,17 @@ def _export(
             "fp16 ONNX export needs a CUDA GPU; export fp32 ONNX here, or use --format tensorrt "
             "--precision fp16 on a GPU machine (fp16 engines from fp32 ONNX)",
         )
-    info = read_model_info(src)
-    specs = component_specs(info, b, s, onnx_precision)
+    info = read_model_info(src, family)
+    fam = family_of(info)
+    specs = component_specs(fam, b, s, onnx_precision)
     say(f"exporting {src} -> {out} ({fmt}, {precision}, batch {b}, size {s or 'default'})")
     t0 = time.perf_counter()
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "name": info.name,
+        "family": info.family,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(src), **source_hash(src)},
+        "source": {"path": str(src), **source_hash(src, [fam.folder(c) for c in fam.components])},
         "precision": onnx_precision,
         "opset": opset,
         "optimize": optimize,
@@ -254,7 +259,7 @@ def _export(
             entry.update(onnx=prev["onnx"], verify=prev.get("verify", {}), engines=prev.get("engines", []))
             say(f"{name}: unchanged since the last export ({prev['onnx']['sha256'][:12]}), kept")
             continue
-        entry.update(_export_component(src, work, name, spec, dtype, dev, opset, optimize, providers, say))
+        entry.update(_export_component(fam, work, name, spec, dtype, dev, opset, optimize, providers, say))
         entry["engines"] = []
     write_manifest(work, manifest)
     say(f"ONNX export done in {time.perf_counter() - t0:.1f} s: {out}")
@@ -265,7 +270,7 @@ def _export(
 
 
 def _export_component(
-    src: Path,
+    fam: Family,
     out: Path,
     name: str,
     spec: ComponentSpec,
@@ -278,7 +283,7 @@ def _export_component(
 ) -> dict[str, Any]:
     t = time.perf_counter()
     say(f"{name}: loading torch module")
-    module = load_component(src, name, dtype=dtype, device=dev)
+    module = fam.module(name, dtype).to(dev).eval()
     say(f"{name}: exporting to ONNX (opset {opset})")
     path = onnx_path(out, name)
     files, optimizer = export_onnx(module, spec, path, opset=opset, optimize=optimize)
@@ -309,6 +314,15 @@ def _export_component(
     }
 
 
+def component_specs(
+    family: Family, batch: Range | str = "1:1:4", size: SizeRange | str | None = None, precision: str = "fp32"
+) -> dict[str, ComponentSpec]:
+    """Every component's spec; ``size`` defaults to native/2 : native : 2 x native."""
+    return family.specs(
+        parse_batch(batch), parse_size(size) if size is not None else family.default_size_range(), precision
+    )
+
+
 def _size_of(specs: Mapping[str, ComponentSpec]) -> str:
     """The pixel size range the specs cover, e.g. ``32x32:64x64:128x128``."""
     vae = specs["vae_decoder"]
@@ -333,4 +347,4 @@ def _reporter(progress: Progress | None) -> Progress:
     return lambda message: logger.info("%s", message)
 
 
-__all__ = ["FORMATS", "PRECISIONS", "export_model"]
+__all__ = ["FORMATS", "PRECISIONS", "component_specs", "export_model"]

@@ -35,6 +35,9 @@ _FLAG_FOR_FIELD = {
     "format": "--format",
     "out": "--out",
     "model": "--model",
+    "family": "--family",
+    "true_cfg_scale": "--true-cfg",
+    "variant": "--variant",
 }
 _FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -67,26 +70,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "size": args.size,
         "n": args.n,
         "output_format": _FORMAT_FOR_SUFFIX[suffix],
+        "true_cfg_scale": args.true_cfg,
     }
     request = parse_generation_request({k: v for k, v in body.items() if v is not None}, Limits())
 
+    from serve.families import family_of
     from serve.model import read_model_info, resolve_source
     from serve.pipeline import Pipeline
-    from serve.schedulers import scheduler_name
+    from serve.settings import Settings
 
     route_library_logs()
     source = resolve_source(args.model)
-    info = read_model_info(source)
-    params = request.to_params(default_size=info.native_size, limits=Limits())
+    info = read_model_info(source, args.family)
+    family = family_of(info)
+    params = request.to_params(default_size=info.native_size, limits=Limits(), defaults=family.request_defaults())
+    family.check(params)
+    settings = Settings.from_env()
     t0 = time.perf_counter()
-    _say(f"loading {info.name} ({args.backend}) ...")
-    pipe = Pipeline.load(source, backend=args.backend, device=args.device, dtype=args.dtype)
+    _say(f"loading {info.name} ({info.family}, {args.backend}) ...")
+    pipe = Pipeline.load(
+        source,
+        backend=args.backend,
+        device=args.device or settings.device,
+        dtype=args.dtype or settings.dtype,
+        family=args.family,
+    )
     load_s = time.perf_counter() - t0
-    # The scheduler as users type it (pndm, not PNDMScheduler); a class outside the list as is.
-    scheduler = params.scheduler or scheduler_name(info.scheduler_class) or info.scheduler_class
     _say(
         f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
-        f"scheduler {scheduler}, seed {params.seed} ..."
+        f"scheduler {family.scheduler_label(params.scheduler)}, seed {params.seed} ..."
     )
     result = pipe.generate(params, progress=_progress_bar(params.num_inference_steps))
     paths = output_paths(args.output, params.n)
@@ -123,9 +135,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
     route_library_logs()
     t0 = time.perf_counter()
-    path = write_tiny_model(args.dir, seed=args.seed)
+    path = write_tiny_model(args.dir, family=args.family, variant=args.variant, seed=args.seed)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"wrote tiny model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    kind = args.family + (f" ({args.variant})" if args.variant else "")
+    print(f"wrote tiny {kind} model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -152,6 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         optimize=not args.no_optimize,
         device=args.device,
         progress=_say,
+        family=args.family,
     )
     manifest = read_manifest(out)
     for name, entry in manifest["components"].items():
@@ -167,6 +181,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serve.tiny import FAMILIES as TINY_FAMILIES  # stdlib-only at import: --help stays instant
+
     parser = argparse.ArgumentParser(prog="darkroom", description="Serve text-to-image diffusion models.")
     parser.add_argument(
         "--log-level",
@@ -208,12 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch, onnxruntime, tensorrt or auto (default: auto = torch for a diffusers folder; "
         "for an exported repository tensorrt when engines for this GPU exist, else onnxruntime)",
     )
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
-    gen.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    gen.add_argument(
+        "--family", default=None, help="sd, sdxl or flux (default: the one the model's model_index.json names)"
+    )
+    gen.add_argument(
+        "--true-cfg",
+        type=float,
+        default=None,
+        help="Flux only: guidance with --negative-prompt, as FluxPipeline's true_cfg_scale (> 1 turns it on)",
+    )
+    gen.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: DARKROOM_DEVICE, else CUDA when present)"
+    )
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, float16, bfloat16 (default: DARKROOM_DTYPE, else fp16 on CUDA, fp32 on CPU)",
+    )
     gen.set_defaults(func=cmd_generate)
 
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers layout)")
-    tiny.add_argument("dir", type=Path, help="folder to write the model into (diffusers layout)")
+    tiny = sub.add_parser(
+        "tiny-model", help="write a tiny random-weight SD, SDXL or Flux model (diffusers layout, for tests)"
+    )
+    tiny.add_argument("dir", type=Path, help="folder to write (replaced if it exists)")
+    tiny.add_argument(
+        "--family",
+        default="sd",
+        choices=TINY_FAMILIES,
+        help="model family: sd (StableDiffusionPipeline), sdxl (StableDiffusionXLPipeline), flux (FluxPipeline) "
+        "(default sd)",
+    )
+    tiny.add_argument(
+        "--variant",
+        default=None,
+        help="flux only: dev (guidance embedding) or schnell (no guidance) (default dev)",
+    )
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)
 
@@ -238,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     exp.add_argument("--no-optimize", action="store_true", help="skip graph optimisation (onnxslim)")
     exp.add_argument("--device", default=None, help="cpu or cuda for the export (default: CUDA when present)")
+    exp.add_argument(
+        "--family", default=None, help="sd, sdxl or flux (default: the one the model's model_index.json names)"
+    )
     exp.set_defaults(func=cmd_export)
 
     # Subcommands that need Ray or heavier packages register themselves from their packages.

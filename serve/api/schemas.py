@@ -81,16 +81,31 @@ class Limits(BaseModel):
 
 DEFAULT_LIMITS = Limits()
 
-# ``quality`` -> denoising steps, when the request sets no ``num_inference_steps`` (which wins).
-# OpenAI's GPT-image values are low/medium/high, DALL-E 3's standard/hd; ``auto`` (and null) is
-# the default step count. Every preset is capped by ``Limits.max_steps``, as the default is.
-QUALITY_STEPS: dict[str, int] = {"low": 20, "medium": 30, "high": 50, "standard": 30, "hd": 50}
+# ``quality`` -> a share of the model's default step count, when the request sets no
+# ``num_inference_steps`` (which wins). OpenAI's GPT-image values are low/medium/high, DALL-E 3's
+# standard/hd; ``auto`` (and null) is the default itself. Worked example: SD's 50 steps give low
+# 20, medium 30, high 50; Flux dev's 28 give 11, 17, 28. Capped by ``Limits.max_steps``.
+QUALITY_FRACTION: dict[str, float] = {
+    "low": 0.4,
+    "medium": 0.6,
+    "standard": 0.6,
+    "high": 1.0,
+    "hd": 1.0,
+    "auto": 1.0,
+}
 DEFAULT_STEPS = 50
 
 _LIMITS_CONTEXT_KEY = "limits"
 # Fields OpenAI documents as nullable with a default: `"n": null` means "the default", so
 # clients that serialise unset options as null keep working.
-_NULL_MEANS_DEFAULT = ("n", "response_format", "output_format", "num_inference_steps", "guidance_scale")
+_NULL_MEANS_DEFAULT = (
+    "n",
+    "response_format",
+    "output_format",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+)
 # [0-9] and fullmatch, not \d and $: \d also matches e.g. Arabic-Indic digits, and $ matches
 # before a trailing newline, so r"^\d+x\d+$" would accept "64x64\n".
 _SIZE_RE = re.compile(r"([0-9]+)x([0-9]+)")
@@ -172,8 +187,9 @@ class ImageGenerationRequest(BaseModel):
     )
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
         None,
-        description="A step preset used when num_inference_steps is not sent (which wins): low 20, medium 30, "
-        "high 50, standard 30, hd 50; auto or None: the default 50. Capped by Limits.max_steps.",
+        description="A step preset used when num_inference_steps is not sent (which wins), as a share of the "
+        "model's default steps: low 40%, medium and standard 60%, high, hd, auto and None 100% (SD's 50: 20, "
+        "30, 50). Capped by Limits.max_steps.",
     )
     response_format: Literal["url", "b64_json"] = Field(
         "url", description="'url': a link to the stored image; 'b64_json': the image inline, base64-encoded."
@@ -229,7 +245,16 @@ class ImageGenerationRequest(BaseModel):
         None, description=f"Seed in 0..{MAX_SEED} for reproducible images; None picks one (returned)."
     )
     scheduler: StrictStr | None = Field(
-        None, description=f"One of {', '.join(SCHEDULER_NAMES)}; None means the model's own scheduler."
+        None,
+        description=f"One of {', '.join(SCHEDULER_NAMES)} (UNet models: all but flow matching; Flux: euler); "
+        "None means the model's own scheduler.",
+    )
+    true_cfg_scale: StrictFloat = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Flux only: classifier-free guidance with negative_prompt, as FluxPipeline's true_cfg_scale "
+        "(> 1 turns it on and needs a negative_prompt; 1 = off). Other families refuse it.",
     )
 
     @model_validator(mode="before")
@@ -304,7 +329,7 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError(f"must be at most {limit}")
         return value
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "true_cfg_scale")
     @classmethod
     def _check_guidance(cls, value: float, info: ValidationInfo) -> float:
         limit = _limits_from(info).max_guidance
@@ -340,6 +365,7 @@ class ImageGenerationRequest(BaseModel):
         default_size: tuple[int, int],
         limits: Limits | None = None,
         seed: int | None = None,
+        defaults: Mapping[str, float] | None = None,
     ) -> GenerationParams:
         """Resolve every default into ``GenerationParams``.
 
@@ -347,7 +373,9 @@ class ImageGenerationRequest(BaseModel):
         With ``limits`` the request is re-checked against them, the native size included (so a
         server whose limits are below its model's native size asks clients for a ``size``).
         ``seed`` is the fallback when the request has none (e.g. a job retry keeping its seed);
-        with neither, a fresh ``random_seed()``.
+        with neither, a fresh ``random_seed()``. ``defaults`` are the model family's own for
+        fields the client did not send (``Family.request_defaults``: e.g. Flux's guidance 3.5 and
+        28 steps, as its diffusers pipeline defaults them).
         """
         if limits is not None:
             self.check_limits(limits)
@@ -366,9 +394,14 @@ class ImageGenerationRequest(BaseModel):
                         f"is required: the model's native size {width}x{height} is outside this "
                         f"server's limits ({exc.reason})",
                     ) from exc
+        defaults = defaults or {}
+        unset = {name for name in defaults if name not in self.model_fields_set}
+        guidance = float(defaults["guidance_scale"]) if "guidance_scale" in unset else float(self.guidance_scale)
         steps = self.num_inference_steps
         if "num_inference_steps" not in self.model_fields_set:
-            steps = QUALITY_STEPS.get(self.quality or "auto", DEFAULT_STEPS)
+            # The family's default step count (else 50), scaled by the quality preset.
+            base = int(defaults.get("num_inference_steps", DEFAULT_STEPS))
+            steps = max(1, round(base * QUALITY_FRACTION[self.quality or "auto"]))
             if limits is not None:
                 steps = min(steps, limits.max_steps)  # the default, within this server's limit
         if self.seed is not None:
@@ -383,11 +416,12 @@ class ImageGenerationRequest(BaseModel):
             width=width,
             height=height,
             num_inference_steps=steps,
-            guidance_scale=float(self.guidance_scale),
+            guidance_scale=guidance,
             seed=resolved_seed,
             n=self.n,
             scheduler=self.scheduler,
             output_format=self.output_format,
+            true_cfg_scale=float(self.true_cfg_scale),
             output_compression=self.output_compression,
             user=self.user,
         )
@@ -490,7 +524,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_STEPS",
     "OPENAI_MAX_N",
-    "QUALITY_STEPS",
+    "QUALITY_FRACTION",
     "ErrorBody",
     "ErrorResponse",
     "ImageData",

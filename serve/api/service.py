@@ -14,63 +14,20 @@ import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-
-import numpy as np
+from typing import Any, TypeVar
 
 from serve.api.idempotency import IdempotencyGuard
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
 from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError, RequestTimeoutError
+from serve.families import family_of
 from serve.model import ModelInfo
 from serve.params import GenerationParams
-from serve.schedulers import scheduler_name
+from serve.stages.messages import DecodedImage, DecodeRequest, StageClient
 from serve.storage import LocalStore, ResultStore
-
-if TYPE_CHECKING:
-    from serve.stages.denoiser import DenoiseJob
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class StageResult:
-    """A stage's answer plus the seconds its model work took (the rest of the call is queueing)."""
-
-    value: Any
-    compute_s: float
-    batch_size: int = 1
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DecodeRequest:
-    """What the Decoder needs besides latents: how to encode and what to store beside each image."""
-
-    output_format: str
-    metadata: dict[str, Any]
-    inline: bool  # return the encoded bytes too (response_format=b64_json)
-    output_compression: int | None = None  # jpeg/webp quality 0..100; None = the encoder's default
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    key: str
-    content_type: str
-    data: bytes | None  # only when DecodeRequest.inline
-
-
-class StageClient(Protocol):
-    """How the service reaches the stages. Every call is idempotent (safe to retry)."""
-
-    async def encode(self, texts: list[str]) -> StageResult: ...
-
-    async def denoise(self, job: DenoiseJob) -> StageResult: ...
-
-    async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult: ...
-
-    async def ready(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -94,6 +51,7 @@ class ImageService:
     def __init__(self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore) -> None:
         self.config = config
         self.info = info
+        self.family = family_of(info)
         self.stages = stages
         self.store = store
         self._jobs: set[asyncio.Task] = set()  # strong refs: the loop only keeps weak ones
@@ -104,7 +62,10 @@ class ImageService:
         request = parse_generation_request(body, self.config.limits)
         if request.model is not None and request.model not in self.model_ids():
             raise ModelNotFoundError("model", request.model, f"this server serves {self.config.model_name!r}")
-        params = request.to_params(default_size=self.info.native_size, limits=self.config.limits)
+        params = request.to_params(
+            default_size=self.info.native_size, limits=self.config.limits, defaults=self.family.request_defaults()
+        )
+        self.family.check(params)
         policy = self.config.prompt_policy
         policy.check(params.prompt, params.negative_prompt, moderation=request.moderation or "auto")
         return request, params
@@ -121,31 +82,15 @@ class ImageService:
 
     async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
         """Run one request through the stages; returns its stored images and timings (ms)."""
-        # torch comes with serve.stages: imported on first use, not with this module, so the
-        # Ingress replica starts without it and answers /healthz seconds sooner.
-        from serve.stages.denoiser import DenoiseJob, guidance_enabled
-
         timings: dict[str, float] = {}
         wake = getattr(self.stages, "wake", None)
         if wake is not None:
             wake()  # start scaled-to-zero stages now, not one after another
+        plan = self.family.plan(params)
         t0 = time.perf_counter()
-        cfg = guidance_enabled(self.info, params.guidance_scale)
-        texts = [params.prompt] + ([params.negative_prompt or ""] if cfg else [])
-        enc = await self._bounded(self.stages.encode(texts), "TextEncoder")
+        enc = await self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder")
         t1 = time.perf_counter()
-        embeds = enc.value
-        job = DenoiseJob(
-            prompt_embeds=embeds[0],
-            negative_embeds=embeds[1] if cfg else None,
-            seed=params.seed,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            width=params.width,
-            height=params.height,
-            n=params.n,
-            scheduler=params.scheduler,
-        )
+        job = plan.denoise_job(enc.value)
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
         metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
@@ -182,10 +127,10 @@ class ImageService:
             "n": params.n,
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
-            # The name a client sends back to get the same scheduler (the class when it has none).
-            "scheduler": params.scheduler or scheduler_name(self.info.scheduler_class) or self.info.scheduler_class,
+            "scheduler": self.family.scheduler_label(params.scheduler),
             "size": f"{params.width}x{params.height}",
             "model": self.config.model_name,
+            "family": self.info.family,
             "output_format": params.output_format,
             "timings_ms": timings_ms,
             "created": int(time.time()),
@@ -317,7 +262,18 @@ class ImageService:
     def models(self) -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "darkroom"}],
+            "data": [
+                {
+                    "id": self.config.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "darkroom",
+                    "family": self.info.family,
+                    "native_size": "{}x{}".format(*self.info.native_size),
+                    "size_multiple": self.family.size_multiple,
+                    "schedulers": list(self.family.schedulers),
+                }
+            ],
         }
 
     async def file(self, key: str) -> bytes:

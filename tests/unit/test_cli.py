@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,18 @@ def test_tiny_model_command(tmp_path):
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_tiny_model_command_family_and_variant(tmp_path):
+    proc = run("tiny-model", str(tmp_path / "f"), "--family", "flux", "--variant", "schnell", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    marker = json.loads((tmp_path / "f" / "darkroom_tiny.json").read_text())
+    assert marker == {"version": marker["version"], "seed": 3, "family": "flux", "variant": "schnell"}
+    assert (tmp_path / "f" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    # Only Flux has variants: the error names the flag, and nothing is written.
+    proc = run("tiny-model", str(tmp_path / "x"), "--family", "sdxl", "--variant", "dev")
+    assert proc.returncode == 2 and "--variant" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_every_flag_of_every_subcommand_has_help():
     """Walk the whole argparse tree: a flag (or positional) without help text fails here."""
     import argparse
@@ -127,11 +140,12 @@ def test_every_flag_of_every_subcommand_has_help():
 
 
 def test_scheduler_names_as_users_type_them():
-    from serve.schedulers import _CLASSES, scheduler_name
+    from serve.schedulers import FLOW_SCHEDULERS, UNET_SCHEDULERS, scheduler_name
 
     assert scheduler_name("PNDMScheduler") == "pndm"
-    assert {scheduler_name(cls): name for name, cls in _CLASSES.items()} == {n: n for n in _CLASSES}
+    assert {scheduler_name(cls): name for name, cls in UNET_SCHEDULERS.items()} == {n: n for n in UNET_SCHEDULERS}
     assert scheduler_name("FlowMatchEulerDiscreteScheduler") is None
+    assert scheduler_name("FlowMatchEulerDiscreteScheduler", FLOW_SCHEDULERS) == "euler"
 
 
 def test_generate_output_is_one_line_per_event_without_repeats(tiny_model, tmp_path):

@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.stages import DenoiseJob, Denoiser, TextEncoder
+from serve.stages import Conditioning, DenoiseJob, Denoiser, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
 
 
@@ -18,10 +18,10 @@ def parts(tiny_model):
 
 
 def job(encoder, seed, steps=6, **kw) -> DenoiseJob:
-    emb = encoder.encode([f"prompt {seed}", ""])
+    pos, neg = encoder.encode([f"prompt {seed}", ""])
     base = dict(
-        prompt_embeds=emb[0],
-        negative_embeds=emb[1],
+        conditioning=Conditioning(pos, neg),
+        cfg_scale=7.5,
         seed=seed,
         num_inference_steps=steps,
         guidance_scale=7.5,
@@ -40,10 +40,10 @@ def test_late_requests_join_and_match_solo_runs(parts):
     loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.1)
 
     async def main():
-        calls = denoiser.unet_calls
+        calls = denoiser.model_calls
         first = asyncio.create_task(loop.submit(jobs[0]))
         deadline = asyncio.get_running_loop().time() + 60
-        while denoiser.unet_calls == calls:  # the first request is mid-way through its steps
+        while denoiser.model_calls == calls:  # the first request is mid-way through its steps
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.005)
         rest = [asyncio.create_task(loop.submit(j)) for j in jobs[1:]]

@@ -290,6 +290,9 @@ def test_quality_presets_and_explicit_steps_win(quality, steps):
     assert capped.num_inference_steps == min(steps, 25)
     explicit = parse_generation_request({"prompt": "a", "quality": quality, "num_inference_steps": 7})
     assert explicit.to_params(default_size=(64, 64)).num_inference_steps == 7
+    # A family with another default (Flux dev: 28 steps) gets the same shares of its own.
+    flux = req.to_params(default_size=(64, 64), defaults={"num_inference_steps": 28, "guidance_scale": 3.5})
+    assert flux.num_inference_steps == round(28 * steps / 50)
 
 
 def test_quality_sets_the_steps_stored_with_the_image(env):

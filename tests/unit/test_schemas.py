@@ -257,7 +257,7 @@ def test_full_request():
         "scheduler": "dpmpp_2m",
     }
     req = parse_generation_request(data)
-    assert req.model_dump() == {**data, "guidance_scale": 30.0}
+    assert req.model_dump() == {**data, "guidance_scale": 30.0, "true_cfg_scale": 1.0}
     assert isinstance(req.guidance_scale, float)
 
 
