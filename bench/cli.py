@@ -190,7 +190,12 @@ def add_parser(sub: Any) -> None:
     work.add_argument("--n", type=int, default=1, help="images per request")
     work.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the server's, 7.5)")
     work.add_argument("--seed", type=int, default=0, help="seeds every request body and arrival time")
-    work.add_argument("--response-format", choices=("url", "b64_json"), default="url")
+    work.add_argument(
+        "--response-format",
+        choices=("url", "b64_json"),
+        default="url",
+        help="url (the image is stored, the answer links it) or b64_json (inline) (default url)",
+    )
     inproc = p.add_argument_group("in-process")
     inproc.add_argument(
         "--max-batch", type=int, default=8, help="in-process batch limit (closed loop: min(C, this)), as the Denoiser's"

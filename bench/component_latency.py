@@ -105,22 +105,19 @@ def cases(info, batches: list[int], sizes: list[tuple[int, int]]) -> list[tuple[
     return out
 
 
-def input_shapes(info, component: str, batch: int, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-    seq, hidden = info.max_token_length, info.text_hidden_size
-    _, c, h, w = info.latent_shape(batch, *size)
-    if component == "text_encoder":
-        return {"input_ids": (batch, seq)}
-    if component == "unet":
-        return {"sample": (batch, c, h, w), "timestep": (batch,), "encoder_hidden_states": (batch, seq, hidden)}
-    return {"latent": (batch, c, h, w)}
+def input_shapes(info, spec, batch: int, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """The component's input shapes at ``batch`` images of ``size`` (its spec's named axes resolved)."""
+    f = info.vae_scale_factor
+    dims = {"batch": batch, "latent_height": size[1] // f, "latent_width": size[0] // f}
+    return {t.name: t.resolve(dims) for t in spec.inputs}
 
 
 def bench_model(model: Path, work_dir: Path, args: argparse.Namespace) -> list[CaseResult]:
     import torch
 
     from export import export_model
-    from export.onnx_export import random_inputs
     from serve.engines import load_engine
+    from serve.engines.specs import random_inputs
     from serve.model import read_model_info
 
     info = read_model_info(model)
@@ -138,19 +135,21 @@ def bench_model(model: Path, work_dir: Path, args: argparse.Namespace) -> list[C
     cpu = torch.device("cpu")
     results = []
     engines: dict[tuple[str, str], Any] = {}
+    repo_info = read_model_info(repo)
     for component, batch, size in cases(info, batches, sizes):
-        for backend, path in (("torch", model), ("onnxruntime", repo)):
+        for backend, source in (("torch", info), ("onnxruntime", repo_info)):
             if (backend, component) not in engines:
-                engines[(backend, component)] = load_engine(backend, path, component, cpu, torch.float32)
+                engines[(backend, component)] = load_engine(backend, source, component, cpu, torch.float32)
         te, oe = engines[("torch", component)], engines[("onnxruntime", component)]
-        shapes = input_shapes(info, component, batch, size)
+        shapes = input_shapes(info, oe.spec, batch, size)
         inputs = random_inputs(oe.spec, shapes, vocab=_vocab(model))
         timings = {
             name: time_calls(functools.partial(engine.run, **inputs), args.warmup, args.repeats)
             for name, engine in (("torch", te), ("onnxruntime", oe))
         }
         with torch.inference_mode():
-            diff = float((te.run(**inputs).float() - oe.run(**inputs).float()).abs().max())
+            want, got = te.run(**inputs), oe.run(**inputs)
+            diff = max(float((want[k].float() - got[k].float()).abs().max()) for k in want)
         result = CaseResult(
             model=model.name,
             component=component,

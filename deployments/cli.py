@@ -1,7 +1,11 @@
 """``darkroom serve``: start (or join) a Ray cluster, deploy the app, print the URL, block.
 
-Ctrl-C (or SIGTERM) shuts down what this command started: the Serve app, and the local Ray
-cluster when it started one (a cluster joined through RAY_ADDRESS is left running).
+Before Ray starts it refuses a busy port (one line naming what holds it, exit 2: see
+``deployments/preflight.py``). While it starts it reports each stage (loading, ready) and then
+prints a banner (``deployments/startup.py``); Ray's own output goes to a log file unless
+``--verbose``. Ctrl-C or SIGTERM (also for a background job, whose SIGINT a shell ignores)
+shuts down what this command started: the Serve app, and the local Ray cluster when it started
+one (a cluster joined through RAY_ADDRESS is left running).
 
 ``darkroom serve --config FILE --check`` validates a Serve config file without starting Ray:
 the file against Ray's own ``ServeDeploySchema``, each Darkroom application's ``args`` against
@@ -14,7 +18,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -128,55 +131,8 @@ def run_check(path: Path) -> int:
     return 0
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/readyz", timeout=5)
-            if r.status_code == 200:
-                return
-            last = r.text[:300]
-        except httpx.HTTPError as exc:
-            last = str(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"the app did not become ready within {timeout_s:.0f} s: {last}")
-
-
-def _wait_apps_running(names: set[str], timeout_s: float) -> None:
-    """Bounded wait for every named app to be RUNNING; a DEPLOY_FAILED app raises with Ray's reason.
-
-    Not ``deploy_apps(_blocking=True)``: that gives up after a fixed 60 s, shorter than a GPU
-    replica's start (weights download + load) or a busy small machine's.
-    """
-    from ray import serve
-
-    from serve.errors import DarkroomError
-
-    deadline = time.monotonic() + timeout_s
-    last = "no status yet"
-    while time.monotonic() < deadline:
-        apps = serve.status().applications
-        states = {n: apps[n].status for n in names if n in apps}
-        failed = {n: apps[n].message for n, st in states.items() if str(st.value) == "DEPLOY_FAILED"}
-        if failed:
-            raise DarkroomError(f"Serve could not deploy {sorted(failed)}: {failed}")
-        if len(states) == len(names) and all(str(st.value) == "RUNNING" for st in states.values()):
-            return
-        last = ", ".join(f"{n} {st.value}" for n, st in states.items()) or last
-        time.sleep(0.5)
-    raise DarkroomError(f"Serve applications not running within {timeout_s:.0f} s: {last}")
-
-
-def _deploy_config(
-    path: Path, host: str | None, port: int | None, timeout_s: float = 600.0
-) -> tuple[str, int, list[str]]:
-    """Deploy every application of a Serve config file, as ``serve run config.yaml`` does."""
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
-
+def _http_of(path: Path, host: str | None, port: int | None) -> tuple[dict[str, Any], str, int]:
+    """A Serve config file's raw dict with its http_options, --host/--port applied."""
     raw: dict[str, Any] = yaml.safe_load(path.read_text())
     http = dict(raw.get("http_options") or {})
     if host is not None:
@@ -186,15 +142,47 @@ def _deploy_config(
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
     raw["http_options"] = http
+    return raw, http["host"], int(http["port"])
+
+
+def _deploy_config(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """Deploy every application of a Serve config, as ``serve run config.yaml`` does; returns
+    ``(name, route prefix)`` per application (not waiting for them)."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
     config = ServeDeploySchema.model_validate(raw)
     client = serve_api.serve_start(
         http_options=config.http_options.model_dump(),
         proxy_location=config.proxy_location,
     )
     client.deploy_apps(config)
-    _wait_apps_running({app.name for app in config.applications}, timeout_s)
-    prefixes = [app.route_prefix or "/" for app in config.applications]
-    return http["host"], int(http["port"]), prefixes
+    return [(app.name, app.route_prefix or "/") for app in config.applications]
+
+
+def deploy_config_file(
+    path: Path, host: str | None, port: int | None, timeout_s: float, say: Any = lambda _: None
+) -> tuple[str, int, list[str]]:
+    """The ``darkroom serve --config`` deployment on a running Ray: deploy every application of
+    the file, report each stage to ``say`` until all run (bounded); ``(host, port, prefixes)``."""
+    from deployments.startup import wait_until_deployed
+
+    raw, host, port = _http_of(Path(path), host, port)
+    apps = _deploy_config(raw)
+    wait_until_deployed([name for name, _ in apps], timeout_s, say, time.monotonic())
+    return host, port, [prefix for _, prefix in apps]
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both stop the server (KeyboardInterrupt), installed explicitly: a
+    background job started from a script has SIGINT ignored (SIG_IGN), and Ray installs its own
+    SIGTERM handler in ray.init."""
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -204,8 +192,44 @@ def run_serve(args: argparse.Namespace) -> int:
 
             raise InvalidRequestError("--check", True, "needs --config FILE (the file to validate)")
         return run_check(Path(args.config))
+    from deployments.config import AppConfig
+    from deployments.preflight import check_port
+
     if args.config:
-        load_serve_config(Path(args.config))  # fail on a bad file before starting Ray
+        _, apps = load_serve_config(Path(args.config))  # fail on a bad file before starting Ray
+        raw, host, port = _http_of(Path(args.config), args.host, args.port)
+        cfg = next(iter(apps.values()), None)
+    else:
+        raw, host, port = None, args.host or "127.0.0.1", args.port or 8000
+        app_args: dict[str, Any] = {"storage": args.storage, "backend": args.backend}
+        if args.model:
+            app_args["model"] = args.model
+        cfg = AppConfig.model_validate(app_args)
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        # Before Ray: Serve's proxy would share a busy port (SO_REUSEPORT) or die in a traceback.
+        check_port(host, port)
+    _stop_on_signals()
+    from deployments.startup import ServeConsole
+
+    with ServeConsole(quiet=not args.verbose) as console:
+        return _serve(args, console, host, port, address, raw, cfg)
+
+
+def _serve(
+    args: argparse.Namespace, console: Any, host: str, port: int, address: str | None, raw: Any, cfg: Any
+) -> int:
+    from deployments.startup import banner, has_playground, results_location, wait_ready, wait_until_deployed
+    from serve.model import resolve_source
+    from serve.settings import Settings
+
+    t0 = time.monotonic()
+    if args.config:
+        console.say(f"Darkroom: the applications of {args.config}")
+    else:
+        console.say(f"Darkroom: model {cfg.model or '(the embedded tiny model)'}, backend {cfg.backend}")
+    if cfg is not None and cfg.model is None:
+        resolve_source(None)  # made once into the cache here, not by four replicas at once
 
     import ray
     from ray import serve
@@ -213,45 +237,48 @@ def run_serve(args: argparse.Namespace) -> int:
     from deployments.app import build_app
 
     started_ray = False
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        # "local" starts a new cluster even if another one runs on this machine (never join one
-        # by accident). The dashboard executes code for whoever reaches it (CVE-2023-48022):
-        # off in the cluster we start.
-        local = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"} if address is None else {}
-        # A cluster we start listens on loopback only (its GCS, raylet and object-store ports).
-        ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=args.verbose, **local)
-        started_ray = address is None
-
-    def stop(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     try:
-        if args.config:
-            host, port, prefixes = _deploy_config(Path(args.config), args.host, args.port, args.ready_timeout)
+        if not ray.is_initialized():
+            # "local" starts a new cluster even if another one runs on this machine (never join
+            # one by accident). The dashboard executes code for whoever reaches it
+            # (CVE-2023-48022): off in the cluster we start, which listens on loopback only.
+            local = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"} if address is None else {}
+            console.say("starting a local Ray cluster ..." if address is None else f"joining Ray at {address} ...")
+            ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=args.verbose, **local)
+            started_ray = address is None
+            _stop_on_signals()  # again: ray.init installs its own SIGTERM handler
+        console.say(f"deploying (Ray up in {time.monotonic() - t0:.0f} s):")
+        if raw is not None:
+            apps = _deploy_config(raw)
         else:
-            host, port = args.host or "127.0.0.1", args.port or 8000
             serve.start(http_options={"host": host, "port": port})
-            app_args: dict[str, Any] = {"storage": args.storage, "backend": args.backend}
-            if args.model:
-                app_args["model"] = args.model
-            serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
-            prefixes = ["/"]
-        url = f"http://{host}:{port}"
-        _wait_ready(url + prefixes[0].rstrip("/"), args.ready_timeout)
-        print(f"Darkroom is serving at {url}{prefixes[0].rstrip('/')} (Ctrl-C to stop)", flush=True)
+            # Not serve.run: it returns only once every stage runs; the progress is ours to show.
+            serve._run(build_app(cfg), _blocking=False, name=APP_NAME, route_prefix="/")
+            apps = [(APP_NAME, "/")]
+        wait_until_deployed([name for name, _ in apps], args.ready_timeout, console.say, t0)
+        url = f"http://{host}:{port}{apps[0][1].rstrip('/')}"
+        wait_ready(url, args.ready_timeout)
+        keys = bool((cfg.api_keys if cfg else ()) or Settings.from_env().api_keys)
+        storage = results_location(cfg.storage) if cfg else "see the config's storage"
+        console.say(f"ready in {time.monotonic() - t0:.0f} s")
+        for line in banner(url, storage, keys, has_playground(url)):
+            console.show(line)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        print("shutting down ...", file=sys.stderr, flush=True)
+        console.say("shutting down ...")
         return 0
     finally:
+        # A second Ctrl-C would abandon the cluster half stopped: finish stopping first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             if started_ray:
                 ray.shutdown()
+        console.say("stopped")
 
 
 def add_parser(sub: Any) -> None:
@@ -274,5 +301,10 @@ def add_parser(sub: Any) -> None:
         "and print each deployment's replicas and resources, without starting Ray",
     )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
-    p.add_argument("--verbose", action="store_true", help="stream Ray's worker logs to this terminal")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own output here (start warnings, Serve's messages, the workers' logs); "
+        "by default it goes to a log file, named if the start fails",
+    )
     p.set_defaults(func=run_serve)

@@ -180,10 +180,15 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Diffusers folder, hub id or exported repository; None = tiny model.")
+    family: Literal["sd", "sdxl", "flux"] | None = Field(
+        None, description="Model family; None = the one model_index.json's _class_name names."
+    )
     model_name: str | None = Field(None, description="Name clients pass as `model`; default: the folder name.")
     backend: str = Field("torch", description="Engine backend for every stage: torch, onnxruntime, tensorrt, auto.")
-    device: str | None = Field(None, description="cpu, cuda, cuda:N; None = CUDA when present.")
-    dtype: str | None = Field(None, description="float32, float16, bfloat16; None = fp16 on CUDA, fp32 on CPU.")
+    device: str | None = Field(None, description="cpu, cuda, cuda:N; None = DARKROOM_DEVICE, else CUDA when present.")
+    dtype: str | None = Field(
+        None, description="float32, float16, bfloat16; None = DARKROOM_DTYPE, else fp16 on CUDA, fp32 on CPU."
+    )
     storage: str = Field("./outputs", description="Result store URI: a folder, file://..., or s3://bucket/prefix.")
     url_expiry_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned S3 URLs.")
     limits: Limits = Field(default_factory=Limits, description="Request limits enforced at the Ingress.")
@@ -196,6 +201,13 @@ class AppConfig(BaseModel):
     prompt_policy: PromptPolicy = Field(default_factory=PromptPolicy, description="Prompts refused with 400.")
     stage_retries: int = Field(
         5, ge=1, le=20, description="Tries per stage call when a replica dies mid-request (calls are idempotent)."
+    )
+    debug_step_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Fault-injection hook for tests, 0 in production: the Denoiser sleeps this long after "
+        "every UNet step, so a test can make a request certainly outlast a timeout on any machine.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -217,3 +229,35 @@ class AppConfig(BaseModel):
         default_factory=lambda: DeploymentOptions(max_batch_size=8, max_ongoing_requests=32),
         description="Options of the Decoder deployment.",
     )
+
+    def model_info(self) -> Any:
+        """The configured model (the embedded default when none) of the configured family."""
+        from serve.model import read_model_info, resolve_source
+
+        return read_model_info(resolve_source(self.model), self.family)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """How every stage loads its engines: backend, and device/dtype (config, else the environment)."""
+        from serve.settings import Settings
+
+        settings = Settings.from_env()
+        return {
+            "backend": self.backend,
+            "device": self.device or settings.device,
+            "dtype": self.dtype or settings.dtype,
+        }
+
+    def service_config(self, model_name: str) -> Any:
+        """The request layer's config, for every app (split, monolith): auth, limits, policy, timeouts."""
+        from serve.api.service import ServiceConfig
+        from serve.settings import Settings
+
+        return ServiceConfig(
+            model_name=self.model_name or model_name,
+            limits=self.limits,
+            request_timeout_s=self.request_timeout_s,
+            stage_timeout_s=self.stage_timeout_s,
+            prompt_policy=self.prompt_policy,
+            api_keys=tuple(dict.fromkeys(self.api_keys + Settings.from_env().api_keys)),
+            max_body_bytes=self.max_body_bytes,
+        )

@@ -16,11 +16,9 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import AppConfig
 from serve.api.http import create_app
 from serve.api.policy import RetryPolicy
-from serve.api.service import DecodeRequest, ImageService, ServiceConfig, StageResult
+from serve.api.service import ImageService
 from serve.errors import DarkroomError, OverloadedError
-from serve.model import read_model_info, resolve_source
-from serve.settings import Settings
-from serve.stages import DenoiseJob
+from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
 from serve.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -135,12 +133,15 @@ class HandleStages:
             if dep is None:
                 continue
             running = sum(count for state, count in dep.replica_states.items() if str(state).endswith("RUNNING"))
+            starting = sum(count for state, count in dep.replica_states.items() if str(state).endswith("STARTING"))
             # UNHEALTHY also means "a replica died and is being replaced": while another replica
             # runs, the stage still serves (and the Ingress retries onto it), so ping instead.
             if str(dep.status).endswith("DEPLOY_FAILED") or (str(dep.status).endswith("UNHEALTHY") and not running):
                 view[name] = f"unavailable: {dep.status}: {dep.message}"[:300]
             elif name in self.scale_to_zero and not running:
                 view[name] = "scaled_to_zero"
+            elif not running and (starting or str(dep.status).endswith("UPDATING")):
+                view[name] = "loading"  # its first replica is starting (loading the model)
         return view
 
     async def ready(self) -> dict[str, str]:
@@ -165,16 +166,8 @@ class Ingress:
         config: dict[str, Any],
     ) -> None:
         cfg = AppConfig.model_validate(config)
-        info = read_model_info(resolve_source(cfg.model))
-        service_cfg = ServiceConfig(
-            model_name=cfg.model_name or info.name,
-            limits=cfg.limits,
-            request_timeout_s=cfg.request_timeout_s,
-            stage_timeout_s=cfg.stage_timeout_s,
-            prompt_policy=cfg.prompt_policy,
-            api_keys=tuple(dict.fromkeys(cfg.api_keys + Settings.from_env().api_keys)),
-            max_body_bytes=cfg.max_body_bytes,
-        )
+        info = cfg.model_info()
+        service_cfg = cfg.service_config(info.name)
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         stages = HandleStages(
             text_encoder,

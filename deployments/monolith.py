@@ -34,11 +34,13 @@ from ray.serve import Application
 from deployments.config import AppConfig, DeploymentOptions
 from serve.api.http import create_app
 from serve.api.schemas import ImageGenerationRequest
-from serve.api.service import DecodedImage, ImageService, ServiceConfig, StageResult
+from serve.api.service import ImageService, ServiceConfig
 from serve.errors import ModelLoadError
+from serve.families import family_of
 from serve.imageio import encode_image
-from serve.model import ModelInfo, read_model_info, resolve_source
+from serve.model import ModelInfo
 from serve.params import GenerationParams
+from serve.stages.messages import DecodedImage, StageResult
 from serve.storage import ResultStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -51,19 +53,21 @@ def _ms(seconds: float) -> float:
 
 
 class DiffusersRunner:
-    """diffusers' ``StableDiffusionPipeline``, one call per request, with per-stage timers."""
+    """The family's own diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``FluxPipeline``), one call per request, with per-stage timers."""
 
     def __init__(self, info: ModelInfo, *, device: str | None = None, dtype: str | None = None) -> None:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         from serve.engines import default_device, default_dtype
 
-        if not (Path(info.path) / "model_index.json").is_file():
-            raise ModelLoadError(f"the monolith runs diffusers folders only; {info.path} has no model_index.json")
+        if not (Path(info.path) / "model_index.json").is_file() or (Path(info.path) / "manifest.json").is_file():
+            raise ModelLoadError(f"the monolith runs diffusers folders only; {info.path} is not one")
+        self.family = family_of(info)
         dev = default_device(device)
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            info.path, torch_dtype=default_dtype(dev, dtype), safety_checker=None, requires_safety_checker=False
-        ).to(dev)
+        cls = getattr(diffusers, self.family.pipeline_class)
+        extra = {"safety_checker": None, "requires_safety_checker": False} if self.family.name == "sd" else {}
+        self.pipe = cls.from_pretrained(info.path, torch_dtype=default_dtype(dev, dtype), **extra).to(dev)
         self.pipe.set_progress_bar_config(disable=True)
         self.default_scheduler = type(self.pipe.scheduler).__name__
         self._decode_s = 0.0
@@ -85,9 +89,11 @@ class DiffusersRunner:
         from serve.schedulers import scheduler_class
 
         t0 = time.perf_counter()
-        scheduler = scheduler_class(params.scheduler, self.default_scheduler).from_config(self.pipe.scheduler.config)
+        cls = scheduler_class(params.scheduler, self.default_scheduler, self.family.schedulers)
+        scheduler = cls.from_config(self.pipe.scheduler.config)
         # A per-request copy: diffusers keeps per-run state on the scheduler (diffusers #1606).
-        pipe = type(self.pipe)(**{**self.pipe.components, "scheduler": scheduler}, requires_safety_checker=False)
+        extra = {"requires_safety_checker": False} if self.family.name == "sd" else {}
+        pipe = type(self.pipe)(**{**self.pipe.components, "scheduler": scheduler}, **extra)
         pipe.set_progress_bar_config(disable=True)
         encode_s = 0.0
         encode_prompt = pipe.encode_prompt
@@ -103,14 +109,8 @@ class DiffusersRunner:
         pipe.encode_prompt = timed_encode
         self._decode_s = 0.0
         out = pipe(
-            params.prompt,
-            negative_prompt=params.negative_prompt,
-            height=params.height,
-            width=params.width,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
+            **self.family.pipeline_kwargs(params),
             generator=torch.Generator("cpu").manual_seed(params.seed),
-            num_images_per_prompt=params.n,
             output_type="np",
         )
         images = (out.images * 255).round().astype("uint8")
@@ -154,7 +154,7 @@ class MonolithService(ImageService):
         out, encode_s, store_s = [], 0.0, 0.0
         for index, img in enumerate(images):
             a = time.perf_counter()
-            data = encode_image(img, params.output_format)
+            data = encode_image(img, params.output_format, params.output_compression)
             b = time.perf_counter()
             stored = self.store.save_image(data, params.output_format, {**metadata, "index": index})
             store_s += time.perf_counter() - b
@@ -195,15 +195,11 @@ class Monolith:
         cfg = AppConfig.model_validate(config)
         if cfg.backend not in ("torch", "auto"):
             logger.warning("the monolith runs diffusers (torch); ignoring backend=%s", cfg.backend)
-        info = read_model_info(resolve_source(cfg.model))
-        service_cfg = ServiceConfig(
-            model_name=cfg.model_name or info.name,
-            limits=cfg.limits,
-            request_timeout_s=cfg.request_timeout_s,
-            stage_timeout_s=cfg.stage_timeout_s,
-        )
-        store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s)
-        runner = DiffusersRunner(info, device=cfg.device, dtype=cfg.dtype)
+        info = cfg.model_info()
+        service_cfg = cfg.service_config(info.name)
+        store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
+        load = cfg.load_kwargs()
+        runner = DiffusersRunner(info, device=load["device"], dtype=load["dtype"])
         self.service = MonolithService(service_cfg, info, runner, store)
 
     def __serve_build_asgi_app__(self):

@@ -16,11 +16,9 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AppConfig, DeploymentOptions
-from serve.api.service import DecodeRequest, StageResult
-from serve.api.stage_ops import decode_batch, encode_batch
-from serve.model import resolve_source
-from serve.stages import Decoder, DenoiseJob, Denoiser, TextEncoder
+from serve.stages import Decoder, Denoiser, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
+from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
 from serve.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -31,15 +29,11 @@ def _configure(method: Any, opts: DeploymentOptions) -> None:
     method.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
 
 
-def _load_kwargs(cfg: AppConfig) -> dict[str, Any]:
-    return {"backend": cfg.backend, "device": cfg.device, "dtype": cfg.dtype}
-
-
 @serve.deployment(name="TextEncoder")
 class TextEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
-        self.encoder = TextEncoder.load(resolve_source(cfg.model), **_load_kwargs(cfg))
+        self.encoder = TextEncoder.load(cfg.model_info(), **cfg.load_kwargs())
         _configure(self._encode_batch, cfg.text_encoder)
 
     async def encode(self, texts: list[str]) -> StageResult:
@@ -49,7 +43,7 @@ class TextEncoderDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, batch: list[list[str]]) -> list[StageResult]:
-        return await asyncio.to_thread(encode_batch, self.encoder, batch)
+        return await asyncio.to_thread(self.encoder.encode_requests, batch)
 
     async def ready(self) -> str:
         return "ok"
@@ -57,7 +51,7 @@ class TextEncoderDeployment:
 
 @serve.deployment(name="Denoiser")
 class DenoiserDeployment:
-    """Continuous batching: requests join the running batch between UNet steps (no window).
+    """Continuous batching: requests join the running batch between denoiser steps (no window).
 
     ``max_batch_size`` caps the requests in flight at once; ``batch_wait_timeout_s`` is unused
     here (nobody waits for a window: a request arriving mid-batch joins at the next step).
@@ -66,8 +60,10 @@ class DenoiserDeployment:
 
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
-        self.denoiser = Denoiser.load(resolve_source(cfg.model), **_load_kwargs(cfg))
-        self.loop = ContinuousDenoiser(self.denoiser, max_requests=cfg.denoiser.max_batch_size)
+        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs())
+        self.loop = ContinuousDenoiser(
+            self.denoiser, max_requests=cfg.denoiser.max_batch_size, step_delay_s=cfg.debug_step_delay_s
+        )
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         return await self.loop.submit(job)
@@ -80,19 +76,17 @@ class DenoiserDeployment:
 class DecoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
-        self.decoder = Decoder.load(resolve_source(cfg.model), **_load_kwargs(cfg))
+        self.decoder = Decoder.load(cfg.model_info(), **cfg.load_kwargs())
         self.store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         _configure(self._decode_batch, cfg.decoder)
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
-        expected = (self.decoder.info.latent_channels,)
-        if latents.ndim != 4 or latents.shape[1:2] != expected:
-            raise ValueError(f"latents must be (n, {expected[0]}, h, w), got {latents.shape}")
+        self.decoder.validate(latents)
         return await self._decode_batch((latents, request))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _decode_batch(self, batch: list[tuple[np.ndarray, DecodeRequest]]) -> list[StageResult]:
-        return await asyncio.to_thread(decode_batch, self.decoder, self.store, batch)
+        return await asyncio.to_thread(self.decoder.decode_requests, batch, self.store)
 
     async def ready(self) -> str:
         await asyncio.to_thread(self.store.check)

@@ -1,11 +1,12 @@
 """Export a diffusers model into a model repository: ONNX per component, optional TensorRT engines.
 
-``export_model(source, out)`` is the entry point (``darkroom export`` calls it). Specs
-(``export.specs``) describe each component once; ONNX export, TensorRT build and the runtimes in
-``serve/engines`` all read them from the repository's manifest (``export.manifest``). No Ray.
+``export_model(source, out)`` is the entry point (``darkroom export`` calls it). Each family
+describes its components once (``Family.specs``, data types in ``serve.engines.specs``); ONNX
+export, TensorRT build and the runtimes in ``serve/engines`` all read them from the repository's
+manifest (written by ``export.manifest``, read by ``serve.engines.manifest``). No Ray.
 """
 
-from export.exporter import FORMATS, PRECISIONS, export_model
+from export.exporter import FORMATS, PRECISIONS, component_specs, export_model
 from export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -21,17 +22,8 @@ from export.manifest import (
     tool_versions,
 )
 from export.onnx_export import OPSET, TOLERANCE, export_onnx, load_component, optimize_onnx, verify_onnx
-from export.specs import (
-    PROFILE_LEVELS,
-    ComponentSpec,
-    Range,
-    SizeRange,
-    TensorSpec,
-    component_specs,
-    parse_batch,
-    parse_size,
-)
 from export.tensorrt_build import build_engine, build_engines
+from serve.engines.specs import PROFILE_LEVELS, ComponentSpec, Range, SizeRange, TensorSpec, parse_batch, parse_size
 
 __all__ = [
     "FORMATS",

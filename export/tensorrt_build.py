@@ -36,16 +36,8 @@ from export.manifest import (
     read_manifest,
     write_manifest,
 )
-from export.onnx_export import (
-    TOLERANCE,
-    check_error,
-    load_component,
-    max_abs_error,
-    random_inputs,
-    vocab_size,
-)
-from export.specs import PROFILE_LEVELS, ComponentSpec
-from serve.engines.base import COMPONENT_NAMES
+from export.onnx_export import TOLERANCE, check_error, load_component, max_abs_error, vocab_size
+from serve.engines.specs import PROFILE_LEVELS, ComponentSpec, random_inputs
 from serve.engines.tensorrt_backend import TensorRTRunner, gpu_arch, require_cuda, require_tensorrt
 from serve.errors import EngineError, InvalidRequestError
 
@@ -142,10 +134,14 @@ def verify_engine(
         shapes = spec.shapes(level)
         inputs = random_inputs(spec, shapes, seed=i, vocab=vocab_size(module), device=runner.device)
         with torch.no_grad():
-            reference = module(**inputs).float().cpu().numpy()
-        actual = runner.run(inputs)[spec.output_names[0]].float().cpu().numpy()
-        errors[level] = max_abs_error(reference, actual)
-        scale = float(np.abs(reference).max())
+            references = dict(zip(spec.output_names, module(**inputs), strict=True))
+        actual = runner.run(inputs)
+        measured = []
+        for name, reference in references.items():
+            ref = reference.float().cpu().numpy()
+            err = max_abs_error(ref, actual[name].float().cpu().numpy())
+            measured.append((err, float(np.abs(ref).max()) if ref.size else 0.0))
+        errors[level], scale = max(measured, key=lambda m: m[0] / max(1.0, m[1]))
         check_error(spec.component, level, shapes, errors[level], scale, TOLERANCE[precision])
     return errors
 
@@ -156,7 +152,7 @@ def build_engines(
     precision: str = "fp16",
     source: Path | None = None,
     device: str = "cuda",
-    components: tuple[str, ...] = COMPONENT_NAMES,
+    components: tuple[str, ...] | None = None,
     workspace_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -176,7 +172,7 @@ def build_engines(
     arch, version = gpu_arch(dev), trt.__version__
     timing_cache = root / f"timing-cache-trt{version}-{arch}.cache"
     say = progress or (lambda m: logger.info("%s", m))
-    for name in components:
+    for name in components or tuple(manifest["components"]):
         entry = component_entry(manifest, name, root)
         spec = component_spec(manifest, name)
         key = engine_key(entry["onnx"]["sha256"], spec.profile, precision, version, arch)
@@ -208,7 +204,7 @@ def build_engines(
             "build_s": round(build_s, 1),
         }
         if src.is_dir():
-            module = load_component(src, name, dtype=torch.float32, device=dev)
+            module = load_component(src, name, dtype=torch.float32, device=dev, family=manifest.get("family"))
             errors = verify_engine(TensorRTRunner(plan, dev), module, spec, precision)
             del module
             record["verify"] = {"max_abs_error": errors, "tolerance": TOLERANCE[precision]}

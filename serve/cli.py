@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from serve.console import configure_logging, missing_package_message, route_library_logs
 from serve.errors import DarkroomError, InvalidRequestError
 
 logger = logging.getLogger("darkroom")
@@ -35,6 +36,9 @@ _FLAG_FOR_FIELD = {
     "format": "--format",
     "out": "--out",
     "model": "--model",
+    "family": "--family",
+    "true_cfg_scale": "--true-cfg",
+    "variant": "--variant",
 }
 _FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -67,22 +71,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "size": args.size,
         "n": args.n,
         "output_format": _FORMAT_FOR_SUFFIX[suffix],
+        "true_cfg_scale": args.true_cfg,
     }
     request = parse_generation_request({k: v for k, v in body.items() if v is not None}, Limits())
 
+    from serve.families import family_of
     from serve.model import read_model_info, resolve_source
     from serve.pipeline import Pipeline
+    from serve.settings import Settings
 
+    route_library_logs()
     source = resolve_source(args.model)
-    info = read_model_info(source)
-    params = request.to_params(default_size=info.native_size, limits=Limits())
+    info = read_model_info(source, args.family)
+    family = family_of(info)
+    params = request.to_params(default_size=info.native_size, limits=Limits(), defaults=family.request_defaults())
+    family.check(params)
+    settings = Settings.from_env()
     t0 = time.perf_counter()
-    _say(f"loading {info.name} ({args.backend}) ...")
-    pipe = Pipeline.load(source, backend=args.backend, device=args.device, dtype=args.dtype)
+    _say(f"loading {info.name} ({info.family}, {args.backend}) ...")
+    pipe = Pipeline.load(
+        source,
+        backend=args.backend,
+        device=args.device or settings.device,
+        dtype=args.dtype or settings.dtype,
+        family=args.family,
+    )
     load_s = time.perf_counter() - t0
     _say(
         f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
-        f"scheduler {params.scheduler or info.scheduler_class}, seed {params.seed} ..."
+        f"scheduler {family.scheduler_label(params.scheduler)}, seed {params.seed} ..."
     )
     result = pipe.generate(params, progress=_progress_bar(params.num_inference_steps))
     paths = output_paths(args.output, params.n)
@@ -117,17 +134,26 @@ def _progress_bar(total: int) -> Callable[[int, int], None] | None:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from serve.tiny import write_tiny_model
 
+    route_library_logs()
     t0 = time.perf_counter()
-    path = write_tiny_model(args.dir, seed=args.seed)
+    path = write_tiny_model(args.dir, family=args.family, variant=args.variant, seed=args.seed)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"wrote tiny model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    kind = args.family + (f" ({args.variant})" if args.variant else "")
+    print(f"wrote tiny {kind} model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    # ONNX export and its check against torch need these: say so before minutes of work.
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        if importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(f"No module named '{package}'", name=package)
     from export import OPSET, export_model, read_manifest
     from serve.model import resolve_source
 
+    route_library_logs()
     t0 = time.perf_counter()
     out = export_model(
         resolve_source(args.model),
@@ -140,6 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         optimize=not args.no_optimize,
         device=args.device,
         progress=_say,
+        family=args.family,
     )
     manifest = read_manifest(out)
     for name, entry in manifest["components"].items():
@@ -260,19 +287,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from serve.tiny import FAMILIES as TINY_FAMILIES  # stdlib-only at import: --help stays instant
+
     parser = argparse.ArgumentParser(prog="darkroom", description="Serve text-to-image diffusion models.")
-    parser.add_argument("--log-level", default=None, help="logging level (default: DARKROOM_LOG_LEVEL or INFO)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        help="logging level of the libraries' messages: debug, info, warning, error (default: "
+        "DARKROOM_LOG_LEVEL or warning; the command's own progress lines always show)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images in-process (no serving stack)")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help='what to draw, e.g. "a red fox in the snow"')
     gen.add_argument(
         "--model",
         default=None,
         help="diffusers folder, hub id, exported repository, or tiny (the random tiny model) "
         "(default: the shipped demo model)",
     )
-    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--negative-prompt", default=None, help="what not to draw (used with guidance > 1)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps, 1..150 (default 50)")
     gen.add_argument(
         "--guidance", type=float, default=None, help="guidance scale, 0..30; <= 1 disables CFG (default 7.5)"
@@ -284,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--seed", type=int, default=None, help="0..2**32-1 (default: random, printed)")
     gen.add_argument("--size", default=None, help="WxH, multiples of 8 (default: the model's native size)")
-    gen.add_argument("--n", type=int, default=None, help="images to generate, 1..8 (default 1)")
+    gen.add_argument("--n", type=int, default=None, help="images to generate, 1..10 (default 1)")
     gen.add_argument(
         "--output",
         type=Path,
@@ -297,13 +331,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch, onnxruntime, tensorrt or auto (default: auto = torch for a diffusers folder; "
         "for an exported repository tensorrt when engines for this GPU exist, else onnxruntime)",
     )
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
-    gen.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: fp16 on CUDA, fp32 on CPU)")
+    gen.add_argument(
+        "--family", default=None, help="sd, sdxl or flux (default: the one the model's model_index.json names)"
+    )
+    gen.add_argument(
+        "--true-cfg",
+        type=float,
+        default=None,
+        help="Flux only: guidance with --negative-prompt, as FluxPipeline's true_cfg_scale (> 1 turns it on)",
+    )
+    gen.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:N (default: DARKROOM_DEVICE, else CUDA when present)"
+    )
+    gen.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, float16, bfloat16 (default: DARKROOM_DTYPE, else fp16 on CUDA, fp32 on CPU)",
+    )
     gen.set_defaults(func=cmd_generate)
 
-    tiny = sub.add_parser("tiny-model", help="write a tiny random-weight SD model (diffusers layout)")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = sub.add_parser(
+        "tiny-model", help="write a tiny random-weight SD, SDXL or Flux model (diffusers layout, for tests)"
+    )
+    tiny.add_argument("dir", type=Path, help="folder to write (replaced if it exists)")
+    tiny.add_argument(
+        "--family",
+        default="sd",
+        choices=TINY_FAMILIES,
+        help="model family: sd (StableDiffusionPipeline), sdxl (StableDiffusionXLPipeline), flux (FluxPipeline) "
+        "(default sd)",
+    )
+    tiny.add_argument(
+        "--variant",
+        default=None,
+        help="flux only: dev (guidance embedding) or schnell (no guidance) (default dev)",
+    )
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)
 
     exp = sub.add_parser("export", help="export a model to ONNX (and TensorRT) engines with a manifest")
@@ -329,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     exp.add_argument("--no-optimize", action="store_true", help="skip graph optimisation (onnxslim)")
     exp.add_argument("--device", default=None, help="cpu or cuda for the export (default: CUDA when present)")
+    exp.add_argument(
+        "--family", default=None, help="sd, sdxl or flux (default: the one the model's model_index.json names)"
+    )
     exp.set_defaults(func=cmd_export)
 
     train = sub.add_parser(
@@ -385,12 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from serve.settings import Settings
 
-    level = args.log_level or Settings.from_env().log_level
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "filelock"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(args.log_level or Settings.from_env().log_level)
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in ("serve", "export", "deployments", "bench"):
+            raise  # our own module: a bug, not an install problem
+        print(f"darkroom: error: {missing_package_message(exc)}", file=sys.stderr)
+        return 2
     except InvalidRequestError as exc:
         flag = _FLAG_FOR_FIELD.get(exc.field, exc.field)
         print(f"darkroom: error: {flag}: {exc.reason} (got {exc.value!r})", file=sys.stderr)

@@ -12,10 +12,7 @@ import secrets
 from dataclasses import dataclass
 
 from serve.errors import InvalidRequestError
-
-#: Scheduler names users may ask for; each maps to a diffusers class built with
-#: ``Cls.from_config(model's scheduler config)``. ``None`` means the model's own scheduler.
-SCHEDULER_NAMES: tuple[str, ...] = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "unipc")
+from serve.schedulers import SCHEDULER_NAMES
 
 #: Encodings the decoder stage can write.
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
@@ -58,6 +55,13 @@ class GenerationParams:
     n: int
     scheduler: str | None
     output_format: str
+    #: Flux only: classifier-free guidance with the negative prompt, as FluxPipeline's
+    #: ``true_cfg_scale`` (1 = off, its default; the family refuses it elsewhere).
+    true_cfg_scale: float = 1.0
+    #: jpeg/webp encoder quality 0..100; None = the encoder's default (92).
+    output_compression: int | None = None
+    #: The client's end-user id (OpenAI's ``user``), stored with the images; not used otherwise.
+    user: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -77,10 +81,18 @@ class GenerationParams:
             raise InvalidRequestError("guidance_scale", self.guidance_scale, "must be a number")
         if not 0 <= self.guidance_scale < float("inf"):
             raise InvalidRequestError("guidance_scale", self.guidance_scale, "must be a finite number >= 0")
+        if isinstance(self.true_cfg_scale, bool) or not isinstance(self.true_cfg_scale, (int, float)):
+            raise InvalidRequestError("true_cfg_scale", self.true_cfg_scale, "must be a number")
+        if not 0 <= self.true_cfg_scale < float("inf"):
+            raise InvalidRequestError("true_cfg_scale", self.true_cfg_scale, "must be a finite number >= 0")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequestError("seed", self.seed, f"must be an integer in 0..{MAX_SEED}")
         if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
             raise InvalidRequestError("scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULER_NAMES)}")
+        if self.output_compression is not None and (
+            not _is_int(self.output_compression) or not 0 <= self.output_compression <= 100
+        ):
+            raise InvalidRequestError("output_compression", self.output_compression, "must be an integer in 0..100")
         if self.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(
                 "output_format", self.output_format, f"must be one of {', '.join(OUTPUT_FORMATS)}"

@@ -1,7 +1,8 @@
 """The in-process pipeline: the three stages composed in one process, no serving stack.
 
 Used by ``darkroom generate`` and as the benchmark's in-process limit. It runs the named stages
-of diffusers' ``__call__``: check inputs -> encode prompt -> prepare latents + denoise -> decode.
+of diffusers' ``__call__``: check inputs (the family's ``plan``) -> encode prompt -> prepare
+latents + denoise -> decode, for any family.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.families import Family, Plan
 from serve.imageio import encode_image
-from serve.model import ModelInfo
+from serve.model import ModelInfo, read_model_info
 from serve.params import GenerationParams
-from serve.stages import Decoder, DenoiseJob, Denoiser, TextEncoder, guidance_enabled
+from serve.stages import Decoder, DenoiseJob, Denoiser, TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -36,38 +38,10 @@ class GenerationResult:
         return self.params.seed
 
 
-def make_jobs(encoder: TextEncoder, info: ModelInfo, batch: Sequence[GenerationParams]) -> list[DenoiseJob]:
-    """Encode every prompt (and negative prompt, "" when none, for CFG requests) in one call."""
-    texts: list[str] = []
-    for p in batch:
-        texts.append(p.prompt)
-        if guidance_enabled(info, p.guidance_scale):
-            texts.append(p.negative_prompt or "")
-    embeds = encoder.encode(texts)
-    jobs, k = [], 0
-    for p in batch:
-        pos = embeds[k]
-        k += 1
-        neg = None
-        if guidance_enabled(info, p.guidance_scale):
-            neg = embeds[k]
-            k += 1
-        jobs.append(job_for(p, pos, neg))
-    return jobs
-
-
-def job_for(p: GenerationParams, prompt_embeds: np.ndarray, negative_embeds: np.ndarray | None) -> DenoiseJob:
-    return DenoiseJob(
-        prompt_embeds=prompt_embeds,
-        negative_embeds=negative_embeds,
-        seed=p.seed,
-        num_inference_steps=p.num_inference_steps,
-        guidance_scale=p.guidance_scale,
-        width=p.width,
-        height=p.height,
-        n=p.n,
-        scheduler=p.scheduler,
-    )
+def make_jobs(encoder: TextEncoder, plans: Sequence[Plan]) -> list[DenoiseJob]:
+    """Encode every plan's texts in one TextEncoder call, then build each Denoiser job."""
+    results = encoder.encode_requests([plan.texts for plan in plans])
+    return [plan.denoise_job(r.value) for plan, r in zip(plans, results, strict=True)]
 
 
 class Pipeline:
@@ -77,7 +51,8 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.decoder = decoder
-        self.info = denoiser.info
+        self.info: ModelInfo = denoiser.info
+        self.family: Family = denoiser.family
 
     @classmethod
     def load(
@@ -87,12 +62,11 @@ class Pipeline:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        family: str | None = None,
     ) -> Pipeline:
-        return cls(
-            TextEncoder.load(source, backend=backend, device=device, dtype=dtype),
-            Denoiser.load(source, backend=backend, device=device, dtype=dtype),
-            Decoder.load(source, backend=backend, device=device, dtype=dtype),
-        )
+        info = read_model_info(source, family)
+        kw = {"backend": backend, "device": device, "dtype": dtype}
+        return cls(TextEncoder.load(info, **kw), Denoiser.load(info, **kw), Decoder.load(info, **kw))
 
     def generate(
         self, params: GenerationParams, progress: Callable[[int, int], None] | None = None
@@ -106,8 +80,9 @@ class Pipeline:
 
         Timings are per batch: every request of the batch reports the same stage times.
         """
+        plans = [self.family.plan(p) for p in batch]
         t0 = time.perf_counter()
-        jobs = make_jobs(self.text_encoder, self.info, batch)
+        jobs = make_jobs(self.text_encoder, plans)
         t1 = time.perf_counter()
         latents = self.denoiser.denoise(jobs, progress=progress)
         t2 = time.perf_counter()

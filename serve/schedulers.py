@@ -1,5 +1,10 @@
 """The scheduler registry: DESIGN.md's names, each ``Cls.from_config(model's scheduler config)``.
 
+One list for the whole project: the schema, the CLI, the families and the tests read it here.
+UNet families (SD 1.x/2.x, SDXL) take every name of ``UNET_SCHEDULERS``; flow-matching families
+(Flux) take ``FLOW_SCHEDULERS``: the epsilon/v-prediction schedulers make no sense for a model
+trained on flow matching, so a family refuses them by name (``Family.check``).
+
 A scheduler object holds per-run state (``_step_index``, multistep history), so every request
 gets its own instance (diffusers #1606, #3672, #9833); ``from_config`` costs ~0.1 ms.
 """
@@ -7,13 +12,13 @@ gets its own instance (diffusers #1606, #3672, #9833); ``from_config`` costs ~0.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from serve.errors import InvalidRequestError
 
-# name -> diffusers class name, as strings so importing this module stays cheap. The keys are
-# serve.params.SCHEDULER_NAMES; a unit test holds them equal.
-_CLASSES: dict[str, str] = {
+# name -> diffusers class name, as strings so importing this module stays cheap.
+UNET_SCHEDULERS: dict[str, str] = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
     "lms": "LMSDiscreteScheduler",
@@ -23,27 +28,43 @@ _CLASSES: dict[str, str] = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+#: Flow matching: Flux's own Euler (``FluxPipeline`` passes it per-request sigmas and ``mu``).
+FLOW_SCHEDULERS: dict[str, str] = {"euler": "FlowMatchEulerDiscreteScheduler"}
+
+#: Every name some family accepts, in DESIGN.md's order: what the request schema lets through
+#: before the served model's family checks it.
+SCHEDULER_NAMES: tuple[str, ...] = tuple(dict.fromkeys([*UNET_SCHEDULERS, *FLOW_SCHEDULERS]))
 
 
-def scheduler_class(name: str | None, default_class: str) -> type:
+def scheduler_class(name: str | None, default_class: str, accepted: Mapping[str, str] = UNET_SCHEDULERS) -> type:
     """The diffusers class for ``name``; ``None`` means the model's own (``default_class``)."""
     import diffusers
 
     if name is None:
         cls_name = default_class
-    elif name in _CLASSES:
-        cls_name = _CLASSES[name]
+    elif name in accepted:
+        cls_name = accepted[name]
     else:
-        raise InvalidRequestError("scheduler", name, f"unknown scheduler; choose one of {', '.join(_CLASSES)}")
+        raise InvalidRequestError("scheduler", name, f"unknown scheduler; choose one of {', '.join(accepted)}")
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise InvalidRequestError("scheduler", name, f"diffusers has no scheduler class {cls_name}")
     return cls
 
 
-def make_scheduler(name: str | None, config: dict[str, Any], default_class: str) -> Any:
+def make_scheduler(
+    name: str | None, config: dict[str, Any], default_class: str, accepted: Mapping[str, str] = UNET_SCHEDULERS
+) -> Any:
     """A fresh scheduler for one request."""
-    return scheduler_class(name, default_class).from_config(config)
+    return scheduler_class(name, default_class, accepted).from_config(config)
+
+
+def scheduler_name(class_name: str, accepted: Mapping[str, str] = UNET_SCHEDULERS) -> str | None:
+    """The name users type for a diffusers class (``PNDMScheduler`` -> ``pndm``); None if it has none."""
+    for name, cls_name in accepted.items():
+        if cls_name == class_name:
+            return name
+    return None
 
 
 def step_kwargs(scheduler: Any, generator: Any, eta: float = 0.0) -> dict[str, Any]:
@@ -55,3 +76,14 @@ def step_kwargs(scheduler: Any, generator: Any, eta: float = 0.0) -> dict[str, A
     if "generator" in params:
         kwargs["generator"] = generator
     return kwargs
+
+
+__all__ = [
+    "FLOW_SCHEDULERS",
+    "SCHEDULER_NAMES",
+    "UNET_SCHEDULERS",
+    "make_scheduler",
+    "scheduler_class",
+    "scheduler_name",
+    "step_kwargs",
+]

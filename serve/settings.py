@@ -158,7 +158,11 @@ class Settings(BaseModel):
         repr=False,  # keep secrets out of logs that print the settings
         description="Bearer tokens the HTTP API accepts (DARKROOM_API_KEYS, comma-separated); empty disables auth.",
     )
-    log_level: str = Field("INFO", description="Python logging level name (DARKROOM_LOG_LEVEL).")
+    log_level: str = Field(
+        "WARNING",
+        description="Python logging level name (DARKROOM_LOG_LEVEL); the CLI prints its own progress "
+        "lines at any level, so INFO adds the libraries' details.",
+    )
 
     @field_validator("device", mode="before")
     @classmethod

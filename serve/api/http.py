@@ -9,7 +9,7 @@ OpenAPI document for clients and fuzzers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.api.policy import OPEN_PATHS, api_key_ok
+from serve.api.responses import ImagesResponse
 from serve.api.schemas import ImageGenerationRequest
 from serve.api.service import ImageService
 from serve.errors import AuthenticationError, DarkroomError, PayloadTooLargeError, StorageError
@@ -32,10 +33,17 @@ _BODY_DOC = {
 }
 
 
-def error_response(status: int, message: str, type_: str, param: str | None, code: str | None) -> JSONResponse:
-    headers = {"Retry-After": "5"} if status == 503 else None
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None,
+    code: str | None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    headers = {**({"Retry-After": "5"} if status == 503 else {}), **(headers or {})}
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def server_timing(timings: dict[str, float]) -> str:
@@ -90,9 +98,14 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
         return _darkroom_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, str(exc.detail), type_, None, None)
+        message = str(exc.detail)
+        allow = (exc.headers or {}).get("Allow")
+        if exc.status_code == 405 and allow:
+            message = f"method {request.method} is not allowed on {request.url.path}; allowed: {allow}"
+        # Starlette's headers carry e.g. a 405's Allow (RFC 9110: a 405 must list the methods).
+        return error_response(exc.status_code, message, type_, None, None, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -105,7 +118,11 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
         logger.exception("unhandled error")
         return error_response(500, "internal server error", "server_error", None, None)
 
-    @app.post("/v1/images/generations", openapi_extra=_BODY_DOC)
+    @app.post(
+        "/v1/images/generations",
+        openapi_extra=_BODY_DOC,
+        responses={200: {"model": ImagesResponse, "description": "The images, each with its seed and index."}},
+    )
     async def generations(request: Request) -> JSONResponse:
         service = get_service()
         raw = await read_body(request, service.config.max_body_bytes)
@@ -132,6 +149,10 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     async def files(key: str) -> Response:
         data = await get_service().file(key)
         return Response(data, media_type=guess_content_type(key))
+
+    # HEAD as well as GET (FastAPI's get() registers GET only): clients check a file with HEAD.
+    # The server sends the headers (Content-Length included) without the body.
+    app.add_api_route("/v1/files/{key:path}", files, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

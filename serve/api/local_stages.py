@@ -12,10 +12,8 @@ import threading
 
 import numpy as np
 
-from serve.api.service import DecodeRequest, StageResult
-from serve.api.stage_ops import decode_batch, denoise_batch, encode_batch
 from serve.pipeline import Pipeline
-from serve.stages import DenoiseJob
+from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
 from serve.storage import ResultStore
 
 
@@ -33,15 +31,16 @@ class LocalStages:
         return await asyncio.to_thread(locked)
 
     async def encode(self, texts: list[str]) -> StageResult:
-        return (await self._call("encode", encode_batch, self.pipeline.text_encoder, [texts]))[0]
+        return (await self._call("encode", self.pipeline.text_encoder.encode_requests, [texts]))[0]
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         self.pipeline.denoiser.validate(job)
-        return (await self._call("denoise", denoise_batch, self.pipeline.denoiser, [job]))[0]
+        return (await self._call("denoise", self.pipeline.denoiser.denoise_requests, [job]))[0]
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
+        self.pipeline.decoder.validate(latents)
         batch = [(latents, request)]
-        return (await self._call("decode", decode_batch, self.pipeline.decoder, self.store, batch))[0]
+        return (await self._call("decode", self.pipeline.decoder.decode_requests, batch, self.store))[0]
 
     async def ready(self) -> dict[str, str]:
         return {"TextEncoder": "ok", "Denoiser": "ok", "Decoder": "ok"}

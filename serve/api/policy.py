@@ -41,6 +41,11 @@ class PromptPolicy(BaseModel):
     but not "gorgeous"); ``patterns`` are Python regular expressions (searched, ignore case);
     ``checker`` is ``"module:function"``, called as ``function(prompt) -> str | None`` (a reason
     to refuse, or None) — the hook for a model-based classifier.
+
+    A request's ``moderation`` (OpenAI's field) sets how strictly this applies: ``auto`` (the
+    default) applies all three; ``low`` skips the checker. The blocklist and the patterns are the
+    operator's fixed rules and always apply; a classifier's verdict is a judgement call, which
+    ``low`` relaxes (OpenAI: "less restrictive filtering").
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,16 +67,16 @@ class PromptPolicy(BaseModel):
         module, _, name = self.checker.partition(":")
         return getattr(importlib.import_module(module), name)
 
-    def check(self, prompt: str, negative_prompt: str | None = None) -> None:
+    def check(self, prompt: str, negative_prompt: str | None = None, moderation: str = "auto") -> None:
         """Raise :class:`ContentPolicyError` naming the field if a prompt is refused.
 
         Only the prompt is policed; a negative prompt steers away from content, so blocking
-        "gore" in it would refuse exactly the careful users.
+        "gore" in it would refuse exactly the careful users. ``moderation="low"`` skips the checker.
         """
         for regex in self._regexes:
             if regex.search(prompt):
                 raise ContentPolicyError("prompt", prompt, "refused by the content policy")
-        if self._checker is not None:
+        if self._checker is not None and moderation != "low":
             reason = self._checker(prompt)
             if reason:
                 raise ContentPolicyError("prompt", prompt, f"refused by the content policy: {reason}")

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -29,8 +30,11 @@ from pydantic import (
     model_validator,
 )
 
-from serve.errors import DarkroomError, InvalidRequestError
+from serve.errors import InvalidRequestError
 from serve.params import MAX_SEED, SCHEDULER_NAMES, GenerationParams, random_seed
+
+#: The most images OpenAI's API lets one request ask for.
+OPENAI_MAX_N = 10
 
 
 class Limits(BaseModel):
@@ -54,7 +58,12 @@ class Limits(BaseModel):
         ge=1,
         description="Longest prompt or negative prompt, in characters (CLIP truncates at 77 tokens).",
     )
-    max_n: int = Field(8, ge=1, description="Most images one request may ask for (`n`).")
+    max_n: int = Field(
+        OPENAI_MAX_N,
+        ge=1,
+        description="Most images one request may ask for (`n`); OpenAI's API allows 10, a lower value is "
+        "this server's own limit (and its 400 says so).",
+    )
     max_steps: int = Field(150, ge=1, description="Most denoising steps (`num_inference_steps`) a request may ask for.")
     max_guidance: float = Field(
         30.0,
@@ -72,10 +81,31 @@ class Limits(BaseModel):
 
 DEFAULT_LIMITS = Limits()
 
+# ``quality`` -> a share of the model's default step count, when the request sets no
+# ``num_inference_steps`` (which wins). OpenAI's GPT-image values are low/medium/high, DALL-E 3's
+# standard/hd; ``auto`` (and null) is the default itself. Worked example: SD's 50 steps give low
+# 20, medium 30, high 50; Flux dev's 28 give 11, 17, 28. Capped by ``Limits.max_steps``.
+QUALITY_FRACTION: dict[str, float] = {
+    "low": 0.4,
+    "medium": 0.6,
+    "standard": 0.6,
+    "high": 1.0,
+    "hd": 1.0,
+    "auto": 1.0,
+}
+DEFAULT_STEPS = 50
+
 _LIMITS_CONTEXT_KEY = "limits"
 # Fields OpenAI documents as nullable with a default: `"n": null` means "the default", so
 # clients that serialise unset options as null keep working.
-_NULL_MEANS_DEFAULT = ("n", "response_format", "output_format", "num_inference_steps", "guidance_scale")
+_NULL_MEANS_DEFAULT = (
+    "n",
+    "response_format",
+    "output_format",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+)
 # [0-9] and fullmatch, not \d and $: \d also matches e.g. Arabic-Indic digits, and $ matches
 # before a trailing newline, so r"^\d+x\d+$" would accept "64x64\n".
 _SIZE_RE = re.compile(r"([0-9]+)x([0-9]+)")
@@ -138,31 +168,72 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # OpenAI fields.
+    # OpenAI fields (every request field of OpenAI's CreateImageRequest: accepted with the meaning
+    # described, or refused with a 400 naming it).
     model: StrictStr | None = Field(None, description="Model to use; None means the one this server serves.")
     prompt: StrictStr = Field(
         ..., description="What to draw. Must not be blank; at most Limits.max_prompt_chars characters."
     )
-    n: StrictInt = Field(1, ge=1, description="How many images to make, 1..Limits.max_n (8 by default).")
+    n: StrictInt = Field(
+        1,
+        ge=1,
+        description="How many images to make, 1..Limits.max_n (10 by default, OpenAI's maximum). Image i of a "
+        "request with seed s is image i of the same request sent again with seed s and the same n.",
+    )
     size: StrictStr | None = Field(
         None,
-        description="'WIDTHxHEIGHT' in pixels, each side a multiple of 8 within Limits; "
-        "None means the model's native size.",
+        description="'WIDTHxHEIGHT' in pixels, each side a multiple of 8 within Limits; 'auto' or None means "
+        "the model's native size.",
+    )
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = Field(
+        None,
+        description="A step preset used when num_inference_steps is not sent (which wins), as a share of the "
+        "model's default steps: low 40%, medium and standard 60%, high, hd, auto and None 100% (SD's 50: 20, "
+        "30, 50). Capped by Limits.max_steps.",
     )
     response_format: Literal["url", "b64_json"] = Field(
         "url", description="'url': a link to the stored image; 'b64_json': the image inline, base64-encoded."
     )
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image encoding.")
-    user: StrictStr | None = Field(None, description="End-user id, for abuse tracking; logged, not used.")
-    quality: StrictStr | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
-    style: StrictStr | None = Field(None, description="Accepted for OpenAI compatibility; ignored.")
+    output_compression: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="jpeg and webp only: the encoder's quality, 0..100 (100 = least compression, largest "
+        "file); None: 92. With png only 100 (lossless anyway) or None is accepted.",
+    )
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None,
+        description="auto (None) or opaque: the model draws opaque images. transparent is refused (400): "
+        "no model here draws an alpha channel.",
+    )
+    moderation: Literal["auto", "low"] | None = Field(
+        None,
+        description="How strictly the prompt policy applies. auto (None): the blocklist, the patterns and "
+        "the checker (a classifier hook). low: the blocklist and the patterns only, without the checker.",
+    )
+    style: StrictStr | None = Field(
+        None, description="DALL-E 3's vivid/natural: no model here has styles, so any value but None is a 400."
+    )
+    stream: StrictBool | None = Field(
+        None, description="Streaming (server-sent events) is not supported yet: true is a 400; false or None."
+    )
+    partial_images: StrictInt | None = Field(
+        None, ge=0, le=3, description="Partial images per image while streaming, 0..3 (used with stream)."
+    )
+    user: StrictStr | None = Field(
+        None, description="End-user id, for abuse tracking: stored in each image's metadata, not used otherwise."
+    )
 
     # Darkroom extensions.
     negative_prompt: StrictStr | None = Field(
         None, description="What not to draw (replaces the empty unconditional prompt of guidance)."
     )
     num_inference_steps: StrictInt = Field(
-        50, ge=1, description="Denoising steps, 1..Limits.max_steps (150 by default)."
+        DEFAULT_STEPS,
+        ge=1,
+        description="Denoising steps, 1..Limits.max_steps (150 by default); default: the quality preset, else "
+        "50, within Limits.max_steps.",
     )
     guidance_scale: StrictFloat = Field(
         7.5,
@@ -174,7 +245,16 @@ class ImageGenerationRequest(BaseModel):
         None, description=f"Seed in 0..{MAX_SEED} for reproducible images; None picks one (returned)."
     )
     scheduler: StrictStr | None = Field(
-        None, description=f"One of {', '.join(SCHEDULER_NAMES)}; None means the model's own scheduler."
+        None,
+        description=f"One of {', '.join(SCHEDULER_NAMES)} (UNet models: all but flow matching; Flux: euler); "
+        "None means the model's own scheduler.",
+    )
+    true_cfg_scale: StrictFloat = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Flux only: classifier-free guidance with negative_prompt, as FluxPipeline's true_cfg_scale "
+        "(> 1 turns it on and needs a negative_prompt; 1 = off). Other families refuse it.",
     )
 
     @model_validator(mode="before")
@@ -184,11 +264,40 @@ class ImageGenerationRequest(BaseModel):
             return {k: v for k, v in data.items() if not (k in _NULL_MEANS_DEFAULT and v is None)}
         return data
 
-    @field_validator("model", "user", "quality", "style")
+    @field_validator("model", "user")
     @classmethod
     def _check_text(cls, value: str | None) -> str | None:
         _reject_nul(value)
         return value
+
+    @field_validator("style")
+    @classmethod
+    def _check_style(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("not supported: this model has no styles (send null or leave it out)")
+        return value
+
+    @field_validator("background")
+    @classmethod
+    def _check_background(cls, value: str | None) -> str | None:
+        if value == "transparent":
+            raise ValueError("'transparent' is not supported: the model draws opaque images (use auto or opaque)")
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _check_stream(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("streaming is not supported yet (send false or leave it out)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_compression(self) -> ImageGenerationRequest:
+        if self.output_format == "png" and self.output_compression not in (None, 100):
+            raise InvalidRequestError(
+                "output_compression", self.output_compression, "applies to jpeg and webp only (png is lossless)"
+            )
+        return self
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -208,7 +317,8 @@ class ImageGenerationRequest(BaseModel):
     def _check_n(cls, value: int, info: ValidationInfo) -> int:
         limit = _limits_from(info).max_n
         if value > limit:
-            raise ValueError(f"must be at most {limit}")
+            why = "" if limit == OPENAI_MAX_N else f" (this server's limit; OpenAI's API allows {OPENAI_MAX_N})"
+            raise ValueError(f"must be at most {limit}{why}")
         return value
 
     @field_validator("num_inference_steps")
@@ -219,7 +329,7 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError(f"must be at most {limit}")
         return value
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "true_cfg_scale")
     @classmethod
     def _check_guidance(cls, value: float, info: ValidationInfo) -> float:
         limit = _limits_from(info).max_guidance
@@ -230,6 +340,8 @@ class ImageGenerationRequest(BaseModel):
     @field_validator("size")
     @classmethod
     def _check_size(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value == "auto":  # OpenAI's default: the model's own size
+            return None
         if value is not None:
             _reject_nul(value)
             parse_size(value, _limits_from(info))
@@ -253,6 +365,7 @@ class ImageGenerationRequest(BaseModel):
         default_size: tuple[int, int],
         limits: Limits | None = None,
         seed: int | None = None,
+        defaults: Mapping[str, float] | None = None,
     ) -> GenerationParams:
         """Resolve every default into ``GenerationParams``.
 
@@ -260,7 +373,9 @@ class ImageGenerationRequest(BaseModel):
         With ``limits`` the request is re-checked against them, the native size included (so a
         server whose limits are below its model's native size asks clients for a ``size``).
         ``seed`` is the fallback when the request has none (e.g. a job retry keeping its seed);
-        with neither, a fresh ``random_seed()``.
+        with neither, a fresh ``random_seed()``. ``defaults`` are the model family's own for
+        fields the client did not send (``Family.request_defaults``: e.g. Flux's guidance 3.5 and
+        28 steps, as its diffusers pipeline defaults them).
         """
         if limits is not None:
             self.check_limits(limits)
@@ -279,9 +394,16 @@ class ImageGenerationRequest(BaseModel):
                         f"is required: the model's native size {width}x{height} is outside this "
                         f"server's limits ({exc.reason})",
                     ) from exc
+        defaults = defaults or {}
+        unset = {name for name in defaults if name not in self.model_fields_set}
+        guidance = float(defaults["guidance_scale"]) if "guidance_scale" in unset else float(self.guidance_scale)
         steps = self.num_inference_steps
-        if limits is not None and "num_inference_steps" not in self.model_fields_set:
-            steps = min(steps, limits.max_steps)  # the default, within this server's limit
+        if "num_inference_steps" not in self.model_fields_set:
+            # The family's default step count (else 50), scaled by the quality preset.
+            base = int(defaults.get("num_inference_steps", DEFAULT_STEPS))
+            steps = max(1, round(base * QUALITY_FRACTION[self.quality or "auto"]))
+            if limits is not None:
+                steps = min(steps, limits.max_steps)  # the default, within this server's limit
         if self.seed is not None:
             resolved_seed = self.seed
         elif seed is not None:
@@ -294,11 +416,14 @@ class ImageGenerationRequest(BaseModel):
             width=width,
             height=height,
             num_inference_steps=steps,
-            guidance_scale=float(self.guidance_scale),
+            guidance_scale=guidance,
             seed=resolved_seed,
             n=self.n,
             scheduler=self.scheduler,
             output_format=self.output_format,
+            true_cfg_scale=float(self.true_cfg_scale),
+            output_compression=self.output_compression,
+            user=self.user,
         )
 
 
@@ -358,6 +483,9 @@ def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
     """
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidRequestError) and not first["loc"]:
+        return cause  # a check across fields (model validator) names its own field
     field = ".".join(str(part) for part in first["loc"]) or "body"
     value = None if first["type"] == "missing" else first.get("input")
     return InvalidRequestError(field, value, _reason(first))
@@ -389,63 +517,14 @@ def parse_generation_request(data: Any, limits: Limits | None = None) -> ImageGe
         raise invalid_request_from(exc) from exc
 
 
-# Response models, used by the HTTP ingress.
-
-
-class ImageData(BaseModel):
-    """One generated image: a URL or inline base64, and the seed that reproduces it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    b64_json: str | None = Field(None, description="The encoded image, base64, when response_format='b64_json'.")
-    url: str | None = Field(None, description="Where the stored image can be fetched, when response_format='url'.")
-    revised_prompt: str | None = Field(None, description="OpenAI compatibility; Darkroom never rewrites prompts.")
-    seed: int = Field(
-        ...,
-        description="The request's resolved seed: resending the request with it reproduces all n images, "
-        "this one included.",
-    )
-
-
-class ImagesResponse(BaseModel):
-    """Body of a successful ``POST /v1/images/generations``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    created: int = Field(..., description="Unix time (seconds) the request was accepted.")
-    data: list[ImageData] = Field(..., description="The images, in generation order.")
-    timings: dict[str, float] = Field(
-        default_factory=dict,
-        description="Seconds per stage, e.g. {'encode': 0.01, 'denoise': 1.9, 'decode': 0.2}.",
-    )
-
-
-class ErrorBody(BaseModel):
-    """The inner object of OpenAI's error shape."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    message: str = Field(..., description='Human-readable explanation, e.g. "n: must be at most 8 (got 9)".')
-    type: str = Field(..., description="Error class, e.g. 'invalid_request_error' or 'server_error'.")
-    param: str | None = Field(None, description="The offending request field, when one is to blame.")
-    code: str | None = Field(None, description="Machine-readable code, e.g. 'invalid_value'.")
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    error: ErrorBody = Field(..., description="What went wrong.")
-
-    @classmethod
-    def from_exception(cls, exc: DarkroomError) -> ErrorResponse:
-        """The response body for a typed Darkroom error."""
-        return cls.model_validate(exc.to_openai())
-
+# Response models live in serve/api/responses.py; re-exported here for existing imports.
+from serve.api.responses import ErrorBody, ErrorResponse, ImageData, ImagesResponse  # noqa: E402
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "DEFAULT_STEPS",
+    "OPENAI_MAX_N",
+    "QUALITY_FRACTION",
     "ErrorBody",
     "ErrorResponse",
     "ImageData",

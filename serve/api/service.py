@@ -14,59 +14,20 @@ import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
-
-import numpy as np
+from typing import Any, TypeVar
 
 from serve.api.idempotency import IdempotencyGuard
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
 from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError, RequestTimeoutError
+from serve.families import family_of
 from serve.model import ModelInfo
 from serve.params import GenerationParams
-from serve.stages.denoiser import DenoiseJob, guidance_enabled
+from serve.stages.messages import DecodedImage, DecodeRequest, StageClient
 from serve.storage import LocalStore, ResultStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class StageResult:
-    """A stage's answer plus the seconds its model work took (the rest of the call is queueing)."""
-
-    value: Any
-    compute_s: float
-    batch_size: int = 1
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DecodeRequest:
-    """What the Decoder needs besides latents: how to encode and what to store beside each image."""
-
-    output_format: str
-    metadata: dict[str, Any]
-    inline: bool  # return the encoded bytes too (response_format=b64_json)
-
-
-@dataclass(frozen=True)
-class DecodedImage:
-    key: str
-    content_type: str
-    data: bytes | None  # only when DecodeRequest.inline
-
-
-class StageClient(Protocol):
-    """How the service reaches the stages. Every call is idempotent (safe to retry)."""
-
-    async def encode(self, texts: list[str]) -> StageResult: ...
-
-    async def denoise(self, job: DenoiseJob) -> StageResult: ...
-
-    async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult: ...
-
-    async def ready(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -90,6 +51,7 @@ class ImageService:
     def __init__(self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore) -> None:
         self.config = config
         self.info = info
+        self.family = family_of(info)
         self.stages = stages
         self.store = store
         self._jobs: set[asyncio.Task] = set()  # strong refs: the loop only keeps weak ones
@@ -100,8 +62,12 @@ class ImageService:
         request = parse_generation_request(body, self.config.limits)
         if request.model is not None and request.model not in self.model_ids():
             raise ModelNotFoundError("model", request.model, f"this server serves {self.config.model_name!r}")
-        params = request.to_params(default_size=self.info.native_size, limits=self.config.limits)
-        self.config.prompt_policy.check(params.prompt, params.negative_prompt)
+        params = request.to_params(
+            default_size=self.info.native_size, limits=self.config.limits, defaults=self.family.request_defaults()
+        )
+        self.family.check(params)
+        policy = self.config.prompt_policy
+        policy.check(params.prompt, params.negative_prompt, moderation=request.moderation or "auto")
         return request, params
 
     def model_ids(self) -> tuple[str, ...]:
@@ -120,27 +86,20 @@ class ImageService:
         wake = getattr(self.stages, "wake", None)
         if wake is not None:
             wake()  # start scaled-to-zero stages now, not one after another
+        plan = self.family.plan(params)
         t0 = time.perf_counter()
-        cfg = guidance_enabled(self.info, params.guidance_scale)
-        texts = [params.prompt] + ([params.negative_prompt or ""] if cfg else [])
-        enc = await self._bounded(self.stages.encode(texts), "TextEncoder")
+        enc = await self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder")
         t1 = time.perf_counter()
-        embeds = enc.value
-        job = DenoiseJob(
-            prompt_embeds=embeds[0],
-            negative_embeds=embeds[1] if cfg else None,
-            seed=params.seed,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            width=params.width,
-            height=params.height,
-            n=params.n,
-            scheduler=params.scheduler,
-        )
+        job = plan.denoise_job(enc.value)
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
         metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
-        dec_req = DecodeRequest(params.output_format, metadata, inline=request.response_format == "b64_json")
+        dec_req = DecodeRequest(
+            params.output_format,
+            metadata,
+            inline=request.response_format == "b64_json",
+            output_compression=params.output_compression,
+        )
         dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
         t3 = time.perf_counter()
         storage_s = dec.extra.get("storage_s", 0.0)
@@ -161,20 +120,26 @@ class ImageService:
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
         """What is stored beside each image (its index is added per image)."""
-        return {
+        meta = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
             "seed": params.seed,
             "n": params.n,
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
-            "scheduler": params.scheduler or self.info.scheduler_class,
+            "scheduler": self.family.scheduler_label(params.scheduler),
             "size": f"{params.width}x{params.height}",
             "model": self.config.model_name,
+            "family": self.info.family,
             "output_format": params.output_format,
             "timings_ms": timings_ms,
             "created": int(time.time()),
         }
+        if params.output_compression is not None:
+            meta["output_compression"] = params.output_compression
+        if params.user is not None:
+            meta["user"] = params.user  # OpenAI's end-user id: recorded for abuse tracking
+        return meta
 
     async def generate(
         self, body: Any, base_url: str, idempotency_key: str | None = None
@@ -218,8 +183,11 @@ class ImageService:
         timings: dict[str, float],
     ) -> dict[str, Any]:
         data = []
-        for image in images:
-            item: dict[str, Any] = {"seed": seed, "revised_prompt": None}
+        # Each image carries what reproduces it: the request's seed and its index in the batch of
+        # n (image i of seed s and n is image i when sent again with s and n). Fields Darkroom does
+        # not fill (OpenAI's revised_prompt) are absent, never null.
+        for index, image in enumerate(images):
+            item: dict[str, Any] = {"seed": seed, "index": index}
             if response_format == "b64_json":
                 raw = image.data if image.data is not None else self.store.get_bytes(image.key)
                 item["b64_json"] = base64.b64encode(raw).decode("ascii")
@@ -294,7 +262,18 @@ class ImageService:
     def models(self) -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "darkroom"}],
+            "data": [
+                {
+                    "id": self.config.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "darkroom",
+                    "family": self.info.family,
+                    "native_size": "{}x{}".format(*self.info.native_size),
+                    "size_multiple": self.family.size_multiple,
+                    "schedulers": list(self.family.schedulers),
+                }
+            ],
         }
 
     async def file(self, key: str) -> bytes:

@@ -4,88 +4,31 @@ Backends: ``torch`` (a diffusers folder), ``onnxruntime`` and ``tensorrt`` (an e
 repository, see ``export/``), and ``auto``: for an exported repository, ``tensorrt`` where this
 machine has TensorRT, CUDA and an engine built for its GPU, else ``onnxruntime``; for a diffusers
 folder, ``torch``.
+
+Names load on first use (PEP 562): the specs and the manifest reader (``serve.engines.specs``,
+``serve.engines.manifest``) are plain data and must import without torch, because the Ingress
+plans requests with them and starts without torch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import import_module
+from typing import Any
 
-import torch
+_EXPORTS = {
+    "BACKENDS": "serve.engines.loader",
+    "Engine": "serve.engines.base",
+    "default_device": "serve.engines.loader",
+    "default_dtype": "serve.engines.loader",
+    "is_exported_repository": "serve.engines.manifest",
+    "load_engine": "serve.engines.loader",
+    "resolve_backend": "serve.engines.loader",
+}
 
-from serve.engines.base import COMPONENT_NAMES, Engine
-from serve.errors import EngineError, InvalidRequestError
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
-
-
-def default_device(requested: str | None = None) -> torch.device:
-    """CUDA when present, else CPU; ``requested`` (cpu, cuda, cuda:1) overrides."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
-    """fp16 on CUDA, fp32 on CPU (CPU fp16 convolutions are slow and lose parity)."""
-    if requested:
-        try:
-            return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
-        except KeyError:
-            raise InvalidRequestError("dtype", requested, "choose float32, float16 or bfloat16") from None
-    return torch.float16 if device.type == "cuda" else torch.float32
+__all__ = sorted(_EXPORTS)
 
 
-def is_exported_repository(model_path: Path) -> bool:
-    """An exported model repository (``darkroom export``) has a ``manifest.json``."""
-    return (Path(model_path) / "manifest.json").is_file()
-
-
-def resolve_backend(backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for ``backend`` (``auto`` resolved per component, see the module doc)."""
-    if backend not in BACKENDS:
-        raise InvalidRequestError("backend", backend, f"unknown backend; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    if not is_exported_repository(model_path):
-        return "torch"
-    from serve.engines.tensorrt_backend import find_engine_file
-
-    if find_engine_file(Path(model_path), component, device, dtype) is not None:
-        return "tensorrt"
-    return "onnxruntime"
-
-
-def load_engine(backend: str, model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> Engine:
-    """Load one component's engine with the named backend (or ``auto``)."""
-    name = resolve_backend(backend, model_path, component, device, dtype)
-    if name == "torch":
-        if is_exported_repository(model_path):
-            raise EngineError(
-                f"{model_path} is an exported model repository (ONNX/TensorRT, no PyTorch weights): "
-                "use backend onnxruntime, tensorrt or auto, or give the torch backend the diffusers folder"
-            )
-        from serve.engines.torch_backend import TorchEngine
-
-        engine: Engine = TorchEngine(model_path, component, device, dtype)
-    elif name == "onnxruntime":
-        from serve.engines.onnxruntime_backend import OnnxRuntimeEngine
-
-        engine = OnnxRuntimeEngine(model_path, component, device, dtype)
-    else:
-        from serve.engines.tensorrt_backend import TensorRTEngine
-
-        engine = TensorRTEngine(model_path, component, device, dtype)
-    engine.load()
-    return engine
-
-
-__all__ = [
-    "BACKENDS",
-    "COMPONENT_NAMES",
-    "Engine",
-    "default_device",
-    "default_dtype",
-    "is_exported_repository",
-    "load_engine",
-    "resolve_backend",
-]
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'serve.engines' has no attribute {name!r}")

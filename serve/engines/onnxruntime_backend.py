@@ -14,13 +14,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from serve.engines.base import Engine
 from serve.errors import DarkroomError, EngineError
+
+if TYPE_CHECKING:
+    from serve.model import ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +40,14 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(
         self,
-        model_path: Path,
+        info: ModelInfo,
         component: str,
         device: torch.device,
         dtype: torch.dtype,
         *,
         providers: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(model_path, component, device, dtype)
+        super().__init__(info, component, device, dtype)
         self.requested_providers = list(providers) if providers else None
 
     def load(self) -> None:
@@ -52,7 +55,7 @@ class OnnxRuntimeEngine(Engine):
             import onnxruntime as ort
         except ImportError as exc:
             raise EngineError(f"onnxruntime is not installed (pip install onnxruntime): {exc}") from exc
-        from export.manifest import component_entry, component_spec, onnx_path, read_manifest
+        from serve.engines.manifest import component_entry, component_spec, onnx_path, read_manifest
 
         try:
             manifest = read_manifest(self.model_path)
@@ -135,22 +138,25 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(f"{self.component}: missing inputs {missing}; expected {self.spec.input_names}")
         return {t.name: inputs[t.name].detach() for t in self.spec.inputs}
 
-    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         feed = self._inputs(inputs)
         try:
             if self.io_binding:
                 return self._run_bound(feed)
             arrays = {t.name: feed[t.name].to("cpu", _TORCH[t.dtype]).contiguous().numpy() for t in self.spec.inputs}
-            out = self.session.run(self.spec.output_names[:1], arrays)[0]
+            outs = self.session.run(self.spec.output_names, arrays)
         except DarkroomError:
             raise
         except Exception as exc:  # onnxruntime's own error types (Fail, InvalidArgument, ...)
             shapes = {k: tuple(v.shape) for k, v in feed.items()}
             raise EngineError(f"{self.component}: onnxruntime failed on {shapes}: {exc}") from exc
-        return torch.from_numpy(np.ascontiguousarray(out)).to(self.device)
+        return {
+            name: torch.from_numpy(np.ascontiguousarray(out)).to(self.device)
+            for name, out in zip(self.spec.output_names, outs, strict=True)
+        }
 
-    def _run_bound(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Bind torch CUDA tensors by pointer; the output is preallocated from the spec's shapes."""
+    def _run_bound(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bind torch CUDA tensors by pointer; outputs are preallocated from the spec's shapes."""
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         binding = self.session.io_binding()
         bound = {}
@@ -159,13 +165,15 @@ class OnnxRuntimeEngine(Engine):
             bound[t.name] = x
             binding.bind_input(t.name, "cuda", index, np.dtype(t.dtype), tuple(x.shape), x.data_ptr())
         shapes = self.spec.output_shapes({k: tuple(v.shape) for k, v in bound.items()})
-        out_spec = self.spec.outputs[0]
-        y = torch.empty(shapes[out_spec.name], dtype=_TORCH[out_spec.dtype], device=self.device)
-        binding.bind_output(out_spec.name, "cuda", index, np.dtype(out_spec.dtype), tuple(y.shape), y.data_ptr())
+        outputs = {}
+        for out_spec in self.spec.outputs:
+            y = torch.empty(shapes[out_spec.name], dtype=_TORCH[out_spec.dtype], device=self.device)
+            binding.bind_output(out_spec.name, "cuda", index, np.dtype(out_spec.dtype), tuple(y.shape), y.data_ptr())
+            outputs[out_spec.name] = y
         # ORT runs on its own CUDA stream: the inputs torch just wrote must be complete first.
         torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
-        return y
+        return outputs
 
     def shutdown(self) -> None:
         self.session = None

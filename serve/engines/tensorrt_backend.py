@@ -127,7 +127,7 @@ class TensorRTRunner:
 
 def engine_candidates(model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Engine keys this machine can run for ``component``, preferred first (fp16 first for fp16)."""
-    from export.manifest import component_entry, component_spec, engine_key, read_manifest
+    from serve.engines.manifest import component_entry, component_spec, engine_key, read_manifest
 
     trt = require_tensorrt()
     dev = require_cuda(device)
@@ -141,7 +141,7 @@ def engine_candidates(model_path: Path, component: str, device: torch.device, dt
 
 def find_engine_file(model_path: Path, component: str, device: torch.device, dtype: torch.dtype) -> Path | None:
     """The engine file this machine should load, or None (no TensorRT, no CUDA, none built)."""
-    from export.manifest import find_engine, read_manifest
+    from serve.engines.manifest import find_engine, read_manifest
 
     try:
         keys = engine_candidates(model_path, component, device, dtype)
@@ -157,7 +157,7 @@ class TensorRTEngine(Engine):
     backend = "tensorrt"
 
     def load(self) -> None:
-        from export.manifest import component_spec, read_manifest
+        from serve.engines.manifest import component_spec, read_manifest
 
         require_tensorrt()
         self.device = require_cuda(self.device)
@@ -187,15 +187,15 @@ class TensorRTEngine(Engine):
 
     def warmup(self) -> None:
         """Run every profile level once: the first call at a new shape is slow (TensorRT #4289)."""
-        from export.onnx_export import random_inputs
+        from serve.engines.specs import random_inputs
 
         for level in ("min", "opt", "max"):
             # vocab=1: token ids 0, always inside the embedding table
             self.runner.run(random_inputs(self.spec, self.spec.shapes(level), vocab=1, device=self.device))
         torch.cuda.synchronize(self.device)
 
-    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.runner.run(inputs)[self.spec.output_names[0]]
+    def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.runner.run(inputs)
 
     def shutdown(self) -> None:
         self.runner = None  # type: ignore[assignment]

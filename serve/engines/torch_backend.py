@@ -1,4 +1,4 @@
-"""The eager PyTorch backend: diffusers / transformers modules as published."""
+"""The eager PyTorch backend: the family's torch wrapper of each component, as published weights."""
 
 from __future__ import annotations
 
@@ -16,35 +16,20 @@ class TorchEngine(Engine):
     backend = "torch"
 
     def load(self) -> None:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from serve.families import family_of
 
-        path = self.model_path
-        try:
-            if self.component == "text_encoder":
-                module = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
-            elif self.component == "unet":
-                module = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
-            else:
-                module = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"cannot load {self.component} from {path}: {exc}") from exc
-        self.module = module.to(self.device).eval()
-        self.use_attention_mask = bool(getattr(getattr(module, "config", None), "use_attention_mask", False))
-        logger.info("loaded %s from %s on %s (%s)", self.component, path, self.device, self.dtype)
+        family = family_of(self.info)
+        if self.component not in family.components:
+            raise EngineError(f"{family.name} models have no component {self.component!r} ({family.components})")
+        self.dtype = family.component_dtype(self.component, self.dtype)
+        self.module = family.module(self.component, self.dtype).to(self.device).eval()
+        self.output_names = self.module.output_names
+        logger.info("loaded %s from %s on %s (%s)", self.component, self.model_path, self.device, self.dtype)
 
     @torch.inference_mode()
-    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
-        if self.component == "text_encoder":
-            return self.module(inputs["input_ids"].to(self.device), attention_mask=inputs.get("attention_mask"))[0]
-        if self.component == "unet":
-            return self.module(
-                inputs["sample"],
-                inputs["timestep"],
-                encoder_hidden_states=inputs["encoder_hidden_states"],
-                return_dict=False,
-            )[0]
-        return self.module.decode(inputs["latent"], return_dict=False)[0]
+    def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.module(**{name: x.to(self.device) for name, x in inputs.items()})
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def shutdown(self) -> None:
         self.module = None

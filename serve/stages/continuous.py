@@ -1,11 +1,11 @@
-"""Continuous batching for the Denoiser: requests join and leave the batch between UNet steps.
+"""Continuous batching for the Denoiser: requests join and leave the batch between denoiser steps.
 
 Window batching (``@serve.batch``) makes a request that arrives while a batch runs wait for that
 whole batch (tens of steps), and seals the next batch as soon as the current one starts, so
 batches stay small under load (measured in bench/results: 3.9 requests per batch at 8 clients
 where 8 fit). Here every request keeps its own scheduler, generator and timestep (as in one
 ``Denoiser.denoise`` call), so nothing stops a new request from joining at the next step: it
-waits at most one UNet call, and the batch refills as requests finish.
+waits at most one denoiser call, and the batch refills as requests finish.
 
 Ray-free: the Denoiser deployment runs one of these per replica; tests drive it with asyncio.
 """
@@ -19,8 +19,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from serve.api.service import StageResult
-from serve.stages.denoiser import DenoiseJob, Denoiser
+from serve.stages.denoiser import Denoiser
+from serve.stages.messages import DenoiseJob, StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +38,12 @@ class _Entry:
 class ContinuousDenoiser:
     """Admits queued jobs before every step, up to ``max_requests`` in flight at once."""
 
-    def __init__(self, denoiser: Denoiser, *, max_requests: int = 8) -> None:
+    def __init__(self, denoiser: Denoiser, *, max_requests: int = 8, step_delay_s: float = 0.0) -> None:
         self.denoiser = denoiser
         self.max_requests = max_requests
+        # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
+        # a request certainly outlast a timeout whatever the machine's speed.
+        self.step_delay_s = step_delay_s
         self._pending: deque[_Entry] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -83,6 +86,8 @@ class ContinuousDenoiser:
         while True:
             self.denoiser.step(states)
             steps += 1
+            if self.step_delay_s > 0:
+                time.sleep(self.step_delay_s)
             if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):
                 return steps
 

@@ -1,7 +1,8 @@
-"""Stage 3: latents -> uint8 images (VAE decode, batched across requests) -> encoded bytes."""
+"""Stage 3: latents -> uint8 images (VAE decode, batched across requests) -> encoded, stored images."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,8 +10,12 @@ import numpy as np
 import torch
 
 from serve.engines import Engine
+from serve.families import Family, family_of
+from serve.imageio import encode_image
 from serve.model import ModelInfo
-from serve.stages.loading import load_stage_engine
+from serve.stages.loading import load_stage_engines
+from serve.stages.messages import DecodedImage, DecodeRequest, StageResult
+from serve.storage import ResultStore
 
 
 class Decoder:
@@ -18,6 +23,7 @@ class Decoder:
 
     def __init__(self, info: ModelInfo, engine: Engine, *, max_batch_samples: int = 16) -> None:
         self.info = info
+        self.family: Family = family_of(info)
         self.engine = engine
         self.max_batch_samples = max_batch_samples
         self.vae_calls = 0
@@ -25,28 +31,34 @@ class Decoder:
     @classmethod
     def load(
         cls,
-        source: str | Path,
+        source: str | Path | ModelInfo,
         *,
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
     ) -> Decoder:
-        info, engine = load_stage_engine(source, "vae_decoder", backend=backend, device=device, dtype=dtype)
-        return cls(info, engine)
+        info, _, engines = load_stage_engines(source, role="decoder", backend=backend, device=device, dtype=dtype)
+        return cls(info, engines["vae_decoder"])
+
+    def validate(self, latents: np.ndarray) -> None:
+        """Latents must be (n, C, h, w) with the VAE's channel count (a bad call fails alone)."""
+        c = self.info.latent_channels
+        if not isinstance(latents, np.ndarray) or latents.ndim != 4 or latents.shape[1] != c:
+            raise ValueError(f"latents must be an (n, {c}, h, w) array, got {getattr(latents, 'shape', latents)}")
 
     def decode(self, latents: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Each (n, C, h, w) latent array -> (n, 8h, 8w, 3) uint8, as diffusers' postprocess makes."""
+        """Each (n, C, h, w) latent array -> (n, f*h, f*w, 3) uint8, as diffusers' postprocess makes."""
         out: list[np.ndarray | None] = [None] * len(latents)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, lat in enumerate(latents):
             groups.setdefault(tuple(lat.shape[1:]), []).append(i)
         for idxs in groups.values():
             batch = torch.from_numpy(np.concatenate([latents[i] for i in idxs]))
-            batch = batch.to(self.engine.device, self.engine.dtype) / self.info.vae_scaling_factor
+            batch = self.family.vae_input(batch.to(self.engine.device, self.engine.dtype))
             images = []
             chunk = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
             for lo in range(0, batch.shape[0], chunk):
-                images.append(self.engine.run(latent=batch[lo : lo + chunk]))
+                images.append(self.engine.run(latent=batch[lo : lo + chunk])["image"])
                 self.vae_calls += 1
             pixels = to_uint8(torch.cat(images))
             offset = 0
@@ -56,9 +68,36 @@ class Decoder:
                 offset += k
         return out  # type: ignore[return-value]
 
+    def decode_requests(
+        self, batch: Sequence[tuple[np.ndarray, DecodeRequest]], store: ResultStore
+    ) -> list[StageResult]:
+        """VAE-decode all requests' latents together, then encode and store each image with its metadata."""
+        t0 = time.perf_counter()
+        pixels = self.decode([lat for lat, _ in batch])
+        decode_s = time.perf_counter() - t0  # shared by the batch
+        out = []
+        for px, (_, req) in zip(pixels, batch, strict=True):
+            images, encode_s, store_s = [], 0.0, 0.0
+            for index, img in enumerate(px):
+                a = time.perf_counter()
+                data = encode_image(img, req.output_format, req.output_compression)
+                b = time.perf_counter()
+                meta = {**req.metadata, "index": index}
+                meta["timings_ms"] = {**meta.get("timings_ms", {}), "decode": round((decode_s + b - a) * 1000, 3)}
+                stored = store.save_image(data, req.output_format, meta)
+                store_s += time.perf_counter() - b
+                encode_s += b - a
+                images.append(DecodedImage(stored.key, stored.content_type, data if req.inline else None))
+            total = decode_s + encode_s + store_s
+            out.append(StageResult(images, total, batch_size=len(batch), extra={"storage_s": store_s}))
+        return out
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW -> uint8 NHWC, the arithmetic of diffusers' VaeImageProcessor.postprocess."""
     images = (images / 2 + 0.5).clamp(0, 1)
     arr = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return (arr * 255).round().astype("uint8")
+
+
+__all__ = ["Decoder", "to_uint8"]

@@ -1,72 +1,51 @@
-"""Stage 2: the scheduler loop over the UNet, batched across requests.
+"""Stage 2: the scheduler loop over the denoiser (UNet or transformer), batched across requests.
 
-Every request keeps its own scheduler, generator and latents; one UNet call per iteration
-serves all requests of the same latent size, each at its own timestep (the UNet takes a
-per-sample timestep vector). Requests with different step counts or schedulers share the
-loop: a request leaves the batch when its timesteps run out. Requests of different sizes run
-as separate groups.
+Every request keeps its own scheduler, generator and latents; one denoiser call per iteration
+serves all requests with the same batch key (the family's: the latent size), each at its own
+timestep (the denoiser takes a per-sample timestep vector) and guidance. Requests with different
+step counts or schedulers share the loop: a request leaves the batch when its timesteps run
+out. Requests with different keys run as separate groups.
 
-Per request this is exactly diffusers' ``StableDiffusionPipeline.__call__`` steps 4-7:
-``set_timesteps`` -> initial latents from ``Generator("cpu").manual_seed(seed)`` ->
-for each t: CFG doubling, ``scale_model_input``, UNet, guidance, ``step``.
+Per request this is the family's diffusers ``__call__`` steps "prepare timesteps" to "denoising
+loop": ``set_timesteps`` -> initial latents from ``Generator("cpu").manual_seed(seed)`` -> for
+each t: CFG doubling, ``scale_model_input``, denoiser, guidance, ``step`` (``serve/families``
+says what each of those is for SD, SDXL and Flux).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from serve.engines import Engine
 from serve.errors import InvalidRequestError
+from serve.families import Family, family_of
 from serve.model import ModelInfo
-from serve.schedulers import make_scheduler, step_kwargs
-from serve.stages.loading import load_stage_engine
+from serve.stages.loading import load_stage_engines
+from serve.stages.messages import DenoiseJob, StageResult
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DenoiseJob:
-    """One request's input to the Denoiser: small numpy data only (it crosses processes).
-
-    ``negative_embeds`` is the encoded negative prompt ("" when none was given) and is
-    required exactly when classifier-free guidance is on (``guidance_scale > 1``).
-    """
-
-    prompt_embeds: np.ndarray  # (seq, hidden)
-    negative_embeds: np.ndarray | None  # (seq, hidden) or None
-    seed: int
-    num_inference_steps: int
-    guidance_scale: float
-    width: int
-    height: int
-    n: int = 1
-    scheduler: str | None = None
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-
 @dataclass(eq=False)
 class _State:
-    """A request in flight: its own scheduler, generator and latents."""
+    """A request in flight: its own scheduler, generator, latents and conditioning rows."""
 
     index: int  # position in the denoise() call
     job: DenoiseJob
+    key: Hashable  # the family's batch key
     scheduler: Any
-    generator: torch.Generator
     kwargs: dict[str, Any]
     timesteps: list[torch.Tensor]
     latents: torch.Tensor
-    embeds: torch.Tensor  # (n or 2n, seq, hidden): [negative x n, prompt x n] with CFG
+    inputs: dict[str, torch.Tensor]  # per-row conditioning: [negative x n, positive x n] with CFG
     i: int = 0
     cancelled: bool = False
 
@@ -75,73 +54,86 @@ class _State:
         return self.cancelled or self.i >= len(self.timesteps)
 
 
-def guidance_enabled(info: ModelInfo, guidance_scale: float) -> bool:
-    """diffusers' rule: CFG when guidance > 1 and the UNet has no guidance embedding."""
-    return guidance_scale > 1.0 and info.time_cond_proj_dim is None
-
-
 class Denoiser:
     """Runs batches of ``DenoiseJob``s; returns each job's final latents (n, C, h, w)."""
 
     def __init__(self, info: ModelInfo, engine: Engine, *, max_batch_samples: int = 32) -> None:
         self.info = info
+        self.family: Family = family_of(info)
         self.engine = engine
         self.max_batch_samples = max_batch_samples
-        self.unet_calls = 0
-        self.last_batch_sizes: list[int] = []  # UNet batch sizes of the last call, for tests/metrics
+        self.model_calls = 0
+        self.last_batch_sizes: list[int] = []  # denoiser batch sizes of the last call, for tests/metrics
 
     @classmethod
     def load(
         cls,
-        source: str | Path,
+        source: str | Path | ModelInfo,
         *,
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
     ) -> Denoiser:
-        info, engine = load_stage_engine(source, "unet", backend=backend, device=device, dtype=dtype)
-        return cls(info, engine)
+        info, family, engines = load_stage_engines(source, role="denoiser", backend=backend, device=device, dtype=dtype)
+        return cls(info, engines[family.denoiser_component])
 
     def validate(self, job: DenoiseJob) -> None:
         """Reject a job before it joins a batch, so one bad job never fails its batch-mates."""
-        f = self.info.vae_scale_factor
+        m = self.family.size_multiple
         for name, side in (("width", job.width), ("height", job.height)):
-            if side <= 0 or side % f:
-                raise InvalidRequestError(name, side, f"must be a positive multiple of {f} for this model")
+            if side <= 0 or side % m:
+                raise InvalidRequestError(name, side, f"must be a positive multiple of {m} for this model")
         if job.num_inference_steps < 1:
             raise InvalidRequestError("num_inference_steps", job.num_inference_steps, "must be at least 1")
         if job.n < 1:
             raise InvalidRequestError("n", job.n, "must be at least 1")
-        expected = (self.info.max_token_length, self.info.text_hidden_size)
-        if tuple(job.prompt_embeds.shape) != expected:
-            raise InvalidRequestError("prompt_embeds", tuple(job.prompt_embeds.shape), f"expected {expected}")
-        if guidance_enabled(self.info, job.guidance_scale):
-            if job.negative_embeds is None or tuple(job.negative_embeds.shape) != expected:
-                raise InvalidRequestError("negative_embeds", None, "required with guidance_scale > 1")
-        make_scheduler(job.scheduler, self.info.scheduler_config, self.info.scheduler_class)
+        expected = self.family.conditioning_shapes()
+        for side, rows in (("positive", job.conditioning.positive), ("negative", job.conditioning.negative)):
+            if rows is None:
+                if side == "negative" and job.cfg:
+                    raise InvalidRequestError("conditioning.negative", None, "required with classifier-free guidance")
+                continue
+            if set(rows) != set(expected):
+                raise InvalidRequestError(f"conditioning.{side}", sorted(rows), f"expected arrays {sorted(expected)}")
+            for name, shape in expected.items():
+                if tuple(np.shape(rows[name])) != shape:
+                    field = f"conditioning.{side}.{name}"
+                    raise InvalidRequestError(field, tuple(np.shape(rows[name])), f"expected {shape}")
+        self.family.new_scheduler(job.scheduler)
 
-    def _start(self, index: int, job: DenoiseJob) -> _State:
+    # -- the step-level API used by continuous batching (serve/stages/continuous.py) -------------
+    def start(self, job: DenoiseJob, index: int = 0) -> _State:
+        """A validated job's state in flight: its scheduler, generator and initial latents."""
         dev, dtype = self.engine.device, self.engine.dtype
-        scheduler = make_scheduler(job.scheduler, self.info.scheduler_config, self.info.scheduler_class)
-        scheduler.set_timesteps(job.num_inference_steps, device=dev)
+        family = self.family
+        scheduler = family.new_scheduler(job.scheduler)
+        family.set_timesteps(scheduler, job, dev)
         generator = torch.Generator("cpu").manual_seed(job.seed)
-        shape = self.info.latent_shape(job.n, job.width, job.height)
-        latents = randn_tensor(shape, generator=generator, device=dev, dtype=dtype) * scheduler.init_noise_sigma
-        prompt = torch.tensor(np.asarray(job.prompt_embeds), device=dev, dtype=dtype)  # copy: may be read-only
-        embeds = prompt[None].expand(job.n, -1, -1)
-        if guidance_enabled(self.info, job.guidance_scale):
-            neg = torch.tensor(np.asarray(job.negative_embeds), device=dev, dtype=dtype)
-            embeds = torch.cat([neg[None].expand(job.n, -1, -1), embeds])
+        latents = family.initial_latents(job, generator, scheduler, dev, dtype)
         return _State(
             index=index,
             job=job,
+            key=family.batch_key(job),
             scheduler=scheduler,
-            generator=generator,
-            kwargs=step_kwargs(scheduler, generator),
+            kwargs=family.step_kwargs(scheduler, generator),
             timesteps=list(scheduler.timesteps),
             latents=latents,
-            embeds=embeds,
+            inputs=family.request_inputs(job, dev, dtype),
         )
+
+    def step(self, states: Sequence[_State]) -> None:
+        """One iteration for every unfinished state: one denoiser call (chunked) per batch key."""
+        groups: dict[Hashable, list[_State]] = {}
+        for s in states:
+            if not s.done:
+                groups.setdefault(s.key, []).append(s)
+        self.last_batch_sizes = []
+        for group in groups.values():
+            self._iterate(group)
+
+    def result(self, state: _State) -> np.ndarray:
+        """The state's final latents as the Decoder takes them: float32 (n, C, h, w)."""
+        return self.family.final_latents(state.latents, state.job).float().cpu().numpy()
 
     def denoise(
         self,
@@ -153,15 +145,15 @@ class Denoiser:
 
         ``progress(done, total)`` is called after each iteration (total = iterations of all groups).
         ``cancelled(i)`` is asked before each iteration: a cancelled job leaves the batch at once
-        (its slot in the result is None), so a timed-out request stops costing UNet time.
+        (its slot in the result is None), so a timed-out request stops costing denoiser time.
         """
         for job in jobs:
             self.validate(job)
         self.last_batch_sizes = []
-        states = [self._start(i, job) for i, job in enumerate(jobs)]
-        groups: dict[tuple[int, int], list[_State]] = {}
+        states = [self.start(job, i) for i, job in enumerate(jobs)]
+        groups: dict[Hashable, list[_State]] = {}
         for s in states:
-            groups.setdefault((s.job.width, s.job.height), []).append(s)
+            groups.setdefault(s.key, []).append(s)
         total = sum(max(len(s.timesteps) for s in group) for group in groups.values())
         done = 0
         for group in groups.values():
@@ -179,55 +171,46 @@ class Denoiser:
                     progress(done, total)
         return [None if s.cancelled else self.result(s) for s in states]
 
-    # -- the step-level API used by continuous batching (serve/stages/continuous.py) -------------
-    def start(self, job: DenoiseJob, index: int = 0) -> _State:
-        """A validated job's state in flight: its scheduler, generator and initial latents."""
-        return self._start(index, job)
-
-    def step(self, states: Sequence[_State]) -> None:
-        """One iteration for every unfinished state: one UNet call (chunked) per latent size."""
-        groups: dict[tuple[int, int], list[_State]] = {}
-        for s in states:
-            if not s.done:
-                groups.setdefault((s.job.width, s.job.height), []).append(s)
-        self.last_batch_sizes = []
-        for group in groups.values():
-            self._iterate(group)
-
-    @staticmethod
-    def result(state: _State) -> np.ndarray:
-        return state.latents.float().cpu().numpy()
+    def denoise_requests(self, jobs: Sequence[DenoiseJob]) -> list[StageResult]:
+        """``denoise`` for a batch of requests, each answer with the batch's compute time."""
+        t0 = time.perf_counter()
+        latents = self.denoise(list(jobs))
+        dt = time.perf_counter() - t0
+        return [StageResult(lat, dt, batch_size=len(jobs)) for lat in latents]
 
     def _iterate(self, active: list[_State]) -> None:
-        """One denoising iteration for every active request: UNet calls in chunks, then steps."""
-        inputs, timesteps = [], []
+        """One denoising iteration for every active request: denoiser calls in chunks, then steps."""
+        family, dtype = self.family, self.engine.dtype
+        samples, timesteps = [], []
         for s in active:
             t = s.timesteps[s.i]
-            x = torch.cat([s.latents] * 2) if guidance_enabled(self.info, s.job.guidance_scale) else s.latents
-            x = s.scheduler.scale_model_input(x, t)
-            inputs.append(x)
-            # The UNet turns timesteps into float32 embeddings (get_timestep_embedding's .float()).
-            timesteps.append(t.to(torch.float32).reshape(1).expand(x.shape[0]))
-        sample = torch.cat(inputs)
+            x = torch.cat([s.latents] * 2) if s.job.cfg else s.latents
+            x = family.scale_input(s.scheduler, x, t)
+            samples.append(x)
+            timesteps.append(family.timestep_input(t, x.shape[0], dtype))
+        sample = torch.cat(samples)
         tvec = torch.cat(timesteps).to(self.engine.device)
-        embeds = torch.cat([s.embeds for s in active])
+        conditioning = {name: torch.cat([s.inputs[name] for s in active]) for name in active[0].inputs}
         outs = []
         chunk = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
         for lo in range(0, sample.shape[0], chunk):
             hi = lo + chunk
-            outs.append(
-                self.engine.run(sample=sample[lo:hi], timestep=tvec[lo:hi], encoder_hidden_states=embeds[lo:hi])
-            )
-            self.unet_calls += 1
+            part = {name: x[lo:hi] for name, x in conditioning.items()}
+            inputs = family.step_inputs(sample[lo:hi], tvec[lo:hi], part, active[0].job)
+            outs.append(self.engine.run(**inputs)["noise_pred"])
+            self.model_calls += 1
             self.last_batch_sizes.append(min(hi, sample.shape[0]) - lo)
         noise = torch.cat(outs)
         offset = 0
-        for s, x in zip(active, inputs, strict=True):
+        for s, x in zip(active, samples, strict=True):
             pred = noise[offset : offset + x.shape[0]]
             offset += x.shape[0]
-            if guidance_enabled(self.info, s.job.guidance_scale):
+            if s.job.cfg:
                 uncond, text = pred.chunk(2)
-                pred = uncond + s.job.guidance_scale * (text - uncond)
+                pred = uncond + s.job.cfg_scale * (text - uncond)
             t = s.timesteps[s.i]
             s.latents = s.scheduler.step(pred, t, s.latents, **s.kwargs, return_dict=False)[0]
             s.i += 1
+
+
+__all__ = ["Denoiser"]

@@ -1,17 +1,34 @@
-"""One way for every stage to load its engine from a model source."""
+"""One way for every stage to load its engines from a model source."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from serve.engines import Engine, default_device, default_dtype, load_engine
+from serve.families import Family, family_of
 from serve.model import ModelInfo, read_model_info
 
 
-def load_stage_engine(
-    source: str | Path, component: str, *, backend: str = "torch", device: str | None = None, dtype: str | None = None
-) -> tuple[ModelInfo, Engine]:
-    """The model's info and ``component``'s engine on the chosen (or default) device and dtype."""
-    info = read_model_info(source)
+def load_stage_engines(
+    source: str | Path | ModelInfo,
+    components: Sequence[str] | None = None,
+    *,
+    role: str | None = None,
+    backend: str = "torch",
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[ModelInfo, Family, dict[str, Engine]]:
+    """The model's info, family, and engines for ``components`` (or the family's ``role``:
+    ``text``, ``denoiser`` or ``decoder``) on the chosen (or default) device and dtype."""
+    info = source if isinstance(source, ModelInfo) else read_model_info(source)
+    family = family_of(info)
+    if components is None:
+        components = {
+            "text": family.text_components,
+            "denoiser": (family.denoiser_component,),
+            "decoder": ("vae_decoder",),
+        }[role or ""]
     dev = default_device(device)
-    return info, load_engine(backend, info.path, component, dev, default_dtype(dev, dtype))
+    dt = default_dtype(dev, dtype)
+    return info, family, {c: load_engine(backend, info, c, dev, dt) for c in components}

@@ -1,83 +1,106 @@
-"""Stage 1: tokenize and encode prompts, batched across requests, with an embedding cache."""
+"""Stage 1: tokenize and encode prompts, batched across requests, with an embedding cache.
+
+What a prompt becomes is the family's (``Family.encode``: SD's CLIP hidden states, SDXL's two
+encoders and pooled embedding, Flux's CLIP pooled + T5 states); this stage batches, caches and
+hands back one row of named arrays per text.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from serve.engines import Engine
+from serve.families import Family, family_of
 from serve.model import ModelInfo
-from serve.stages.loading import load_stage_engine
+from serve.stages.loading import load_stage_engines
+from serve.stages.messages import StageResult
 
 logger = logging.getLogger(__name__)
 
+Row = dict[str, np.ndarray]
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """A CPU numpy copy in the tensor's dtype (bfloat16, which numpy lacks, as float32)."""
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    return x.detach().cpu().numpy()
+
 
 class TextEncoder:
-    """Prompts -> CLIP hidden states, one row per prompt, as diffusers' ``encode_prompt`` makes them.
+    """Texts -> one row of named conditioning arrays per text, as diffusers' ``encode_prompt`` makes them.
 
-    Encoding is per prompt (CLIP's causal mask and max-length padding keep batch rows
-    independent), so a batch may mix any prompts. The empty negative prompt and repeated
-    prompts hit an LRU cache: a cached prompt costs no model call.
+    Encoding is per text (causal masks and max-length padding keep batch rows independent), so a
+    batch may mix any prompts. The empty negative prompt and repeated prompts hit an LRU cache:
+    a cached prompt costs no model call.
     """
 
-    def __init__(self, info: ModelInfo, engine: Engine, tokenizer, *, cache_size: int = 1024) -> None:
+    def __init__(
+        self, info: ModelInfo, engines: Mapping[str, Engine], tokenizers: Mapping[str, Any], *, cache_size: int = 1024
+    ) -> None:
         self.info = info
-        self.engine = engine
-        self.tokenizer = tokenizer
+        self.family: Family = family_of(info)
+        self.engines = dict(engines)
+        self.tokenizers = dict(tokenizers)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[str, Row] = OrderedDict()
         self._lock = threading.Lock()
         self.calls = 0  # model calls made, for tests and metrics
 
     @classmethod
     def load(
         cls,
-        source: str | Path,
+        source: str | Path | ModelInfo,
         *,
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
     ) -> TextEncoder:
-        from transformers import CLIPTokenizer
+        info, family, engines = load_stage_engines(source, role="text", backend=backend, device=device, dtype=dtype)
+        return cls(info, engines, family.load_tokenizers())
 
-        info, engine = load_stage_engine(source, "text_encoder", backend=backend, device=device, dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(info.path, subfolder="tokenizer")
-        return cls(info, engine, tokenizer)
-
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids padded/truncated to the model's max length, exactly as diffusers does."""
-        return self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
-    def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        """(len(prompts), seq, hidden) in the engine's dtype; duplicates encoded once."""
+    def encode(self, texts: Sequence[str]) -> list[Row]:
+        """One row per text, in order; duplicates and cached texts cost no model call."""
         with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
-            ids = self.tokenize(missing)
-            embeds = self.engine.run(input_ids=ids).to(self.engine.dtype).cpu().numpy()
+            with torch.inference_mode():
+                batch = self.family.encode(self.engines, self.tokenizers, missing)
+            arrays = {name: to_numpy(x) for name, x in batch.items()}
             self.calls += 1
             with self._lock:
-                for prompt, row in zip(missing, embeds, strict=True):
-                    self._cache[prompt] = row
-                    self._cache.move_to_end(prompt)
-                found = {p: self._cache[p] for p in prompts}
+                for i, text in enumerate(missing):
+                    self._cache[text] = {name: a[i] for name, a in arrays.items()}
+                    self._cache.move_to_end(text)
+                found = {t: self._cache[t] for t in texts}
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         else:
             with self._lock:
-                found = {p: self._cache[p] for p in prompts}
-                for p in found:
-                    self._cache.move_to_end(p)
-        return np.stack([found[p] for p in prompts])
+                found = {t: self._cache[t] for t in texts}
+                for t in found:
+                    self._cache.move_to_end(t)
+        return [found[t] for t in texts]
+
+    def encode_requests(self, batch: Sequence[Sequence[str]]) -> list[StageResult]:
+        """Each request's texts (its plan's ``texts``) -> its rows, encoded together in one call."""
+        t0 = time.perf_counter()
+        rows = self.encode([t for texts in batch for t in texts])
+        dt = time.perf_counter() - t0
+        out, k = [], 0
+        for texts in batch:
+            out.append(StageResult(rows[k : k + len(texts)], dt, batch_size=len(batch)))
+            k += len(texts)
+        return out
+
+
+__all__ = ["TextEncoder", "to_numpy"]

@@ -179,5 +179,7 @@ def deploy(name: str, prefix: str, args: dict[str, Any], port: int) -> str:
 def local_app(ray_serve: int, tiny_model: str, tmp_path_factory) -> dict[str, Any]:
     """The app on the tiny model with local storage, at the root route."""
     storage = tmp_path_factory.mktemp("outputs")
-    url = deploy("local", "/", app_args(tiny_model, str(storage)), ray_serve)
+    # 30 ms per UNet step (fault injection, 0 in production): concurrent requests of a few steps
+    # certainly overlap in the Denoiser, so tests of batching do not depend on the machine's speed.
+    url = deploy("local", "/", app_args(tiny_model, str(storage), debug_step_delay_s=0.03), ray_serve)
     return {"url": url, "storage": storage, "port": ray_serve}

@@ -13,6 +13,7 @@ import pytest
 from serve.api import parse_generation_request
 from serve.imageio import decode_image
 from tests.conftest import max_level_diff
+from tests.openai_spec import errors as spec_errors
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +155,9 @@ BAD = [
     (b"[1, 2]", "body"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": "a", "n": 9}, "n"),
+    ({"prompt": "a", "n": 11}, "n"),
+    ({"prompt": "a", "style": "vivid"}, "style"),
+    ({"prompt": "a", "background": "transparent"}, "background"),
     ({"prompt": "a", "n": "2"}, "n"),
     ({"prompt": "a", "size": "100x100"}, "size"),
     ({"prompt": "a", "size": "4096x4096"}, "size"),
@@ -209,3 +212,28 @@ def test_unknown_paths_and_traversal_are_404(client, path):
     r = client.get(path)
     assert r.status_code == 404
     assert "error" in r.json()
+
+
+def test_live_responses_match_openais_schemas(client):
+    """The Ray app's answers against OpenAI's published schemas (the in-process app is checked
+    field by field in tests/unit/test_openai_conformance.py)."""
+    for response_format in ("url", "b64_json"):
+        body = {
+            "prompt": "a lighthouse",
+            "n": 3,
+            "seed": 9,
+            "num_inference_steps": 2,
+            "response_format": response_format,
+        }
+        assert spec_errors("CreateImageRequest", body) == []
+        r = client.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        assert spec_errors("ImagesResponse", r.json()) == []
+        assert [(d["seed"], d["index"]) for d in r.json()["data"]] == [(9, 0), (9, 1), (9, 2)]
+        assert all(None not in d.values() for d in r.json()["data"])
+    assert spec_errors("ListModelsResponse", client.get("/v1/models").json()) == []
+    bad = client.post("/v1/images/generations", json={"prompt": "a", "size": "100x100"})
+    assert bad.status_code == 400 and spec_errors("ErrorResponse", bad.json()) == []
+    wrong = client.put("/v1/images/generations", json={"prompt": "a"})
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert spec_errors("ErrorResponse", wrong.json()) == []

@@ -140,7 +140,7 @@ def test_monolith_serves_the_same_api_with_diffusers_images(mono_url, local_app,
     # url responses, errors and readiness come from the same serve.api routes.
     u = httpx.post(f"{mono_url}/v1/images/generations", json={"prompt": "a cat", "num_inference_steps": 2}, timeout=120)
     assert httpx.get(u.json()["data"][0]["url"], timeout=30).content.startswith(b"\x89PNG")
-    bad = httpx.post(f"{mono_url}/v1/images/generations", json={"prompt": "a", "n": 9}, timeout=30)
+    bad = httpx.post(f"{mono_url}/v1/images/generations", json={"prompt": "a", "n": 11}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
     ready = httpx.get(f"{mono_url}/readyz", timeout=30).json()
     assert ready["checks"] == {"Monolith": "ok", "storage": "ok"}

@@ -6,11 +6,13 @@ cluster by accident), so these are the slowest tests; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,14 +30,23 @@ README_URL = "http://127.0.0.1:8000"
 
 
 class Server:
-    """A ``darkroom serve`` subprocess with its output read on a thread (bounded waits)."""
+    """A ``darkroom serve`` subprocess with its output read on a thread (bounded waits).
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+    ``background=True`` starts it as a script's background job (``cmd &`` in ``bash -c``), which
+    the shell starts with SIGINT ignored: ``interrupt`` then signals the job itself.
+    """
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], background: bool = False) -> None:
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
+        self.pid: int | None = None
+        if background:
+            args = ["bash", "-c", f'{shlex.join(args)} & echo "background pid $!"; wait $!']
         self.proc = subprocess.Popen(
             args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
+        if not background:
+            self.pid = self.proc.pid
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -53,6 +64,9 @@ class Server:
                 if self.proc.poll() is not None:
                     break
                 continue
+            pid = re.match(r"background pid (\d+)", line)
+            if pid:
+                self.pid = int(pid.group(1))
             m = re.search(r"serving at (http://\S+)", line)
             if m:
                 return m.group(1)
@@ -60,7 +74,8 @@ class Server:
         raise AssertionError("darkroom serve did not print its URL:\n" + "".join(self.output)[-4000:])
 
     def interrupt(self, timeout_s: float = 90) -> int:
-        self.proc.send_signal(signal.SIGINT)
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGINT)
         try:
             return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -68,9 +83,15 @@ class Server:
             raise
 
     def kill(self) -> None:
+        if self.pid is not None and self.pid != self.proc.pid and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # the background job this test started
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+    def text(self) -> str:
+        return "".join(self.output)
 
 
 def _env(tmp_path: Path, tiny_model: str) -> dict[str, str]:
@@ -87,17 +108,54 @@ def api_examples() -> list[tuple[str, str]]:
     return re.findall(r"```(bash|python)\n(.+?)\n```", section, flags=re.S)
 
 
+# Ray's own lines that `darkroom serve` keeps off the terminal by default (--verbose shows them).
+RAY_NOISE = ("Connecting to existing Serve app", "graceful_shutdown", "Token authentication", "Started Serve")
+
+
 def test_readme_main_command_serves_and_examples_work(tmp_path, tiny_model):
+    """The README's main command, started as a script's background job (SIGINT ignored by the
+    shell): progress per stage and a banner, the README's API examples, a second `darkroom serve`
+    on the same port refused in one line before Ray, and SIGINT stops it cleanly."""
     main, _ = setup_commands()
     (serve_part,) = [p for p in main.split("&&") if p.strip().startswith("darkroom ")]
     port = _free_port()
-    server = Server([*shlex.split(serve_part), "--port", str(port)], tmp_path, _env(tmp_path, tiny_model))
+    env = _env(tmp_path, tiny_model)
+    server = Server([*shlex.split(serve_part), "--port", str(port)], tmp_path, env, background=True)
     try:
         url = server.wait_for_url()
         assert url == f"http://127.0.0.1:{port}"
+        for stage in ("Ingress", "TextEncoder", "Denoiser", "Decoder"):
+            assert f"{stage}: loading" in server.text() and f"{stage}: ready" in server.text()
+        time.sleep(0.5)  # the banner's last lines (printed right after the URL line)
+        assert f"API docs:   {url}/docs" in server.text()
+        assert f"results:    {tmp_path / 'outputs'}" in server.text()
+        try_line = server.text().split("try:", 1)[1].splitlines()[0].strip()
+        tried = subprocess.run(["bash", "-c", try_line], capture_output=True, text=True, timeout=180)
+        assert '"data"' in tried.stdout, tried.stdout + tried.stderr
+
+        # A second server on the busy port: one line naming it and the other Darkroom, exit 2,
+        # and no Ray started (its RAY_TMPDIR stays empty).
+        ray_tmp = tmp_path / "second-ray"
+        ray_tmp.mkdir()
+        second = subprocess.run(
+            [*shlex.split(serve_part), "--port", str(port)],
+            cwd=tmp_path,
+            env={**env, "RAY_TMPDIR": str(ray_tmp)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stdout == "" and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert "--port: in use on 127.0.0.1 by another Darkroom" in second.stderr
+        assert f"(got {port})" in second.stderr
+        assert list(ray_tmp.iterdir()) == []
         examples = api_examples()
-        assert [lang for lang, _ in examples] == ["bash", "python", "bash"]
+        assert [lang for lang, _ in examples] == ["bash", "bash", "python", "bash"]
+        assert examples[1][1] == "pip install openai"  # the README says how to get the client
         for lang, code in examples:
+            if code.startswith("pip "):
+                continue  # installs run in tests/integration/test_readme_venv.py's fresh venv
             code = code.replace(README_URL, url)
             cmd = ["bash", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
             proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
@@ -113,9 +171,36 @@ def test_readme_main_command_serves_and_examples_work(tmp_path, tiny_model):
         assert server.interrupt() == 0
     finally:
         server.kill()
-    # Ctrl-C shut down what the command started: the port is free again.
+    # SIGINT shut down what the command started: the port is free again, and Ray's noise
+    # (start warnings, "Connecting to existing Serve app", shutdown retries) never showed.
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    assert not [n for n in RAY_NOISE if n in server.text()], server.text()
+    assert server.text().rstrip().endswith("stopped"), server.text()[-2000:]
+
+
+def test_busy_port_held_by_another_program_is_one_line_before_ray(tmp_path, tiny_model):
+    """A port held by another program: one line naming the port and the program, exit 2,
+    before Ray starts (its RAY_TMPDIR stays empty)."""
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = subprocess.run(
+            ["darkroom", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env={**_env(tmp_path, tiny_model), "RAY_TMPDIR": str(ray_tmp)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("darkroom: error: --port: in use on 127.0.0.1 by another program (pid ")
+    assert f"pid {os.getpid()}: " in line and line.endswith(f"(got {port})")  # this test's process
+    assert list(ray_tmp.iterdir()) == []
 
 
 def test_serve_config_file(tmp_path, tiny_model):
@@ -130,3 +215,49 @@ def test_serve_config_file(tmp_path, tiny_model):
         assert server.interrupt() == 0
     finally:
         server.kill()
+
+
+def test_the_ingress_imports_no_torch():
+    """The Ingress replica starts without torch (it only routes), so /healthz answers seconds
+    after the HTTP proxy is up instead of after the stages' imports; torch is imported in the
+    background once it runs."""
+    code = (
+        "import sys, deployments.ingress\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))\n"
+        "print(heavy[:5]); sys.exit(1 if heavy else 0)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_readiness_names_the_stages_still_loading(monkeypatch):
+    """While a stage's first replica starts, /readyz says "loading" for it (from Serve's
+    status, without pinging it); running stages are pinged as before."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from deployments import ingress
+
+    def dep(status, **replicas):
+        return SimpleNamespace(status=status, message="", replica_states=replicas)
+
+    app = SimpleNamespace(
+        deployments={
+            "TextEncoder": dep("DeploymentStatus.HEALTHY", RUNNING=1),
+            "Denoiser": dep("DeploymentStatus.UPDATING", STARTING=1),
+            "Decoder": dep("DeploymentStatus.UPDATING"),
+        }
+    )
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"darkroom": app}))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="darkroom"))
+    stages = ingress.HandleStages(None, None, None)
+    assert asyncio.run(stages._controller_view()) == {"Denoiser": "loading", "Decoder": "loading"}

@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from serve.stages import DenoiseJob, Denoiser, TextEncoder
+from serve.stages import Conditioning, DenoiseJob, Denoiser, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
 
 
@@ -18,10 +18,10 @@ def parts(tiny_model):
 
 
 def job(encoder, seed, steps=6, **kw) -> DenoiseJob:
-    emb = encoder.encode([f"prompt {seed}", ""])
+    pos, neg = encoder.encode([f"prompt {seed}", ""])
     base = dict(
-        prompt_embeds=emb[0],
-        negative_embeds=emb[1],
+        conditioning=Conditioning(pos, neg),
+        cfg_scale=7.5,
         seed=seed,
         num_inference_steps=steps,
         guidance_scale=7.5,
@@ -36,11 +36,16 @@ def test_late_requests_join_and_match_solo_runs(parts):
     encoder, denoiser = parts
     jobs = [job(encoder, 1, steps=12), job(encoder, 2, scheduler="euler_a"), job(encoder, 3, width=48, n=2)]
     solo = [denoiser.denoise([j])[0] for j in jobs]
-    loop = ContinuousDenoiser(denoiser, max_requests=8)
+    # 0.1 s per step: the first request's 12 steps certainly last past the others' arrival.
+    loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.1)
 
     async def main():
+        calls = denoiser.model_calls
         first = asyncio.create_task(loop.submit(jobs[0]))
-        await asyncio.sleep(0.05)  # the first request is mid-way through its steps
+        deadline = asyncio.get_running_loop().time() + 60
+        while denoiser.model_calls == calls:  # the first request is mid-way through its steps
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
         rest = [asyncio.create_task(loop.submit(j)) for j in jobs[1:]]
         return await asyncio.gather(first, *rest)
 
@@ -65,7 +70,9 @@ def test_max_requests_bounds_the_batch(parts):
 
 def test_cancelled_request_leaves_the_batch(parts):
     encoder, denoiser = parts
-    loop = ContinuousDenoiser(denoiser, max_requests=8)
+    # Each step takes at least 10 ms: the 0.2 s timeout ends the 150-step job after ~20 steps
+    # on any machine, however fast (without the delay a fast one finishes 100 steps in 0.2 s).
+    loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.01)
 
     async def main():
         with pytest.raises(asyncio.TimeoutError):
@@ -75,9 +82,25 @@ def test_cancelled_request_leaves_the_batch(parts):
 
     quick = asyncio.run(main())
     assert quick.value.shape == (1, 4, 8, 8)
-    # The cancelled job stopped after the steps it ran in its 0.2 s (a few dozen at most here),
+    # The cancelled job stopped after the steps it ran in its 0.2 s (at most ~21 at 10 ms each),
     # not after its 150: all steps taken, the quick job's 3 included, stay far below that.
     assert loop.steps < 100
+
+
+def test_step_delay_makes_every_step_slow(parts):
+    """The fault-injection hook: a job of k steps takes at least k x the delay (a lower bound
+    only, so no machine is too slow for it)."""
+    encoder, denoiser = parts
+    loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.05)
+
+    async def main():
+        t0 = asyncio.get_running_loop().time()
+        result = await loop.submit(job(encoder, 13, steps=4))
+        return result, asyncio.get_running_loop().time() - t0
+
+    result, elapsed = asyncio.run(main())
+    assert result.value.shape == (1, 4, 8, 8)
+    assert elapsed >= 4 * 0.05
 
 
 def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(parts, monkeypatch):

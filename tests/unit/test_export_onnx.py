@@ -26,6 +26,7 @@ from export.onnx_export import load_component, verify_onnx
 from serve.engines import load_engine, resolve_backend
 from serve.engines.onnxruntime_backend import OnnxRuntimeEngine
 from serve.errors import EngineError, InvalidRequestError
+from serve.families import family_of
 from serve.model import read_model_info
 
 CPU = torch.device("cpu")
@@ -57,18 +58,19 @@ def test_repository_layout_and_model_info(repo, tiny_model):
         assert (repo / rel).is_file(), rel
     assert not list(repo.rglob("*.safetensors")), "an exported repository carries no torch weights"
     got, want = read_model_info(repo), read_model_info(tiny_model)
-    for field in ("scheduler_config", "vae_scale_factor", "latent_channels", "native_size", "text_hidden_size"):
+    for field in ("family", "scheduler_config", "vae_scale_factor", "latent_channels", "native_size", "configs"):
         assert getattr(got, field) == getattr(want, field), field
 
 
 def test_manifest_records_hashes_specs_and_tools(repo, tiny_model):
     manifest = read_manifest(repo)
     assert manifest["format_version"] == 1
-    assert manifest["source"]["sha256"] == source_hash(tiny_model)["sha256"]
+    assert manifest["source"]["sha256"] == source_hash(tiny_model, ["text_encoder", "unet", "vae"])["sha256"]
+    assert manifest["family"] == "sd"
     assert "unet/diffusion_pytorch_model.safetensors" in manifest["source"]["files"]
     for tool in ("torch", "onnx", "onnxruntime", "diffusers"):
         assert manifest["tools"][tool], tool
-    specs = component_specs(read_model_info(tiny_model))
+    specs = component_specs(family_of(read_model_info(tiny_model)))
     for name, spec in specs.items():
         entry = manifest["components"][name]
         assert entry["onnx"]["sha256"] == file_sha256(repo / name / "model.onnx")
@@ -122,7 +124,7 @@ SHAPES = [
 def test_onnxruntime_engine_matches_torch(repo, torch_modules, component, shapes):
     from export.onnx_export import random_inputs, vocab_size
 
-    engine = load_engine("onnxruntime", repo, component, CPU, torch.float32)
+    engine = load_engine("onnxruntime", read_model_info(repo), component, CPU, torch.float32)
     assert isinstance(engine, OnnxRuntimeEngine) and engine.providers == ["CPUExecutionProvider"]
     module = torch_modules[component]
     b = next(iter(shapes.values()))[0]
@@ -131,8 +133,8 @@ def test_onnxruntime_engine_matches_torch(repo, torch_modules, component, shapes
         full.update(timestep=(b,), encoder_hidden_states=(b, 77, 32))
     inputs = random_inputs(engine.spec, full, seed=b, vocab=vocab_size(module))
     with torch.no_grad():
-        want = module(**inputs)
-    got = engine.run(**inputs)
+        (want,) = module(**inputs)
+    (got,) = engine.run(**inputs).values()
     assert got.shape == want.shape and got.dtype == torch.float32 and got.device == CPU
     scale = max(1.0, float(want.abs().max()))
     assert float((got - want).abs().max()) <= 1e-4 * scale
@@ -144,7 +146,7 @@ def test_verification_catches_a_graph_that_differs_from_torch(repo, tiny_model):
     module = load_component(tiny_model, "vae_decoder")
     assert max(verify_onnx(module, spec, repo / "vae_decoder" / "model.onnx").values()) < 1e-3
     with torch.no_grad():
-        module.vae.decoder.conv_out.bias.add_(0.01)
+        module.model.decoder.conv_out.bias.add_(0.01)
     with pytest.raises(EngineError, match="differs from torch"):
         verify_onnx(module, spec, repo / "vae_decoder" / "model.onnx")
 
@@ -245,15 +247,15 @@ def test_backend_resolution(repo, tiny_model):
     assert resolve_backend("auto", repo, "unet", CPU, torch.float32) == "onnxruntime"
     assert resolve_backend("auto", tiny_model, "unet", CPU, torch.float32) == "torch"
     with pytest.raises(EngineError, match="exported model repository"):
-        load_engine("torch", repo, "unet", CPU, torch.float32)
+        load_engine("torch", read_model_info(repo), "unet", CPU, torch.float32)
     with pytest.raises(InvalidRequestError):
-        load_engine("tflite", repo, "unet", CPU, torch.float32)
+        load_engine("tflite", read_model_info(repo), "unet", CPU, torch.float32)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_missing_is_a_clear_error(repo, tiny_model, tmp_path):
     with pytest.raises(EngineError, match="TensorRT is not installed"):
-        load_engine("tensorrt", repo, "unet", CPU, torch.float32)
+        load_engine("tensorrt", read_model_info(repo), "unet", CPU, torch.float32)
     with pytest.raises(EngineError, match="TensorRT is not installed"):
         export_model(tiny_model, tmp_path / "trt", fmt="tensorrt", precision="fp16")
     assert not (tmp_path / "trt").exists()

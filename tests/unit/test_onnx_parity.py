@@ -45,7 +45,7 @@ CASES = {
 
 
 def test_pipeline_runs_onnxruntime_engines(pipe):
-    for engine in (pipe.text_encoder.engine, pipe.denoiser.engine, pipe.decoder.engine):
+    for engine in (*pipe.text_encoder.engines.values(), pipe.denoiser.engine, pipe.decoder.engine):
         assert isinstance(engine, OnnxRuntimeEngine)
 
 

@@ -71,11 +71,11 @@ def test_one_denoiser_call_holds_many_different_requests(pipe, reference):
                 height=64,
             )
         )
-    calls_before = pipe.denoiser.unet_calls
+    calls_before = pipe.denoiser.model_calls
     results = pipe.generate_batch(batch)
     # Requests shared UNet calls: more samples per call than any one request has.
     assert max(pipe.denoiser.last_batch_sizes) > 4
-    assert pipe.denoiser.unet_calls - calls_before < sum(len(r.params.prompt) for r in results)
+    assert pipe.denoiser.model_calls - calls_before < sum(len(r.params.prompt) for r in results)
     for p, r in zip(batch, results, strict=True):
         assert r.seed == p.seed
         assert max_level_diff(np.stack(r.pixels), reference(p)) <= TOLERANCE, p

@@ -40,7 +40,7 @@ INVALID = [
     ("prompt-null", body(prompt=None), "prompt"),
     ("prompt-nul", body(prompt="a cat\x00"), "prompt"),
     ("n-zero", body(n=0), "n"),
-    ("n-nine", body(n=9), "n"),
+    ("n-eleven", body(n=11), "n"),
     ("n-negative", body(n=-1), "n"),
     ("n-str", body(n="2"), "n"),
     ("n-bool", body(n=True), "n"),
@@ -94,7 +94,22 @@ INVALID = [
     ("model-not-str", body(model=3), "model"),
     ("user-nul", body(user="u\x00"), "user"),
     ("quality-not-str", body(quality=1), "quality"),
+    ("quality-unknown", body(quality="ultra"), "quality"),
     ("style-not-str", body(style=True), "style"),
+    ("style-vivid", body(style="vivid"), "style"),
+    ("style-natural", body(style="natural"), "style"),
+    ("background-transparent", body(background="transparent"), "background"),
+    ("background-unknown", body(background="green"), "background"),
+    ("moderation-unknown", body(moderation="none"), "moderation"),
+    ("stream-true", body(stream=True), "stream"),
+    ("stream-str", body(stream="yes"), "stream"),
+    ("partial-images-4", body(partial_images=4), "partial_images"),
+    ("partial-images-negative", body(partial_images=-1), "partial_images"),
+    ("compression-101", body(output_compression=101, output_format="jpeg"), "output_compression"),
+    ("compression-negative", body(output_compression=-1, output_format="webp"), "output_compression"),
+    ("compression-png", body(output_compression=50), "output_compression"),
+    ("compression-float", body(output_compression=50.0, output_format="jpeg"), "output_compression"),
+    ("size-auto-upper", body(size="AUTO"), "size"),
 ]
 
 
@@ -149,7 +164,7 @@ def test_invalid_body(data):
         (body(size="0x64"), "size: width must be at least 8 (got '0x64')"),
         (body(size="4096x64"), "size: width must be at most 2048 (got '4096x64')"),
         (body(size="64"), "size: must be 'WIDTHxHEIGHT' in pixels, e.g. '512x512' (got '64')"),
-        (body(n=9), "n: must be at most 8 (got 9)"),
+        (body(n=11), "n: must be at most 10 (got 11)"),
         (body(n=0), "n: must be at least 1 (got 0)"),
         (body(n="2"), "n: must be an integer, not a string (got '2')"),
         (body(n=True), "n: must be an integer, not a boolean (got True)"),
@@ -198,7 +213,7 @@ def test_unknown_field_is_reported_before_other_errors():
 def test_direct_construction_also_validates():
     # Without parse_generation_request pydantic's own error surfaces, with default limits.
     with pytest.raises(ValueError):
-        ImageGenerationRequest(prompt="a cat", n=9)
+        ImageGenerationRequest(prompt="a cat", n=11)
 
 
 # Valid requests.
@@ -223,13 +238,18 @@ def test_full_request():
     data = {
         "model": "tiny-sd",
         "prompt": "a lighthouse",
-        "n": 8,
+        "n": 10,
         "size": "2048x2048",
         "response_format": "b64_json",
         "output_format": "webp",
+        "output_compression": 80,
+        "background": "opaque",
+        "moderation": "low",
+        "stream": False,
+        "partial_images": 2,
         "user": "u-1",
         "quality": "hd",
-        "style": "vivid",
+        "style": None,
         "negative_prompt": "blurry",
         "num_inference_steps": 150,
         "guidance_scale": 30,
@@ -237,7 +257,7 @@ def test_full_request():
         "scheduler": "dpmpp_2m",
     }
     req = parse_generation_request(data)
-    assert req.model_dump() == {**data, "guidance_scale": 30.0}
+    assert req.model_dump() == {**data, "guidance_scale": 30.0, "true_cfg_scale": 1.0}
     assert isinstance(req.guidance_scale, float)
 
 
@@ -357,7 +377,7 @@ def test_limits_reject_nonsense(kwargs):
 def test_limits_defaults():
     assert DEFAULT_LIMITS == Limits()
     assert (DEFAULT_LIMITS.max_side, DEFAULT_LIMITS.max_pixels, DEFAULT_LIMITS.min_side) == (2048, 2048**2, 8)
-    assert (DEFAULT_LIMITS.max_prompt_chars, DEFAULT_LIMITS.max_n) == (2000, 8)
+    assert (DEFAULT_LIMITS.max_prompt_chars, DEFAULT_LIMITS.max_n) == (2000, 10)
     assert (DEFAULT_LIMITS.max_steps, DEFAULT_LIMITS.max_guidance) == (150, 30.0)
 
 

@@ -166,11 +166,12 @@ def test_generation_params_frozen_and_hashable():
 def test_images_response_shape():
     resp = ImagesResponse(
         created=1700000000,
-        data=[ImageData(url="http://x/1.png", seed=5), ImageData(b64_json="aGk=", seed=5)],
+        data=[ImageData(url="http://x/1.png", seed=5, index=0), ImageData(b64_json="aGk=", seed=5, index=1)],
         timings={"denoise": 1.5},
     )
-    dumped = resp.model_dump()
-    assert dumped["data"][0] == {"b64_json": None, "url": "http://x/1.png", "revised_prompt": None, "seed": 5}
+    dumped = resp.model_dump(exclude_none=True)
+    assert dumped["data"][0] == {"url": "http://x/1.png", "seed": 5, "index": 0}
+    assert "revised_prompt" not in ImageData.model_fields  # never filled, so never sent as null
     assert dumped["timings"] == {"denoise": 1.5}
     assert ImagesResponse(created=1, data=[]).timings == {}
 

@@ -44,7 +44,7 @@ def test_defaults():
     assert settings.device is None
     assert settings.dtype is None
     assert settings.api_keys == ()
-    assert settings.log_level == "INFO"
+    assert settings.log_level == "WARNING"
 
 
 def test_from_env_reads_os_environ_by_default(monkeypatch):
@@ -57,7 +57,7 @@ def test_from_env_reads_os_environ_by_default(monkeypatch):
 
 def test_empty_mapping_does_not_read_os_environ(monkeypatch):
     monkeypatch.setenv("DARKROOM_LOG_LEVEL", "debug")
-    assert Settings.from_env({}).log_level == "INFO"
+    assert Settings.from_env({}).log_level == "WARNING"
 
 
 def test_xdg_cache_home():

@@ -1,10 +1,11 @@
-"""Export specs: one frozen dataclass per component, read by ONNX export, TensorRT build and runtimes.
+"""Component specs: one frozen dataclass per component, read by ONNX export, TensorRT build and runtimes.
 
-A ``ComponentSpec`` names a component's inputs and outputs (exactly the names of
-``serve/engines/base.py``), their dtypes, which axes are dynamic, and the min/opt/max range of
-every dynamic axis. Shapes are written once, with named axes, e.g. the UNet's ``sample`` is
-``("batch", 4, "latent_height", "latent_width")``; ONNX ``dynamic_axes``, TensorRT optimisation
-profiles and the runtimes' output shapes are all derived from that one description.
+A ``ComponentSpec`` names a component's inputs and outputs (the names its family's torch wrapper
+takes and returns, see ``serve/families``), their dtypes, which axes are dynamic, and the
+min/opt/max range of every dynamic axis. Shapes are written once, with named axes, e.g. the
+UNet's ``sample`` is ``("batch", 4, "latent_height", "latent_width")``; ONNX ``dynamic_axes``,
+TensorRT optimisation profiles and the runtimes' output shapes are all derived from that one
+description. Each family builds its components' specs (``Family.specs``); this module is data.
 
 Worked example, the tiny model (VAE factor 8) with ``batch=1:1:4`` and ``size=32:64:128``:
 the UNet's ``sample`` profile is min (1, 4, 4, 4), opt (2, 4, 8, 8), max (8, 4, 16, 16) -- the
@@ -19,9 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from serve.engines.base import COMPONENT_NAMES
 from serve.errors import InvalidRequestError
-from serve.model import ModelInfo
 
 PROFILE_LEVELS = ("min", "opt", "max")
 
@@ -223,7 +222,8 @@ class ComponentSpec:
         )
 
 
-def _float_dtype(precision: str) -> str:
+def float_dtype(precision: str) -> str:
+    """The numpy float name of an export precision: ``fp32`` -> ``float32``, ``fp16`` -> ``float16``."""
     if precision not in ("fp32", "fp16"):
         raise InvalidRequestError("precision", precision, "choose fp32 or fp16")
     return "float16" if precision == "fp16" else "float32"
@@ -237,73 +237,36 @@ def latent_range(side: Range, factor: int, field: str) -> Range:
     return Range(side.min // factor, side.opt // factor, side.max // factor)
 
 
-def text_encoder_spec(info: ModelInfo, batch: Range, precision: str = "fp32") -> ComponentSpec:
-    """``input_ids`` (B, 77) int64 -> ``last_hidden_state`` (B, 77, D); B doubled for CFG."""
-    seq, hidden = info.max_token_length, info.text_hidden_size
-    return ComponentSpec(
-        component="text_encoder",
-        inputs=(TensorSpec("input_ids", "int64", ("batch", seq)),),
-        outputs=(TensorSpec("last_hidden_state", _float_dtype(precision), ("batch", seq, hidden)),),
-        dims=(("batch", Range(batch.min, batch.opt, batch.max * 2)),),
-    )
+def random_inputs(
+    spec: ComponentSpec,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    seed: int = 0,
+    vocab: int = 1000,
+    device: Any = "cpu",
+) -> dict[str, Any]:
+    """Plausible random inputs by spec, as torch tensors: token ids in the vocabulary, a UNet's
+    timesteps in [0, 1000) (a transformer's in [0, 1): Flux takes t / 1000), guidance in [1, 10),
+    position ids as small integers, N(0, 1) floats. For verifying exports and warming engines up."""
+    import torch
 
-
-def unet_spec(info: ModelInfo, batch: Range, size: SizeRange, precision: str = "fp32") -> ComponentSpec:
-    """``sample``, ``timestep`` (B,) float32, ``encoder_hidden_states`` -> ``noise_pred``."""
-    f = info.vae_scale_factor
-    fdt = _float_dtype(precision)
-    lat = ("batch", info.latent_channels, "latent_height", "latent_width")
-    return ComponentSpec(
-        component="unet",
-        inputs=(
-            TensorSpec("sample", fdt, lat),
-            TensorSpec("timestep", "float32", ("batch",)),
-            TensorSpec("encoder_hidden_states", fdt, ("batch", info.max_token_length, info.text_hidden_size)),
-        ),
-        outputs=(TensorSpec("noise_pred", fdt, lat),),
-        dims=(
-            ("batch", batch.scaled(2, keep_min=True)),
-            ("latent_height", latent_range(size.height, f, "size")),
-            ("latent_width", latent_range(size.width, f, "size")),
-        ),
-    )
-
-
-def vae_decoder_spec(info: ModelInfo, batch: Range, size: SizeRange, precision: str = "fp32") -> ComponentSpec:
-    """``latent`` (B, 4, h, w), already divided by the scaling factor -> ``image`` (B, 3, 8h, 8w)."""
-    f = info.vae_scale_factor
-    fdt = _float_dtype(precision)
-    return ComponentSpec(
-        component="vae_decoder",
-        inputs=(TensorSpec("latent", fdt, ("batch", info.latent_channels, "latent_height", "latent_width")),),
-        outputs=(TensorSpec("image", fdt, ("batch", 3, "image_height", "image_width")),),
-        dims=(
-            ("batch", batch),
-            ("latent_height", latent_range(size.height, f, "size")),
-            ("latent_width", latent_range(size.width, f, "size")),
-        ),
-        derived=(("image_height", "latent_height", f), ("image_width", "latent_width", f)),
-    )
-
-
-def component_specs(
-    info: ModelInfo,
-    batch: Range | str = "1:1:4",
-    size: SizeRange | str | None = None,
-    precision: str = "fp32",
-) -> dict[str, ComponentSpec]:
-    """The three specs, in ``COMPONENT_NAMES`` order; ``size`` defaults to native/2 : native : 2*native."""
-    b = parse_batch(batch)
-    if size is None:
-        w, h = info.native_size
-        size = SizeRange(Range(w // 2, w, w * 2), Range(h // 2, h, h * 2))
-    s = parse_size(size)
-    specs = {
-        "text_encoder": text_encoder_spec(info, b, precision),
-        "unet": unet_spec(info, b, s, precision),
-        "vae_decoder": vae_decoder_spec(info, b, s, precision),
-    }
-    return {name: specs[name] for name in COMPONENT_NAMES}
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+    gen = torch.Generator("cpu").manual_seed(seed)
+    out = {}
+    for t in spec.inputs:
+        shape = tuple(shapes[t.name])
+        if t.dtype.startswith("int"):
+            x = torch.randint(0, vocab, shape, generator=gen)
+        elif t.name == "timestep":
+            x = torch.rand(shape, generator=gen) * (1 if spec.component == "transformer" else 1000)
+        elif t.name == "guidance":
+            x = 1 + torch.rand(shape, generator=gen) * 9
+        elif t.name.endswith("_ids"):
+            x = torch.randint(0, 64, shape, generator=gen).float()
+        else:
+            x = torch.randn(shape, generator=gen)
+        out[t.name] = x.to(device=device, dtype=dtypes[t.dtype])
+    return out
 
 
 __all__ = [
@@ -312,11 +275,9 @@ __all__ = [
     "Range",
     "SizeRange",
     "TensorSpec",
-    "component_specs",
+    "float_dtype",
     "latent_range",
     "parse_batch",
     "parse_size",
-    "text_encoder_spec",
-    "unet_spec",
-    "vae_decoder_spec",
+    "random_inputs",
 ]

@@ -1,0 +1,95 @@
+"""What the stages exchange: jobs, results, and the client interface the request layer calls.
+
+Plain dataclasses of numpy arrays and numbers: they cross process boundaries (Ray pickles them
+between the Ingress and the stage replicas), so nothing here holds a tensor, a device or a lock.
+Every family uses the same messages: what differs per family is inside ``Conditioning``'s named
+arrays, whose names are the denoiser's model inputs (``encoder_hidden_states``, SDXL's
+``text_embeds``, Flux's ``pooled_projections``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One request's encoded text: named arrays for the prompt and, with guidance, the negative.
+
+    Each array is one prompt's row, without the batch axis, e.g. SD's ``encoder_hidden_states``
+    (77, 768). ``negative`` is present exactly when the request runs classifier-free guidance.
+    """
+
+    positive: Mapping[str, np.ndarray]
+    negative: Mapping[str, np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class DenoiseJob:
+    """One request's input to the Denoiser: small numpy data only (it crosses processes).
+
+    ``cfg_scale`` is the weight of classifier-free guidance when the negative conditioning runs
+    beside the positive one (``uncond + cfg_scale * (cond - uncond)``), None when it does not.
+    ``guidance_scale`` is the request's as sent (Flux dev feeds it to the transformer as an
+    embedding; SD/SDXL's CFG weight is the same number).
+    """
+
+    conditioning: Conditioning
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    n: int = 1
+    scheduler: str | None = None
+    cfg_scale: float | None = None
+
+    @property
+    def cfg(self) -> bool:
+        return self.cfg_scale is not None
+
+
+@dataclass
+class StageResult:
+    """A stage's answer plus the seconds its model work took (the rest of the call is queueing)."""
+
+    value: Any
+    compute_s: float
+    batch_size: int = 1
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What the Decoder needs besides latents: how to encode and what to store beside each image."""
+
+    output_format: str
+    metadata: dict[str, Any]
+    inline: bool  # return the encoded bytes too (response_format=b64_json)
+    output_compression: int | None = None  # jpeg/webp quality 0..100; None = the encoder's default
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    key: str
+    content_type: str
+    data: bytes | None  # only when DecodeRequest.inline
+
+
+class StageClient(Protocol):
+    """How the request layer reaches the stages. Every call is idempotent (safe to retry)."""
+
+    async def encode(self, texts: list[str]) -> StageResult: ...
+
+    async def denoise(self, job: DenoiseJob) -> StageResult: ...
+
+    async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult: ...
+
+    async def ready(self) -> dict[str, str]: ...
+
+
+__all__ = ["Conditioning", "DecodeRequest", "DecodedImage", "DenoiseJob", "StageClient", "StageResult"]
