@@ -39,8 +39,9 @@ class GenerationResult:
 
 
 def make_jobs(encoder: TextEncoder, plans: Sequence[Plan]) -> list[DenoiseJob]:
-    """Encode every plan's texts in one TextEncoder call, then build each Denoiser job."""
-    results = encoder.encode_requests([plan.texts for plan in plans])
+    """Encode every plan's texts (with its text-encoder adapters) in one TextEncoder call, then
+    build each Denoiser job."""
+    results = encoder.encode_requests([(plan.texts, plan.params.loras) for plan in plans])
     return [plan.denoise_job(r.value) for plan, r in zip(plans, results, strict=True)]
 
 
@@ -63,10 +64,20 @@ class Pipeline:
         device: str | None = None,
         dtype: str | None = None,
         family: str | None = None,
+        loras: str | None = None,
+        lora_cache_bytes: int | None = None,
     ) -> Pipeline:
+        """``loras``: an adapter repository (folder or ``s3://bucket/prefix``) for requests' ``loras``."""
         info = read_model_info(source, family)
         kw = {"backend": backend, "device": device, "dtype": dtype}
-        return cls(TextEncoder.load(info, **kw), Denoiser.load(info, **kw), Decoder.load(info, **kw))
+        if loras is not None:
+            from serve.lora import LoraRepository
+
+            repo = LoraRepository(loras)  # one listing for both stages
+            lkw = {"loras": repo, "lora_cache_bytes": lora_cache_bytes}
+        else:
+            lkw = {}
+        return cls(TextEncoder.load(info, **kw, **lkw), Denoiser.load(info, **kw, **lkw), Decoder.load(info, **kw))
 
     def generate(
         self, params: GenerationParams, progress: Callable[[int, int], None] | None = None

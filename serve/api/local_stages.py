@@ -30,8 +30,8 @@ class LocalStages:
 
         return await asyncio.to_thread(locked)
 
-    async def encode(self, texts: list[str]) -> StageResult:
-        return (await self._call("encode", self.pipeline.text_encoder.encode_requests, [texts]))[0]
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
+        return (await self._call("encode", self.pipeline.text_encoder.encode_requests, [(texts, loras)]))[0]
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         self.pipeline.denoiser.validate(job)

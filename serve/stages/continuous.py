@@ -13,6 +13,7 @@ Ray-free: the Denoiser deployment runs one of these per replica; tests drive it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -33,14 +34,25 @@ class _Entry:
     cancelled: bool = False
     compute_s: float = 0.0  # wall time of the steps this request took part in
     batch_max: int = 0  # most requests it shared a step with
+    lora: dict[str, float] | None = None  # adapter-cache hits/misses of its admission
 
 
 class ContinuousDenoiser:
     """Admits queued jobs before every step, up to ``max_requests`` in flight at once."""
 
-    def __init__(self, denoiser: Denoiser, *, max_requests: int = 8, step_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        *,
+        max_requests: int = 8,
+        step_delay_s: float = 0.0,
+        lora_batching: str = "mixed",
+    ) -> None:
         self.denoiser = denoiser
         self.max_requests = max_requests
+        # "mixed": adapters share the batch; "one_group": the baseline, one adapter set at a time
+        # (serve/lora/policy.py).
+        self.lora_batching = lora_batching
         # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
         # a request certainly outlast a timeout whatever the machine's speed.
         self.step_delay_s = step_delay_s
@@ -53,7 +65,15 @@ class ContinuousDenoiser:
     async def submit(self, job: DenoiseJob) -> StageResult:
         """Denoise one job; its latents come back when its own steps are done."""
         self.denoiser.validate(job)  # a bad job fails alone, before it joins anything
-        entry = _Entry(job, asyncio.get_running_loop().create_future())
+        # Its adapters load here, in a worker thread, before it joins: steps of the running batch
+        # never wait for a load. They stay pinned in the cache until it leaves.
+        loading = asyncio.ensure_future(asyncio.to_thread(self._pin_loras, job))
+        try:
+            pins, lora = await asyncio.shield(loading)
+        except asyncio.CancelledError:  # the load finishes anyway: unpin what it pinned
+            loading.add_done_callback(lambda f: f.exception() is None and f.result()[0].close())
+            raise
+        entry = _Entry(job, asyncio.get_running_loop().create_future(), lora=lora)
         self._pending.append(entry)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
@@ -63,13 +83,39 @@ class ContinuousDenoiser:
         except asyncio.CancelledError:
             entry.cancelled = True  # the loop drops it before the next step
             raise
+        finally:
+            pins.close()
+
+    def _pin_loras(self, job: DenoiseJob) -> tuple[contextlib.ExitStack, dict[str, float] | None]:
+        stack = contextlib.ExitStack()
+        runtime = self.denoiser.lora
+        if not job.loras or runtime is None:
+            stack.enter_context(self.denoiser.use_loras(job))  # refuses loras it cannot serve
+            return stack, None
+        before = (runtime.cache.hits, runtime.cache.misses)
+        stack.enter_context(self.denoiser.use_loras(job))
+        # Approximate under concurrent admissions (counters are shared); exact when admitted alone.
+        hits, misses = runtime.cache.hits - before[0], runtime.cache.misses - before[1]
+        return stack, {"lora_hits": float(hits), "lora_misses": float(misses)}
 
     def _admit(self, active: list[_Entry]) -> list[_Entry]:
+        if self.lora_batching == "one_group":
+            return self._admit_one_group(active)
         new = []
         while self._pending and len(active) + len(new) < self.max_requests:
             entry = self._pending.popleft()
             if not entry.cancelled:
                 new.append(entry)
+        return new
+
+    def _admit_one_group(self, active: list[_Entry]) -> list[_Entry]:
+        from serve.lora.policy import adapter_set, one_group_admission
+
+        pending = [e for e in self._pending if not e.cancelled]
+        keys = [adapter_set(e.job.loras) for e in pending]
+        chosen = one_group_admission(keys, [adapter_set(e.job.loras) for e in active], self.max_requests - len(active))
+        new = [pending[i] for i in chosen]
+        self._pending = deque(e for e in pending if e not in new)
         return new
 
     def _advance(self, new: list[_Entry], active: list[_Entry]) -> int:
@@ -122,7 +168,10 @@ class ContinuousDenoiser:
                     continue
                 if entry.state.done:
                     result = self.denoiser.result(entry.state)
-                    entry.future.set_result(StageResult(result, entry.compute_s, batch_size=entry.batch_max))
+                    extra = dict(entry.lora) if entry.lora else {}
+                    entry.future.set_result(
+                        StageResult(result, entry.compute_s, batch_size=entry.batch_max, extra=extra)
+                    )
                 else:
                     still.append(entry)
             active = still

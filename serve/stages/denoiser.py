@@ -10,10 +10,15 @@ Per request this is the family's diffusers ``__call__`` steps "prepare timesteps
 loop": ``set_timesteps`` -> initial latents from ``Generator("cpu").manual_seed(seed)`` -> for
 each t: CFG doubling, ``scale_model_input``, denoiser, guidance, ``step`` (``serve/families``
 says what each of those is for SD, SDXL and Flux).
+
+LoRA adapters (``job.loras``) are not part of the batch key: requests with different adapters
+(or none) share each denoiser call, and each call states which rows use which adapters
+(``serve.lora.runtime``: a request's rows, CFG's negative ones included, form one run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -27,6 +32,7 @@ import torch
 from serve.engines import Engine
 from serve.errors import InvalidRequestError
 from serve.families import Family, family_of
+from serve.lora.catalog import refuse_loras
 from serve.model import ModelInfo
 from serve.stages.loading import load_stage_engines
 from serve.stages.messages import DenoiseJob, StageResult
@@ -57,11 +63,24 @@ class _State:
 class Denoiser:
     """Runs batches of ``DenoiseJob``s; returns each job's final latents (n, C, h, w)."""
 
-    def __init__(self, info: ModelInfo, engine: Engine, *, max_batch_samples: int = 32) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        engine: Engine,
+        *,
+        max_batch_samples: int = 32,
+        loras: Any = None,
+        lora_cache_bytes: int | None = None,
+    ) -> None:
+        from serve.lora import DEFAULT_CACHE_BYTES, runtime_for
+
         self.info = info
         self.family: Family = family_of(info)
         self.engine = engine
         self.max_batch_samples = max_batch_samples
+        self.lora_repository = loras
+        engines = {self.family.denoiser_component: engine}
+        self.lora = runtime_for(engines, self.family, loras, max_bytes=lora_cache_bytes or DEFAULT_CACHE_BYTES)
         self.model_calls = 0
         self.last_batch_sizes: list[int] = []  # denoiser batch sizes of the last call, for tests/metrics
 
@@ -73,9 +92,11 @@ class Denoiser:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        loras: Any = None,
+        lora_cache_bytes: int | None = None,
     ) -> Denoiser:
         info, family, engines = load_stage_engines(source, role="denoiser", backend=backend, device=device, dtype=dtype)
-        return cls(info, engines[family.denoiser_component])
+        return cls(info, engines[family.denoiser_component], loras=loras, lora_cache_bytes=lora_cache_bytes)
 
     def validate(self, job: DenoiseJob) -> None:
         """Reject a job before it joins a batch, so one bad job never fails its batch-mates."""
@@ -100,6 +121,15 @@ class Denoiser:
                     field = f"conditioning.{side}.{name}"
                     raise InvalidRequestError(field, tuple(np.shape(rows[name])), f"expected {shape}")
         self.family.new_scheduler(job.scheduler)
+        refuse_loras(self.lora, self.lora_repository, [self.engine], job.loras)
+
+    def use_loras(self, job: DenoiseJob) -> contextlib.AbstractContextManager:
+        """Load (if needed) and pin the job's adapters while the block runs; raises a 400 naming
+        ``loras[i].name`` for an unknown or unfitting adapter. Call it before the job joins a batch."""
+        if not job.loras:
+            return contextlib.nullcontext()
+        refuse_loras(self.lora, self.lora_repository, [self.engine], job.loras)
+        return self.lora.use(job.loras)
 
     # -- the step-level API used by continuous batching (serve/stages/continuous.py) -------------
     def start(self, job: DenoiseJob, index: int = 0) -> _State:
@@ -149,6 +179,12 @@ class Denoiser:
         """
         for job in jobs:
             self.validate(job)
+        with contextlib.ExitStack() as pins:
+            for job in jobs:
+                pins.enter_context(self.use_loras(job))
+            return self._denoise(jobs, progress, cancelled)
+
+    def _denoise(self, jobs, progress, cancelled) -> list[np.ndarray | None]:
         self.last_batch_sizes = []
         states = [self.start(job, i) for i, job in enumerate(jobs)]
         groups: dict[Hashable, list[_State]] = {}
@@ -181,13 +217,14 @@ class Denoiser:
     def _iterate(self, active: list[_State]) -> None:
         """One denoising iteration for every active request: denoiser calls in chunks, then steps."""
         family, dtype = self.family, self.engine.dtype
-        samples, timesteps = [], []
+        samples, timesteps, runs = [], [], []
         for s in active:
             t = s.timesteps[s.i]
             x = torch.cat([s.latents] * 2) if s.job.cfg else s.latents
             x = family.scale_input(s.scheduler, x, t)
             samples.append(x)
             timesteps.append(family.timestep_input(t, x.shape[0], dtype))
+            runs.append((x.shape[0], s.job.loras))
         sample = torch.cat(samples)
         tvec = torch.cat(timesteps).to(self.engine.device)
         conditioning = {name: torch.cat([s.inputs[name] for s in active]) for name in active[0].inputs}
@@ -197,7 +234,8 @@ class Denoiser:
             hi = lo + chunk
             part = {name: x[lo:hi] for name, x in conditioning.items()}
             inputs = family.step_inputs(sample[lo:hi], tvec[lo:hi], part, active[0].job)
-            outs.append(self.engine.run(**inputs)["noise_pred"])
+            with self._lora_rows(runs, lo, hi):
+                outs.append(self.engine.run(**inputs)["noise_pred"])
             self.model_calls += 1
             self.last_batch_sizes.append(min(hi, sample.shape[0]) - lo)
         noise = torch.cat(outs)
@@ -211,6 +249,15 @@ class Denoiser:
             t = s.timesteps[s.i]
             s.latents = s.scheduler.step(pred, t, s.latents, **s.kwargs, return_dict=False)[0]
             s.i += 1
+
+    def _lora_rows(self, runs: list[tuple[int, tuple]], lo: int, hi: int) -> contextlib.AbstractContextManager:
+        """The row -> adapters runs of the chunk ``lo:hi`` of this call. With a runtime, even a call
+        without adapters holds its call lock, so an adapter loading meanwhile hooks no layer mid-call."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        from serve.lora.runtime import slice_runs
+
+        return self.lora.rows(slice_runs(runs, lo, hi))
 
 
 __all__ = ["Denoiser"]

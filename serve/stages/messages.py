@@ -47,6 +47,9 @@ class DenoiseJob:
     n: int = 1
     scheduler: str | None = None
     cfg_scale: float | None = None
+    #: LoRA adapters and their scales, ``((name, scale), ...)``: applied to this request's rows
+    #: only (negative rows too, as diffusers does); not part of the batch key.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def cfg(self) -> bool:
@@ -83,7 +86,7 @@ class DecodedImage:
 class StageClient(Protocol):
     """How the request layer reaches the stages. Every call is idempotent (safe to retry)."""
 
-    async def encode(self, texts: list[str]) -> StageResult: ...
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult: ...
 
     async def denoise(self, job: DenoiseJob) -> StageResult: ...
 
