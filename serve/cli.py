@@ -38,6 +38,7 @@ _FLAG_FOR_FIELD = {
     "family": "--family",
     "true_cfg_scale": "--true-cfg",
     "variant": "--variant",
+    "loras": "--lora",
 }
 _FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -71,7 +72,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "n": args.n,
         "output_format": _FORMAT_FOR_SUFFIX[suffix],
         "true_cfg_scale": args.true_cfg,
+        "loras": parse_lora_flags(args.lora) or None,
     }
+    if body["loras"] and args.lora_dir is None:
+        raise InvalidRequestError("--lora", args.lora[0], "needs --lora-dir DIR (the folder of NAME.safetensors)")
     request = parse_generation_request({k: v for k, v in body.items() if v is not None}, Limits())
 
     from serve.families import family_of
@@ -94,7 +98,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device or settings.device,
         dtype=args.dtype or settings.dtype,
         family=args.family,
+        loras=args.lora_dir,
     )
+    if params.loras:
+        from serve.lora import LoraCatalog
+
+        LoraCatalog(pipe.denoiser.lora_repository, family).check(params.loras)  # names and fit, by flag
     load_s = time.perf_counter() - t0
     _say(
         f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
@@ -110,6 +119,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"seed: {params.seed}")
     print("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     return 0
+
+
+def parse_lora_flags(values: Sequence[str] | None) -> list[dict[str, object]]:
+    """``--lora watercolor:0.8 --lora ink`` -> ``[{"name": "watercolor", "scale": 0.8}, {"name": "ink"}]``."""
+    out: list[dict[str, object]] = []
+    for value in values or ():
+        name, sep, scale = value.rpartition(":") if ":" in value else (value, "", "")
+        item: dict[str, object] = {"name": name}
+        if sep:
+            try:
+                item["scale"] = float(scale)
+            except ValueError:
+                raise InvalidRequestError("--lora", value, "must be NAME or NAME:SCALE, e.g. watercolor:0.8") from None
+        out.append(item)
+    return out
 
 
 def _progress_bar(total: int) -> Callable[[int, int], None] | None:
@@ -234,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Flux only: guidance with --negative-prompt, as FluxPipeline's true_cfg_scale (> 1 turns it on)",
     )
     gen.add_argument(
+        "--lora-dir",
+        default=None,
+        help="folder (or s3://bucket/prefix) of LoRA adapters, NAME.safetensors in diffusers or kohya layout",
+    )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="NAME[:SCALE]",
+        help="apply adapter NAME from --lora-dir at SCALE (-4..4, default 1); repeat for up to 4",
+    )
+    gen.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N (default: DARKROOM_DEVICE, else CUDA when present)"
     )
     gen.add_argument(
@@ -311,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except InvalidRequestError as exc:
         flag = _FLAG_FOR_FIELD.get(exc.field, exc.field)
+        if exc.field.startswith("loras["):  # e.g. loras[1].scale: the second --lora
+            flag = f"--lora ({exc.field})"
         print(f"darkroom: error: {flag}: {exc.reason} (got {exc.value!r})", file=sys.stderr)
         return 2
     except DarkroomError as exc:

@@ -39,19 +39,24 @@ def components_of(model: str | Path, kinds) -> tuple[str, ...]:
     return tuple(out)
 
 
-def write_adapters(model: str | Path, folder: str | Path, names=None, *, strength: float = 1.0) -> Path:
+def write_adapters(
+    model: str | Path, folder: str | Path, names=None, *, strength: float = 1.0, layout: str | None = None
+) -> Path:
     """Write ``ADAPTERS`` for ``model`` into ``folder``; ``strength`` scales every update (SDXL's tiny
-    model amplifies cross-attention, so its adapters are made gentler: see the parity tests)."""
+    model amplifies cross-attention, so its adapters are made gentler: see the parity tests);
+    ``layout`` (diffusers or kohya) overrides every adapter's."""
     from serve.lora.random import write_random_lora
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (kinds, layout, opts) in ADAPTERS.items():
+    for name, (kinds, default_layout, opts) in ADAPTERS.items():
         if names is not None and name not in names:
             continue
         opts = {**opts, "strength": opts.get("strength", 1.0) * strength}
         comps = components_of(model, kinds)
-        write_random_lora(folder / f"{name}.safetensors", model, components=comps, layout=layout, **opts)
+        write_random_lora(
+            folder / f"{name}.safetensors", model, components=comps, layout=layout or default_layout, **opts
+        )
     return folder
 
 

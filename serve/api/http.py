@@ -8,6 +8,7 @@ OpenAPI document for clients and fuzzers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
@@ -48,7 +49,8 @@ def error_response(
 
 def server_timing(timings: dict[str, float]) -> str:
     """``Server-Timing: encode;dur=12.1, denoise;dur=950.3, ...`` (durations in ms)."""
-    return ", ".join(f"{k};dur={v:.3f}" for k, v in timings.items() if not k.endswith("_batch"))
+    counts = ("lora_hits", "lora_misses")  # counts, not durations
+    return ", ".join(f"{k};dur={v:.3f}" for k, v in timings.items() if not k.endswith("_batch") and k not in counts)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -144,6 +146,11 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return JSONResponse(get_service().models())
+
+    @app.get("/v1/loras")
+    async def loras() -> JSONResponse:
+        """The adapter repository: each adapter's name, family, components, size and fit."""
+        return JSONResponse(await asyncio.to_thread(get_service().lora_listing))
 
     @app.get("/v1/files/{key:path}")
     async def files(key: str) -> Response:

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 from serve.api.idempotency import IdempotencyGuard
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
-from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError, RequestTimeoutError
+from serve.errors import (
+    DarkroomError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestTimeoutError,
+)
 from serve.families import family_of
 from serve.model import ModelInfo
 from serve.params import GenerationParams
@@ -39,21 +45,36 @@ class ServiceConfig:
     prompt_policy: PromptPolicy = field(default_factory=PromptPolicy)
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
+    #: The stages' engine backend: per-request LoRA needs torch (``serve.lora.LORA_BACKENDS``).
+    backend: str = "torch"
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def lora_list(loras: tuple[tuple[str, float], ...]) -> list[dict[str, Any]]:
+    """``(("ink", 0.8),)`` -> ``[{"name": "ink", "scale": 0.8}]``: as the request sends them."""
+    return [{"name": n, "scale": s} for n, s in loras]
+
+
 class ImageService:
     """Request handling for ``/v1/images/*``, ``/v1/models``, ``/v1/files``, readiness."""
 
-    def __init__(self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        info: ModelInfo,
+        stages: StageClient,
+        store: ResultStore,
+        loras: Any = None,
+    ) -> None:
         self.config = config
         self.info = info
         self.family = family_of(info)
         self.stages = stages
         self.store = store
+        self.loras = loras  # serve.lora.LoraCatalog of the adapter repository, or None
         self._jobs: set[asyncio.Task] = set()  # strong refs: the loop only keeps weak ones
         self.idempotency = IdempotencyGuard(store, stale_after_s=config.request_timeout_s + 30)
 
@@ -73,6 +94,31 @@ class ImageService:
     def model_ids(self) -> tuple[str, ...]:
         return (self.config.model_name, "darkroom")
 
+    def check_loras(self, params: GenerationParams) -> None:
+        """Refuse adapters this server cannot apply, naming ``loras`` / ``loras[i].name`` (400).
+
+        Blocking (lists the repository, reads headers): call it in a worker thread.
+        """
+        if not params.loras:
+            return
+        names = [n for n, _ in params.loras]
+        if self.loras is None:
+            raise InvalidRequestError("loras", names, "this server has no adapter repository (serve --loras DIR)")
+        from serve.lora import LORA_BACKENDS
+
+        if self.config.backend not in (*LORA_BACKENDS, "auto"):
+            raise InvalidRequestError(
+                "loras",
+                names,
+                f"per-request LoRA runs on the torch backend; this server runs {self.config.backend}",
+            )
+        self.loras.check(params.loras)
+
+    def lora_listing(self) -> dict[str, Any]:
+        """``GET /v1/loras``: the adapters of the repository and whether each fits this model."""
+        data = self.loras.listing() if self.loras is not None else []
+        return {"object": "list", "data": data}
+
     # -- generation -------------------------------------------------------------------------
     async def _bounded(self, coro: Awaitable[T], stage: str) -> T:
         try:
@@ -88,7 +134,11 @@ class ImageService:
             wake()  # start scaled-to-zero stages now, not one after another
         plan = self.family.plan(params)
         t0 = time.perf_counter()
-        enc = await self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder")
+        # Without adapters, the one-argument call every StageClient takes.
+        encoding = (
+            self.stages.encode(list(plan.texts), params.loras) if params.loras else self.stages.encode(list(plan.texts))
+        )
+        enc = await self._bounded(encoding, "TextEncoder")
         t1 = time.perf_counter()
         job = plan.denoise_job(enc.value)
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
@@ -116,6 +166,9 @@ class ImageService:
             "decode_batch": float(dec.batch_size),
             "total": _ms(t3 - t0),
         }
+        for key in ("lora_hits", "lora_misses"):  # the Denoiser's adapter cache, for the bench
+            if key in den.extra:
+                timings[key] = float(den.extra[key])
         return dec.value, timings
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
@@ -139,6 +192,8 @@ class ImageService:
             meta["output_compression"] = params.output_compression
         if params.user is not None:
             meta["user"] = params.user  # OpenAI's end-user id: recorded for abuse tracking
+        if params.loras:
+            meta["loras"] = lora_list(params.loras)
         return meta
 
     async def generate(
@@ -146,6 +201,8 @@ class ImageService:
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """``POST /v1/images/generations``: the OpenAI response body and the timings."""
         request, params = self.parse(body)
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
 
         async def produce() -> dict[str, Any]:
             created = int(time.time())
@@ -171,6 +228,8 @@ class ImageService:
         body_out = await asyncio.to_thread(
             self.render, out["created"], out["seed"], images, request.response_format, base_url, out["timings"]
         )
+        if params.loras:
+            body_out["loras"] = lora_list(params.loras)  # what made these images, beside the seed
         return body_out, out["timings"]
 
     def render(
@@ -204,6 +263,8 @@ class ImageService:
     # -- async jobs ---------------------------------------------------------------------------
     async def submit_job(self, body: Any) -> dict[str, Any]:
         request, params = self.parse(body)
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
         job_id = uuid.uuid4().hex
         record = {
             "id": job_id,
@@ -213,6 +274,8 @@ class ImageService:
             "response_format": request.response_format,
             "seed": params.seed,
         }
+        if params.loras:
+            record["loras"] = lora_list(params.loras)
         await asyncio.to_thread(self.store.put_job, job_id, record)
         task = asyncio.create_task(self._run_job(record, request, params))
         self._jobs.add(task)
@@ -254,6 +317,8 @@ class ImageService:
             base_url,
             record.get("timings", {}),
         )
+        if record.get("loras"):
+            body["loras"] = record["loras"]
         out = {k: v for k, v in record.items() if k != "images"}
         out["result"] = body
         return out

@@ -1,0 +1,157 @@
+"""The seed contract with LoRA adapters: each image equals diffusers' pipeline after
+``load_lora_weights(file, adapter_name=name)`` + ``set_adapters(names, adapter_weights=scales)``
+(within 3 levels), for SD 1.x and SDXL, adapters in diffusers/peft and in kohya key layout: one
+adapter, two with different scales, a text-encoder adapter, one touching both components, none.
+
+Through the in-process ``Pipeline`` (every case in ONE batch: requests with different adapters
+share each denoiser call) and ``darkroom generate``. The served app: tests/integration/test_lora_app.py.
+The random adapters move images by tens of levels, and tests below show a mix-up of adapters or
+scales would fail the 3-level check.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from serve.imageio import decode_image
+from serve.pipeline import Pipeline
+from tests.conftest import make_params, max_level_diff
+from tests.lora_helpers import CASES, lora_reference, write_adapters
+
+TOLERANCE = 3
+DARKROOM = shutil.which("darkroom") or ""
+#: The tiny SDXL amplifies cross-attention (so prompts show): gentler adapters keep it out of the
+#: chaotic regime where batch-size rounding (TE rows encoded together, not one by one as diffusers
+#: does) grows past 3 levels; they still move its images by ~20 levels on average.
+STRENGTH = {"sd": 1.0, "sdxl": 0.4}
+FAMILIES = ("sd", "sdxl")
+LAYOUTS = ("diffusers", "kohya")
+
+
+def _case_params(i: int, loras) -> object:
+    # Alternate negative prompt / none (SDXL: zeros), and seeds per case.
+    return make_params(loras=loras, seed=300 + i, negative_prompt="blurry" if i % 2 else None)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model, tiny_sdxl):
+    return {"sd": tiny_model, "sdxl": tiny_sdxl}
+
+
+@pytest.fixture(scope="module")
+def adapters(models, tmp_path_factory):
+    """(family, layout) -> a folder of the test adapters, every one in that layout."""
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        (fam, layout): write_adapters(models[fam], root / f"{fam}-{layout}", strength=STRENGTH[fam], layout=layout)
+        for fam in FAMILIES
+        for layout in LAYOUTS
+    }
+
+
+@pytest.fixture(scope="module")
+def references(models, adapters):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    def make(fam, layout):
+        if fam == "sd":
+            pipe = StableDiffusionPipeline.from_pretrained(models[fam], safety_checker=None)
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(models[fam])
+        return lora_reference(pipe, adapters[(fam, layout)])
+
+    cache = {}
+
+    def get(fam, layout):
+        if (fam, layout) not in cache:
+            cache[(fam, layout)] = make(fam, layout)
+        return cache[(fam, layout)]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_every_case_in_one_batch_matches_diffusers(models, adapters, references, fam, layout):
+    pipe = Pipeline.load(models[fam], device="cpu", loras=str(adapters[(fam, layout)]))
+    batch = [_case_params(i, loras) for i, loras in enumerate(CASES.values())]
+    results = pipe.generate_batch(batch)
+    # One denoiser call per step held every request (rows: CFG doubles each).
+    assert set(pipe.denoiser.last_batch_sizes) == {2 * len(batch)}
+    ref = references(fam, layout)
+    diffs = {}
+    for name, p, r in zip(CASES, batch, results, strict=True):
+        diffs[name] = max_level_diff(np.stack(r.pixels), ref(p))
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    # The text-encoder adapter was applied by the TextEncoder stage, not the Denoiser.
+    assert "wordy" in pipe.text_encoder.lora.held() and "wordy" in pipe.denoiser.lora.held()
+    wordy = dict(pipe.text_encoder.lora.cache.snapshot())["wordy"]
+    assert wordy.components and not dict(pipe.denoiser.lora.cache.snapshot())["wordy"].components
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_a_mix_up_of_adapters_or_scales_would_fail(references, fam):
+    """The check can fail: swapped scales, a different adapter and no adapter are all > 3 levels off."""
+    ref = references(fam, "kohya")
+    p = _case_params(1, CASES["two_scales"])
+    want = ref(p)
+    (a, sa), (b, sb) = p.loras
+    assert max_level_diff(want, ref(make_params(**{**p.__dict__, "loras": ((a, sb), (b, sa))}))) > TOLERANCE
+    assert max_level_diff(want, ref(make_params(**{**p.__dict__, "loras": ((a, sa),)}))) > TOLERANCE
+    assert max_level_diff(want, ref(make_params(**{**p.__dict__, "loras": ()}))) > TOLERANCE
+    text = _case_params(2, CASES["text_encoder"])
+    assert max_level_diff(ref(text), ref(make_params(**{**text.__dict__, "loras": ()}))) > TOLERANCE
+
+
+def test_four_adapter_sets_share_one_denoiser_call(models, adapters, references):
+    """Four requests, four different adapter sets (and one without): one UNet call per step holds
+    them all, and each equals its own reference."""
+    sets = [(("ink", 1.0),), (("oil", 0.7),), (("chalk", -1.0),), (("ink", 0.4), ("both", 1.1)), ()]
+    pipe = Pipeline.load(models["sd"], device="cpu", loras=str(adapters[("sd", "diffusers")]))
+    batch = [make_params(loras=s, seed=40 + i, prompt=f"a tower number {i}") for i, s in enumerate(sets)]
+    results = pipe.generate_batch(batch)
+    assert set(pipe.denoiser.last_batch_sizes) == {2 * len(sets)}  # every step: one call, all rows
+    ref = references("sd", "diffusers")
+    for p, r in zip(batch, results, strict=True):
+        assert max_level_diff(np.stack(r.pixels), ref(p)) <= TOLERANCE, p.loras
+
+
+def test_darkroom_generate_with_loras_matches_diffusers(models, adapters, references, tmp_path):
+    out = tmp_path / "lora.png"
+    folder = adapters[("sdxl", "kohya")]
+    args = ["generate", "a castle on an island", "--model", models["sdxl"], "--lora-dir", str(folder)]
+    args += ["--lora", "oil:1.0", "--lora", "wordy:-0.8", "--seed", "42", "--steps", "5", "--size", "64x48"]
+    args += ["--output", str(out), "--device", "cpu"]
+    cmd = [DARKROOM, *args] if DARKROOM else [sys.executable, "-m", "serve.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    p = make_params(
+        prompt="a castle on an island",
+        seed=42,
+        num_inference_steps=5,
+        height=48,
+        guidance_scale=5.0,
+        loras=(("oil", 1.0), ("wordy", -0.8)),
+    )
+    assert max_level_diff(decode_image(out.read_bytes())[None], references("sdxl", "kohya")(p)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora", "ink:9"], "--lora (loras[0].scale): must be at most 4"),
+        (["--lora", "nosuch"], "--lora (loras[0].name): no adapter of that name"),
+        (["--lora", "ink:x"], "--lora: must be NAME or NAME:SCALE"),
+    ],
+)
+def test_darkroom_generate_lora_errors_name_the_flag(models, adapters, tmp_path, flags, message):
+    args = ["generate", "x", "--model", models["sd"], "--lora-dir", str(adapters[("sd", "diffusers")]), *flags]
+    args += ["--output", str(tmp_path / "x.png"), "--steps", "1"]
+    cmd = [DARKROOM, *args] if DARKROOM else [sys.executable, "-m", "serve.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
