@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,16 +65,17 @@ class Pipeline:
         device: str | None = None,
         dtype: str | None = None,
         family: str | None = None,
-        loras: str | None = None,
+        loras: Any = None,
         lora_cache_bytes: int | None = None,
     ) -> Pipeline:
-        """``loras``: an adapter repository (folder or ``s3://bucket/prefix``) for requests' ``loras``."""
+        """``loras``: an adapter repository (folder, ``s3://bucket/prefix`` or a ``LoraRepository``)
+        for requests' ``loras``."""
         info = read_model_info(source, family)
         kw = {"backend": backend, "device": device, "dtype": dtype}
         if loras is not None:
             from serve.lora import LoraRepository
 
-            repo = LoraRepository(loras)  # one listing for both stages
+            repo = loras if isinstance(loras, LoraRepository) else LoraRepository(str(loras))  # one for both
             lkw = {"loras": repo, "lora_cache_bytes": lora_cache_bytes}
         else:
             lkw = {}

@@ -98,6 +98,9 @@ class AdapterFacts:
     #: Flux-only module names (double/single transformer blocks) appear in the keys.
     flux_blocks: bool
     tensors: int
+    #: A UNet attention with a second transformer block (``transformer_blocks.1``): SDXL's UNet has 2
+    #: or 10 per attention, SD 1.x/2.x's UNets one.
+    stacked_blocks: bool = False
 
 
 def _down_width(shape: tuple[int, ...]) -> int | None:
@@ -131,6 +134,9 @@ def facts(header: Header) -> AdapterFacts:
             if width is not None:
                 text[comp] = width
     flux = any(s in k for k in header.tensors for s in ("single_transformer_blocks", "single_blocks", "double_blocks"))
+    stacked = any(
+        "attentions" in k and ("transformer_blocks.1." in k or "transformer_blocks_1_" in k) for k in header.tensors
+    )
     order = ("text_encoder", "text_encoder_2", "denoiser")
     return AdapterFacts(
         layout="kohya" if kohya else "diffusers",
@@ -139,6 +145,7 @@ def facts(header: Header) -> AdapterFacts:
         text_widths=text,
         flux_blocks=flux,
         tensors=len(header.tensors),
+        stacked_blocks=stacked,
     )
 
 
@@ -167,7 +174,7 @@ def fit(found: AdapterFacts, family: str, denoiser: str, text_components: tuple[
     """
     comps = tuple(denoiser if c == "denoiser" else c for c in found.components)
     guess: str | None = "flux" if found.flux_blocks else None
-    if guess is None and "text_encoder_2" in comps and family != "flux":
+    if guess is None and ("text_encoder_2" in comps or found.stacked_blocks) and family != "flux":
         guess = "sdxl"
     problem = None
     if denoiser == "unet" and found.cross_attention_width is not None:

@@ -154,18 +154,21 @@ class AdapterCache:
         self._items.move_to_end(name)
         return found
 
-    def put(self, adapter: LoadedAdapter) -> list[str]:
+    def put(self, adapter: LoadedAdapter, *, pin: bool = False) -> list[str]:
+        """Add an adapter (pinned at once with ``pin``); evicts others to make room, never this one."""
         self._items[adapter.name] = adapter
         self._items.move_to_end(adapter.name)
-        return self.shrink()
+        if pin:
+            self.pin([adapter.name])
+        return self.shrink(keep=adapter.name)
 
-    def shrink(self) -> list[str]:
+    def shrink(self, keep: str | None = None) -> list[str]:
         """Evict least recently used, unpinned adapters until under the bound; returns their names."""
         evicted = []
         for name in list(self._items):
             if self.nbytes <= self.max_bytes:
                 break
-            if self._pins.get(name, 0) == 0:
+            if self._pins.get(name, 0) == 0 and name != keep:
                 del self._items[name]
                 evicted.append(name)
         self.evictions += len(evicted)
@@ -224,12 +227,14 @@ class LoraRuntime:
 
     # -- loading ---------------------------------------------------------------------------------
     def _load(self, name: str, field_name: str) -> LoadedAdapter:
+        """The adapter, loaded if needed, and pinned (the caller unpins it)."""
         entry = self.repository.entry(name, field_name)
         while True:
             with self._cache_lock:
                 found = self.cache.get(name, entry.version)
                 if found is not None:
                     self.cache.hits += 1
+                    self.cache.pin([name])
                     return found
                 waiting = self._loading.get((name, entry.version))
                 if waiting is None:
@@ -255,7 +260,7 @@ class LoraRuntime:
             self.loads += 1
             self._install(adapter)
             with self._cache_lock:
-                evicted = self.cache.put(adapter)
+                evicted = self.cache.put(adapter, pin=True)
             if evicted:
                 logger.info("adapter cache evicted %s (limit %d bytes)", ", ".join(evicted), self.cache.max_bytes)
             logger.info("loaded adapter %s (%d bytes, %s)", name, adapter.nbytes, ", ".join(adapter.components))
@@ -286,14 +291,9 @@ class LoraRuntime:
         pinned: list[str] = []
         try:
             for i, name in enumerate(names):
-                adapter = self._load(name, f"loras[{i}].name")
-                with self._cache_lock:
-                    # Pin at once: a later load in this loop must not evict an earlier adapter.
-                    self.cache.pin([name])
-                    pinned.append(name)
-                    if name not in self.cache._items:  # evicted between load and pin: put it back
-                        self.cache._items[name] = adapter
-                loaded[name] = adapter
+                # Pinned as it is found or loaded: a later load in this loop cannot evict it.
+                loaded[name] = self._load(name, f"loras[{i}].name")
+                pinned.append(name)
             yield loaded
         finally:
             with self._cache_lock:
