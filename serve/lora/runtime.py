@@ -8,9 +8,13 @@ rows that use it -- the segmented ("gathered") LoRA matmul of Punica / S-LoRA, i
 
 This is what peft computes per layer for one request (``result + lora_B(lora_A(x)) * scaling``,
 with ``scaling = lora_alpha / r * set_adapters weight``, several adapters summed), restricted to
-that request's rows. Rows come in *runs*: ``[(count, ((name, scale), ...)), ...]`` in batch order
--- a request's rows (its CFG negative and positive rows alike, as diffusers applies the adapter to
-both) form one run. A run's adapters need not be the batch's: rows without adapters get nothing.
+that request's rows. When a call mixes several adapters on a layer, ``serve.lora.apply`` may run
+them *stacked* instead (one matmul pair over every row with a per-row scale mask) when launches
+cost more than the extra rank work -- same result up to float rounding.
+
+Rows come in *runs*: ``[(count, ((name, scale), ...)), ...]`` in batch order -- a request's
+rows (its CFG negative and positive rows alike, as diffusers applies the adapter to both) form
+one run. A run's adapters need not be the batch's: rows without adapters get nothing.
 
 The caller states the runs for each model call (``with runtime.rows(runs): engine.run(...)``);
 the hooks read them from a thread-local, so a loader thread never sees the step thread's runs.
@@ -28,14 +32,13 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from serve.errors import InvalidRequestError
-from serve.lora.weights import LoadedAdapter, LoraFitError, ModuleLora, load_adapter
+from serve.lora.apply import Active, Stacks
+from serve.lora.weights import LoadedAdapter, LoraFitError, load_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -54,50 +57,6 @@ def slice_runs(runs: Sequence[Run], lo: int, hi: int) -> list[Run]:
     return out
 
 
-@dataclass
-class _Segment:
-    """The rows of one call that use one adapter, and each row's scale."""
-
-    spans: list[tuple[int, int, float]] = field(default_factory=list)  # (lo, hi, scale)
-    index: torch.Tensor | None = None  # gathered rows when the spans are not one
-    scales: torch.Tensor | None = None  # per-gathered-row scale
-
-    def finish(self, device: torch.device, dtype: torch.dtype) -> None:
-        if len(self.spans) > 1:
-            self.index = torch.cat([torch.arange(lo, hi) for lo, hi, _ in self.spans]).to(device)
-            self.scales = torch.cat([torch.full((hi - lo,), s) for lo, hi, s in self.spans]).to(device, dtype)
-
-
-class _Active:
-    """One call's adapters: adapter -> the rows using it (built once per call, read by every hook)."""
-
-    def __init__(self, runs: Sequence[Run], adapters: Mapping[str, LoadedAdapter], device, dtype) -> None:
-        self.rows = sum(count for count, _ in runs)
-        self.segments: dict[str, tuple[LoadedAdapter, _Segment]] = {}
-        start = 0
-        for count, choices in runs:
-            for name, scale in choices:
-                seg = self.segments.setdefault(name, (adapters[name], _Segment()))[1]
-                seg.spans.append((start, start + count, float(scale)))
-            start += count
-        for _, seg in self.segments.values():
-            seg.finish(device, dtype)
-
-
-def _delta(m: ModuleLora, x: torch.Tensor) -> torch.Tensor:
-    if m.conv is None:
-        # Fold to 2D first: peft's adapter weights are Parameters, and torch's matmul folds a
-        # (B, T, C) input into one (B*T, C) matrix product when a weight requires grad (copying a
-        # non-contiguous input). Folding here gives the same rounding bit for bit; without it a
-        # transposed input (SDXL's proj_in) took a batched path ~1 ulp off, which 20 steps of a
-        # chaotic tiny model grow into several levels.
-        lead = x.shape[:-1]
-        h = F.linear(F.linear(x.reshape(-1, x.shape[-1]), m.down), m.up, m.bias)
-        return h.view(*lead, h.shape[-1])
-    stride, padding, dilation = m.conv
-    return F.conv2d(F.conv2d(x, m.down, None, stride, padding, dilation), m.up, m.bias)
-
-
 class _Hook:
     """Forward hook of one layer: adds every active adapter's update to its rows."""
 
@@ -105,7 +64,7 @@ class _Hook:
         self.runtime, self.component, self.path = runtime, component, path
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        active: _Active | None = getattr(self.runtime._local, "active", None)
+        active: Active | None = getattr(self.runtime._local, "active", None)
         if active is None:
             return None
         x = args[0]
@@ -114,17 +73,7 @@ class _Hook:
                 f"LoRA rows out of step: {self.component}.{self.path} got a batch of {x.shape[0]} rows, "
                 f"the call's runs cover {active.rows}"
             )
-        for adapter, seg in active.segments.values():
-            m = adapter.modules.get(self.component, {}).get(self.path)
-            if m is None:
-                continue
-            if seg.index is None:
-                lo, hi, scale = seg.spans[0]
-                output[lo:hi] += _delta(m, x[lo:hi]) * (m.scaling * scale)
-            else:
-                d = _delta(m, x.index_select(0, seg.index))
-                s = (seg.scales * m.scaling).view(-1, *([1] * (d.dim() - 1)))
-                output.index_add_(0, seg.index, d * s)
+        active.apply(self.component, self.path, x, output)
         return output
 
 
@@ -217,6 +166,7 @@ class LoraRuntime:
         self.unet_config = unet_config
         self.device, self.dtype = device, dtype
         self.cache = AdapterCache(max_bytes)
+        self.stacks = Stacks(max_bytes)  # concatenated copies for mixed calls (serve/lora/apply.py)
         self._named = {c: dict(m.named_modules()) for c, m in self.models.items()}
         self._hooks: dict[tuple[str, str], Any] = {}
         self._local = threading.local()
@@ -327,7 +277,7 @@ class LoraRuntime:
         missing = sorted({n for _, choices in runs for n, _ in choices if n not in adapters})
         if missing:
             raise RuntimeError(f"adapters {missing} are used by a call but not loaded (use() them first)")
-        active = _Active(runs, adapters, self.device, self.dtype)
+        active = Active(runs, adapters, self.stacks, self.device, self.dtype)
         with self._call_lock:
             self._local.active = active
             try:
