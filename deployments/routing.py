@@ -41,8 +41,9 @@ def rank_replicas(
     """Ranks of replicas to try, most preferred first.
 
     Worked example: replicas r1 (holds ink, queue 3) and r2 (holds nothing, queue 1); a request for
-    ink with ``max_imbalance`` 4 -> ``[[r1], [r1, r2]]`` (r1's queue is within 4 of the shortest);
-    with ``max_imbalance`` 1 -> ``[[r2, r1]]`` by queue: the affinity is not worth the wait.
+    ink with ``max_imbalance`` 4 -> ``[[r1], [r2, r1]]`` (r1's queue is within 4 of the shortest);
+    with ``max_imbalance`` 1 -> ``[[r2, r1]]`` by queue: the affinity is not worth the wait. A
+    request for oil, which neither holds, at equal queues -> r2 first (it holds fewer adapters).
     """
     rng = rng or random
     if not replicas:
@@ -54,7 +55,11 @@ def rank_replicas(
     shortest = min(lengths.values())
     score = {r: len(set(wanted) & held.get(r, set())) for r in replicas}
     best = max(score.values())
-    by_queue = sorted(replicas, key=lambda r: (lengths[r], -score[r]))
+    # Ties on queue length: the replica holding more of the wanted adapters, then the one holding
+    # fewer adapters in all (a new adapter goes where there is room: adapters spread over replicas),
+    # then at random.
+    tie = {r: rng.random() for r in replicas}
+    by_queue = sorted(replicas, key=lambda r: (lengths[r], -score[r], len(held.get(r, ())), tie[r]))
     if best == 0:
         return [by_queue]
     preferred = [r for r in replicas if score[r] == best and lengths[r] <= shortest + max_imbalance]

@@ -186,6 +186,8 @@ def test_affinity_ranking():
     ]
     assert rank_replicas(["r1", "r2"], ["ink"], held, {"r1": 3, "r2": 1}, max_imbalance=1) == [["r2", "r1"]]
     assert rank_replicas(["r1", "r2"], ["oil"], held, {"r1": 0, "r2": 2}, max_imbalance=4) == [["r1", "r2"]]
+    # Nobody holds oil, queues are equal: r2 has room (holds fewer adapters), so adapters spread.
+    assert rank_replicas(["r1", "r2"], ["oil"], held, {"r1": 1, "r2": 1}, max_imbalance=4) == [["r2", "r1"]]
     plain = rank_replicas(["r1", "r2", "r3"], [], held, {}, max_imbalance=4, rng=random.Random(0))
     assert len(plain) == 1 and len(plain[0]) == 2
 
