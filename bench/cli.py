@@ -7,6 +7,12 @@ Examples::
     darkroom bench --url http://127.0.0.1:8000/split --compare http://127.0.0.1:8000/mono \\
         --rate 1,2,4 --duration 60 --arrival gamma --burstiness 0.5 --slo-ms 5000
     darkroom bench --in-process --concurrency 1,8 --requests 40 --steps 20
+    darkroom bench --url http://127.0.0.1:8000/mixed --compare http://127.0.0.1:8000/grouped \\
+        --loras style0,style1,style2,style3 --concurrency 8 --requests 64 --steps 20
+
+With ``--loras``, every served target runs twice per level: as given, then "+loras" (each
+request with one adapter drawn, seeded, from the list); the summary compares the two and shows
+the Denoiser's adapter-cache hit rate.
 """
 
 from __future__ import annotations
@@ -62,11 +68,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
         levels = parse_levels("1", "closed", "--concurrency")
     if args.requests is not None and args.duration is not None:
         raise InvalidRequestError("--duration", args.duration, "give --requests or --duration, not both")
+    loras = tuple(n.strip() for n in (args.loras or "").split(",") if n.strip())
+    if loras and args.in_process:
+        raise InvalidRequestError("--loras", args.loras, "applies to --url/--compare (served apps), not --in-process")
     targets = []
-    if args.url:
-        targets.append(TargetSpec(args.label or _label(args.url), url=args.url))
-    if args.compare:
-        targets.append(TargetSpec(args.compare_label or _label(args.compare), url=args.compare))
+    for url, label in ((args.url, args.label), (args.compare, args.compare_label)):
+        if url:
+            name = label or _label(url)
+            targets.append(TargetSpec(name, url=url))
+            if loras:  # the same load with adapters, right after the same load without
+                targets.append(TargetSpec(f"{name} +loras", url=url, loras=True))
     if args.in_process:
         targets.append(TargetSpec("in-process", model=args.model))
     try:
@@ -81,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         n=args.n,
         guidance_scale=args.guidance,
         response_format=args.response_format,
+        lora_scale=args.lora_scale,
     )
     try:
         return BenchConfig(
@@ -98,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             max_batch=args.max_batch,
             torch_threads=args.torch_threads,
             progress=not args.quiet,
+            loras=loras,
         )
     except ValueError as exc:
         raise InvalidRequestError("bench", None, str(exc)) from None
@@ -190,6 +203,13 @@ def add_parser(sub: Any) -> None:
     work.add_argument("--n", type=int, default=1, help="images per request")
     work.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the server's, 7.5)")
     work.add_argument("--seed", type=int, default=0, help="seeds every request body and arrival time")
+    work.add_argument(
+        "--loras",
+        default=None,
+        help="comma-separated adapter names: each target also runs the same load with one adapter per "
+        "request, drawn from these (seeded)",
+    )
+    work.add_argument("--lora-scale", type=float, default=1.0, help="scale of the drawn adapters (default 1)")
     work.add_argument(
         "--response-format",
         choices=("url", "b64_json"),

@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ class TargetSpec:
     name: str
     url: str | None = None
     model: str | None = None
+    #: Send each request with one adapter drawn from the workload's ``loras``.
+    loras: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class BenchConfig:
     max_batch: int = 8  # in-process open-loop batch limit
     torch_threads: int | None = None  # in-process torch threads (None: torch's default)
     progress: bool = True
+    #: Adapters the "+loras" targets' requests draw from (one each, seeded: ``Workload.loras``).
+    loras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -194,9 +198,12 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
     return InProcessTarget(spec.model, max_batch=config.max_batch, torch_threads=config.torch_threads, name=spec.name)
 
 
-async def run_level(target: Target, level: Level, config: BenchConfig) -> TargetRun:
-    """Warm up, then drive the level's measured schedule, then compute its metrics."""
-    wl = config.workload
+async def run_level(target: Target, level: Level, config: BenchConfig, *, loras: bool = False) -> TargetRun:
+    """Warm up, then drive the level's measured schedule, then compute its metrics.
+
+    ``loras``: every request (warm-up too) carries one adapter drawn from ``config.loras``.
+    """
+    wl = replace(config.workload, loras=config.loras if loras else ())
     target.configure(level)
     await warm_up(target, wl, config.warmup, level.concurrency or 1)
     started, load = _now(), _load1()
@@ -231,6 +238,7 @@ async def run_level(target: Target, level: Level, config: BenchConfig) -> Target
 async def arun_benchmark(config: BenchConfig) -> BenchResult:
     meta = {**machine_metadata(), "started_at": _now(), "order": ORDER}
     targets = [make_target(spec, config) for spec in config.targets]
+    with_loras = {spec.name: spec.loras for spec in config.targets}
     infos: dict[str, dict[str, Any]] = {}
     try:
         for target in targets:
@@ -239,7 +247,7 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
         for level in config.levels:
             runs: dict[str, TargetRun] = {}
             for target in targets:
-                run = await run_level(target, level, config)
+                run = await run_level(target, level, config, loras=with_loras[target.name])
                 runs[target.name] = run
                 m = run.metrics
                 logger.info(

@@ -166,6 +166,27 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_loras(args: argparse.Namespace) -> int:
+    from serve.lora.random import write_random_lora
+    from serve.model import resolve_source
+
+    route_library_logs()
+    if args.count < 1 or args.count > 64:
+        raise InvalidRequestError("--count", args.count, "must be 1..64")
+    model = resolve_source(args.model)
+    from serve.families import family_of
+    from serve.model import read_model_info
+
+    family = family_of(read_model_info(model))
+    components = [family.denoiser_component] + (["text_encoder"] if args.text_encoder else [])
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for i in range(args.count):
+        path = args.dir / f"{args.prefix}{i}.safetensors"
+        write_random_lora(path, model, components=components, layout=args.layout, rank=args.rank, seed=args.seed + i)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {args.layout}, {', '.join(components)})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -297,6 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)
+
+    tl = sub.add_parser(
+        "tiny-loras", help="write random-weight LoRA adapters for a model (an adapter repository for tests, bench)"
+    )
+    tl.add_argument("dir", type=Path, help="folder to write NAME.safetensors files into")
+    tl.add_argument("--model", default=None, help="the model they are for (default: the embedded tiny model)")
+    tl.add_argument("--count", type=int, default=4, help="how many adapters (default 4)")
+    tl.add_argument("--prefix", default="style", help="names are PREFIX0, PREFIX1, ... (default style)")
+    tl.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    tl.add_argument(
+        "--layout", default="diffusers", choices=("diffusers", "kohya"), help="key layout (default diffusers)"
+    )
+    tl.add_argument("--text-encoder", action="store_true", help="also adapt the (first) text encoder")
+    tl.add_argument("--seed", type=int, default=0, help="seed of the first adapter's weights (default 0)")
+    tl.set_defaults(func=cmd_tiny_loras)
 
     exp = sub.add_parser("export", help="export a model to ONNX (and TensorRT) engines with a manifest")
     exp.add_argument("--model", default=None, help="diffusers folder or hub id (default: the embedded tiny model)")

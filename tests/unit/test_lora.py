@@ -201,3 +201,56 @@ def test_the_ingress_side_imports_no_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_bench_draws_one_adapter_per_request_seeded():
+    from bench.schedule import Workload
+
+    plain = Workload(seed=3)
+    mixed = Workload(seed=3, loras=("a", "b", "c", "d"), lora_scale=0.5)
+    bodies = [mixed.body(i) for i in range(64)]
+    assert [b["loras"][0]["scale"] for b in bodies] == [0.5] * 64
+    names = [b["loras"][0]["name"] for b in bodies]
+    assert set(names) == {"a", "b", "c", "d"} and names == [mixed.body(i)["loras"][0]["name"] for i in range(64)]
+    # Prompts and seeds are those of the same workload without adapters.
+    assert [{k: v for k, v in b.items() if k != "loras"} for b in bodies] == [plain.body(i) for i in range(64)]
+    assert "loras" not in plain.body(0)
+
+
+def test_bench_metrics_adapter_cache_hit_rate():
+    from bench.metrics import RequestRecord, compute_metrics
+
+    def rec(i, hits, misses, status=200):
+        return RequestRecord(i, 0.0, 0.0, 1.0, status, 1, None, {"lora_hits": hits, "lora_misses": misses})
+
+    m = compute_metrics([rec(0, 0, 1), rec(1, 1, 0), rec(2, 1, 0), rec(3, 0, 1, status=500)], 2.0, None)
+    assert m.lora_cache_hit_rate == 2 / 3 and m.lora_loads == 1  # failed requests do not count
+    assert compute_metrics([RequestRecord(0, 0.0, 0.0, 1.0, 200, 1)], 1.0, None).lora_cache_hit_rate is None
+
+
+def test_bench_summary_shows_adapters_next_to_the_same_load_without():
+    from bench.core import BenchConfig, BenchResult, LevelResult, TargetRun, TargetSpec
+    from bench.metrics import RequestRecord, compute_metrics
+    from bench.report import summary_markdown
+    from bench.runner import Level
+
+    specs = (
+        TargetSpec("mixed", url="u1"),
+        TargetSpec("mixed +loras", url="u1", loras=True),
+        TargetSpec("grouped", url="u2"),
+        TargetSpec("grouped +loras", url="u2", loras=True),
+    )
+    level = Level("closed", 8)
+    per_s = {"mixed": 10, "mixed +loras": 9, "grouped": 10, "grouped +loras": 5}
+    runs = {}
+    for name, n in per_s.items():
+        timings = {"lora_hits": 1.0, "lora_misses": 0.0} if "+loras" in name else {}
+        records = [RequestRecord(i, 0.0, 0.0, 1.0, 200, 1, None, timings) for i in range(n)]
+        runs[name] = TargetRun(name, level, "now", compute_metrics(records, 1.0, None), records)
+    config = BenchConfig(targets=specs, levels=(level,), loras=("a", "b"))
+    text = summary_markdown(
+        BenchResult(config, {}, {s.name: {"url": s.url} for s in specs}, [LevelResult(level, runs, {})])
+    )
+    assert "## LoRA adapters (+loras: one of a, b per request, seeded)" in text
+    assert "| c=8 | mixed +loras | 9.000 | 1000 | 1000 | 1.00 | 0 | 0.90x |" in text
+    assert "`mixed +loras` over `grouped +loras` (img/s): c=8 1.80x" in text
