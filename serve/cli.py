@@ -105,9 +105,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         LoraCatalog(pipe.denoiser.lora_repository, family).check(params.loras)  # names and fit, by flag
     load_s = time.perf_counter() - t0
+    adapters = "".join(f", lora {n} {s:g}" for n, s in params.loras)
     _say(
         f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
-        f"scheduler {family.scheduler_label(params.scheduler)}, seed {params.seed} ..."
+        f"scheduler {family.scheduler_label(params.scheduler)}, seed {params.seed}{adapters} ..."
     )
     result = pipe.generate(params, progress=_progress_bar(params.num_inference_steps))
     paths = output_paths(args.output, params.n)
@@ -117,6 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(path)
     timings = {"load": load_s, **result.timings}
     print(f"seed: {params.seed}")
+    if params.loras:
+        print("loras: " + ", ".join(f"{n} {s:g}" for n, s in params.loras))
     print("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     return 0
 
