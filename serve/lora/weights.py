@@ -21,12 +21,36 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# Imported here, once, not inside the loaders: diffusers' lazy module is not thread-safe, and
+# adapters load in worker threads (several at once: "module 'diffusers' has no attribute
+# 'StableDiffusionPipeline'" was seen under a burst).
+from diffusers.configuration_utils import FrozenDict
+from diffusers.loaders.lora_pipeline import (
+    FluxLoraLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+)
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from diffusers.utils.peft_utils import get_peft_kwargs
+
+#: diffusers' conversions run one at a time: they are quick, and a thread-safety bug in a library
+#: internals is not worth finding under load.
+_CONVERT = threading.Lock()
+
+#: The family pipeline -> its LoRA loader (the mixin whose ``lora_state_dict`` the pipeline uses).
+LOADERS = {
+    "StableDiffusionPipeline": StableDiffusionLoraLoaderMixin,
+    "StableDiffusionXLPipeline": StableDiffusionXLLoraLoaderMixin,
+    "FluxPipeline": FluxLoraLoaderMixin,
+}
 
 #: Text-encoder modules diffusers counts ranks for (``_load_lora_into_text_encoder``).
 _TEXT_RANK_SUFFIXES = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
@@ -95,17 +119,14 @@ def diffusers_state_dict(
     tensors: dict[str, torch.Tensor], pipeline_class: str, unet_config: Mapping[str, Any] | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
     """``<pipeline_class>.lora_state_dict``: any supported layout -> diffusers names + network alphas."""
-    import diffusers
-
-    cls = getattr(diffusers, pipeline_class)
+    cls = LOADERS[pipeline_class]
     kwargs: dict[str, Any] = {}
     if pipeline_class == "StableDiffusionXLPipeline" and unet_config is not None:
-        from diffusers.configuration_utils import FrozenDict
-
         kwargs["unet_config"] = FrozenDict(unet_config)
     if pipeline_class == "FluxPipeline":
         kwargs["return_alphas"] = True
-    out = cls.lora_state_dict(dict(tensors), **kwargs)
+    with _CONVERT:
+        out = cls.lora_state_dict(dict(tensors), **kwargs)
     return out[0], out[1]
 
 
@@ -123,12 +144,6 @@ def component_config(
     Denoisers follow ``ModelMixin.load_lora_adapter``, text encoders ``_load_lora_into_text_encoder``
     (diffusers 0.42). None when the adapter has nothing for this component.
     """
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
-    from diffusers.utils.peft_utils import get_peft_kwargs
 
     sd = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
     meta = None
