@@ -155,3 +155,26 @@ def test_darkroom_generate_lora_errors_name_the_flag(models, adapters, tmp_path,
     cmd = [DARKROOM, *args] if DARKROOM else [sys.executable, "-m", "serve.cli", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_flux_adapters_in_one_batch_match_diffusers(tiny_flux, tmp_path):
+    """Flux (dev-style): transformer and CLIP text-encoder adapters, diffusers/peft layout (the
+    mechanism is the same module-path hooks; kohya/BFL Flux layouts are not tested here)."""
+    from diffusers import FluxPipeline
+
+    from serve.lora.random import write_random_lora
+
+    write_random_lora(tmp_path / "fa.safetensors", tiny_flux, components=("transformer",), seed=1, strength=0.5)
+    comps = ("transformer", "text_encoder")
+    write_random_lora(tmp_path / "fb.safetensors", tiny_flux, components=comps, seed=2, strength=0.5)
+    ref = lora_reference(FluxPipeline.from_pretrained(tiny_flux), tmp_path, flow=True)
+    pipe = Pipeline.load(tiny_flux, device="cpu", loras=str(tmp_path))
+    cases = [(("fa", 0.8),), (("fa", 1.0), ("fb", -0.6)), (("fb", 1.0),), ()]
+    batch = [make_params(loras=c, seed=10 + i, guidance_scale=3.5, num_inference_steps=4) for i, c in enumerate(cases)]
+    results = pipe.generate_batch(batch)
+    assert set(pipe.denoiser.last_batch_sizes) == {len(batch)}  # no CFG batch doubling for Flux dev
+    for p, r in zip(batch, results, strict=True):
+        want = ref(p)
+        assert max_level_diff(np.stack(r.pixels), want) <= TOLERANCE, p.loras
+        if p.loras:
+            assert max_level_diff(want, ref(make_params(**{**p.__dict__, "loras": ()}))) > TOLERANCE
