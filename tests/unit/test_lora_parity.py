@@ -178,3 +178,60 @@ def test_flux_adapters_in_one_batch_match_diffusers(tiny_flux, tmp_path):
         assert max_level_diff(np.stack(r.pixels), want) <= TOLERANCE, p.loras
         if p.loras:
             assert max_level_diff(want, ref(make_params(**{**p.__dict__, "loras": ()}))) > TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["segmented", "stacked"])
+def test_both_kernels_equal_peft_row_by_row(models, adapters, monkeypatch, mode):
+    """A UNet call mixing adapter sets (and none, and a set split over two runs), computed the
+    segmented and the stacked way, equals peft's UNet run on each request's rows alone."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from serve.lora import apply
+    from serve.lora.repository import LoraRepository
+    from serve.lora.runtime import LoraRuntime
+
+    folder = adapters[("sd", "kohya")]  # kohya: conv layers and per-layer alphas too
+    launch = 0.0 if mode == "segmented" else 1e15  # free launches: always segmented; dear: stacked
+    monkeypatch.setitem(apply.LAUNCH_FLOPS, "cpu", launch)
+    calls = {"stacked": 0}
+    original = apply.Active._stacked
+
+    def counted(self, *args):
+        calls["stacked"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(apply.Active, "_stacked", counted)
+    from diffusers import StableDiffusionPipeline
+
+    base = UNet2DConditionModel.from_pretrained(models["sd"], subfolder="unet").eval()
+    pipe = StableDiffusionPipeline.from_pretrained(models["sd"], safety_checker=None)
+    for name in ("ink", "oil", "chalk"):
+        pipe.load_lora_weights(str(folder / f"{name}.safetensors"), adapter_name=name)
+    ref = pipe.unet
+    runtime = LoraRuntime(
+        LoraRepository(str(folder)),
+        {"unet": base},
+        pipeline_class="StableDiffusionPipeline",
+        unet_config=None,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    sets = [(("ink", 1.0),), (("oil", 0.6), ("chalk", -1.2)), (), (("ink", -0.5),)]
+    runs = [(2, s) for s in sets]
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 77, 32, generator=g)
+    t = torch.tensor([900.0, 900.0, 500.0, 500.0, 100.0, 100.0, 20.0, 20.0])
+    with torch.inference_mode(), runtime.use([c for s in sets for c in s if c[0] != "ink"] + [("ink", 1.0)]):
+        with runtime.rows(runs):
+            got = base(x, t, encoder_hidden_states=e).sample
+        for i, s in enumerate(sets):
+            rows = slice(2 * i, 2 * i + 2)
+            if s:
+                pipe.enable_lora()
+                pipe.set_adapters([n for n, _ in s], adapter_weights=[w for _, w in s])
+            else:
+                pipe.disable_lora()
+            want = ref(x[rows], t[rows], encoder_hidden_states=e[rows]).sample
+            assert torch.allclose(got[rows], want, atol=1e-4, rtol=1e-4), (mode, s, (got[rows] - want).abs().max())
+    assert (calls["stacked"] > 0) == (mode == "stacked")
