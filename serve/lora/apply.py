@@ -14,14 +14,13 @@ Both compute, for every row i and every adapter a that row uses on this layer,
   number of adapters, for R / r_a times the rank work.
 
 ``prefer_stacked`` picks per layer and call from launches and FLOPs (a pure function). Worked
-example, the tiny SD UNet on CPU (a launch costs about ``2e5`` FLOPs of time): an attention
-projection 64 -> 64 over 16 rows x 16 tokens, four rank-4 adapters, each used by 4 rows in 2
-spans: segmented = 4 x 5 launches (1e6 FLOP-equivalents... x4 = 4e6) + 4 x 4*16*4*128*2 (0.26 M)
-FLOPs; stacked = 3 launches (6e5) + 16*16*16*128*2 (1 M) -> stacked. An SDXL 1280-wide layer over
-16 rows x 4096 tokens with four rank-64 adapters on a GPU (a launch ~ ``5e7``): stacked costs
-16*4096*256*2560*2 = 86 GFLOP against segmented's 21 GFLOP + 20 launches (1 GFLOP-equivalent)
--> segmented. Either way the result is the same up to float rounding (the tests hold both to 3
-levels of diffusers + peft).
+examples. The tiny SD UNet on a CPU (a launch costs ~2e5 FLOPs of time): a 64 -> 64 attention
+projection over 16 rows x 16 tokens, four rank-4 adapters, each used by 4 rows in 2 spans:
+segmented = 4 x (5 launches + 2*4*16*4*128 FLOPs) = 4.3e6, stacked = 3 launches + 2*16*16*16*128
+= 1.6e6 -> stacked. An SDXL 1280 -> 1280 layer on a GPU (a launch ~5e7) over 16 rows x 4096
+tokens, four rank-64 adapters, 4 rows each in 2 spans: segmented = 4 x (2.5e8 + 5.4e9) = 2.3e10,
+stacked = 1.5e8 + 2*16*4096*256*2560 = 8.6e10 -> segmented. Either way the result is the same up
+to float rounding (tests hold both to peft's, row by row, and images to 3 levels of diffusers').
 """
 
 from __future__ import annotations

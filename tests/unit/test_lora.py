@@ -254,3 +254,12 @@ def test_bench_summary_shows_adapters_next_to_the_same_load_without():
     assert "## LoRA adapters (+loras: one of a, b per request, seeded)" in text
     assert "| c=8 | mixed +loras | 9.000 | 1000 | 1000 | 1.00 | 0 | 0.90x |" in text
     assert "`mixed +loras` over `grouped +loras` (img/s): c=8 1.80x" in text
+
+
+def test_stacked_or_segmented_by_cost():
+    from serve.lora.apply import LAUNCH_FLOPS, prefer_stacked
+
+    tiny = dict(rows=16, tokens=16, fan=128, launch_flops=LAUNCH_FLOPS["cpu"])
+    assert prefer_stacked([2, 2, 2, 2], [4, 4, 4, 4], [4, 4, 4, 4], **tiny)  # launches dominate
+    big = dict(rows=16, tokens=4096, fan=2560, launch_flops=LAUNCH_FLOPS["cuda"])
+    assert not prefer_stacked([2, 2, 2, 2], [4, 4, 4, 4], [64, 64, 64, 64], **big)  # rank work dominates
