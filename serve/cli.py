@@ -185,7 +185,15 @@ def cmd_tiny_loras(args: argparse.Namespace) -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     for i in range(args.count):
         path = args.dir / f"{args.prefix}{i}.safetensors"
-        write_random_lora(path, model, components=components, layout=args.layout, rank=args.rank, seed=args.seed + i)
+        write_random_lora(
+            path,
+            model,
+            components=components,
+            layout=args.layout,
+            rank=args.rank,
+            seed=args.seed + i,
+            attention_only=args.targets == "attention",
+        )
         print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {args.layout}, {', '.join(components)})")
     return 0
 
@@ -334,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout", default="diffusers", choices=("diffusers", "kohya"), help="key layout (default diffusers)"
     )
     tl.add_argument("--text-encoder", action="store_true", help="also adapt the (first) text encoder")
+    tl.add_argument(
+        "--targets",
+        default="attention",
+        choices=("attention", "all"),
+        help="denoiser layers: attention projections (to_q/k/v/out, as diffusers' LoRA training scripts) or "
+        "all of attention, feed-forward and projections (default attention)",
+    )
     tl.add_argument("--seed", type=int, default=0, help="seed of the first adapter's weights (default 0)")
     tl.set_defaults(func=cmd_tiny_loras)
 

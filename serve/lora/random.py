@@ -33,11 +33,22 @@ def _weights_file(folder: Path) -> Path:
     raise FileNotFoundError(f"no safetensors weights in {folder}")
 
 
-def target_layers(model: str | Path, component: str, *, convs: bool = False) -> dict[str, tuple[int, ...]]:
-    """Module path -> weight shape of the layers a random adapter targets in ``component``."""
+def target_layers(
+    model: str | Path, component: str, *, convs: bool = False, attention_only: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Module path -> weight shape of the layers a random adapter targets in ``component``.
+
+    ``attention_only``: the attention projections alone (``to_q``, ``to_k``, ``to_v``, ``to_out.0``:
+    the default targets of diffusers' LoRA training scripts).
+    """
     with open(_weights_file(Path(model) / component), "rb") as f:
         header = read_header(f)
-    suffixes = _TEXT if component.startswith("text_encoder") else _ATTENTION + _FF + (_CONVS if convs else ())
+    if component.startswith("text_encoder"):
+        suffixes = _TEXT
+    elif attention_only:
+        suffixes = _ATTENTION
+    else:
+        suffixes = _ATTENTION + _FF + (_CONVS if convs else ())
     out = {}
     for key, (_, shape) in sorted(header.tensors.items()):
         if not key.endswith(".weight") or len(shape) not in (2, 4):
@@ -70,6 +81,7 @@ def write_random_lora(
     alpha: float | None = None,
     vary_alpha: bool = False,
     convs: bool = False,
+    attention_only: bool = False,
     metadata: bool = False,
 ) -> Path:
     """Write ``out`` (a .safetensors file) with random LoRA weights for ``model``'s ``components``.
@@ -90,7 +102,7 @@ def write_random_lora(
     tensors: dict[str, torch.Tensor] = {}
     config_meta: dict[str, object] = {}
     for component in components:
-        layers = target_layers(model, component, convs=convs)
+        layers = target_layers(model, component, convs=convs, attention_only=attention_only)
         if not layers:
             raise ValueError(f"{model} has no LoRA-able layers in {component}")
         text = component.startswith("text_encoder")
