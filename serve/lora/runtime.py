@@ -221,14 +221,15 @@ class LoraRuntime:
             done.set()
 
     def _install(self, adapter: LoadedAdapter) -> None:
-        """Hook every layer the adapter targets (under the call lock: between two forward calls)."""
-        new = [(c, p) for c, mods in adapter.modules.items() for p in mods if (c, p) not in self._hooks]
-        if not new:
-            return
+        """Hook every layer the adapter targets, once (under the call lock: between two forward
+        calls, and atomic against another thread installing the same layers -- a layer hooked
+        twice would get every update twice)."""
+        wanted = [(c, p) for c, mods in adapter.modules.items() for p in mods]
         with self._call_lock:
-            for component, path in new:
-                module = self._named[component][path]
-                self._hooks[(component, path)] = module.register_forward_hook(_Hook(self, component, path))
+            for component, path in wanted:
+                if (component, path) not in self._hooks:
+                    module = self._named[component][path]
+                    self._hooks[(component, path)] = module.register_forward_hook(_Hook(self, component, path))
 
     @contextlib.contextmanager
     def use(self, choices: Sequence[Choice]) -> Iterator[dict[str, LoadedAdapter]]:

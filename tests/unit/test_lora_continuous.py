@@ -5,11 +5,13 @@ the latents it gets alone; an unknown adapter fails its request alone."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 
 from serve.errors import InvalidRequestError
+from serve.lora import runtime as lora_runtime
 from serve.stages import Conditioning, DenoiseJob, Denoiser, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
 from tests.lora_helpers import write_adapters
@@ -78,3 +80,64 @@ def test_an_unknown_adapter_fails_its_request_alone(parts):
     results = _run(loop, [good, bad])
     assert isinstance(results[1], InvalidRequestError) and results[1].field == "loras[0].name"
     np.testing.assert_allclose(results[0].value, denoiser.denoise([good])[0], atol=1e-4)
+
+
+def test_concurrent_first_loads_hook_each_layer_once(tiny_model, parts):
+    """Requests arriving together load their adapters in parallel threads: every layer still gets
+    exactly one hook (twice would apply every update twice), and the latents equal a fresh replica's."""
+    encoder, reference = parts
+    fresh = Denoiser.load(tiny_model, device="cpu", loras=reference.lora_repository)
+    jobs = [job(encoder, 40 + i, s) for i, s in enumerate(SETS)]
+    # One first load per distinct adapter (a second request for one waits for the first's copy).
+    barrier = threading.Barrier(len({n for s in SETS for n, _ in s}))
+    original = fresh.lora._install
+
+    def install_together(adapter):  # every first load reaches the hook installation at once
+        try:
+            barrier.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
+        original(adapter)
+
+    fresh.lora._install = install_together
+    results = _run(ContinuousDenoiser(fresh, max_requests=8, step_delay_s=0.02), jobs)
+    assert not barrier.broken
+    hooked = [m for m in fresh.engine.module.model.modules() if m._forward_hooks]
+    assert hooked and all(len(m._forward_hooks) == 1 for m in hooked)
+    for r, j in zip(results, jobs, strict=True):
+        np.testing.assert_allclose(r.value, reference.denoise([j])[0], atol=1e-4)
+
+
+def test_a_slow_adapter_load_never_blocks_steps_of_other_requests(tiny_model, parts, monkeypatch):
+    """While one request's adapter is loading (held on purpose until the other is done), a request
+    without it runs every one of its steps; then the first joins and both equal their solo runs."""
+    encoder, reference = parts
+    fresh = Denoiser.load(tiny_model, device="cpu", loras=reference.lora_repository)
+    loading, release = threading.Event(), threading.Event()
+    real_load = lora_runtime.load_adapter
+
+    def held_load(*args, **kwargs):
+        loading.set()
+        release.wait(timeout=60)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(lora_runtime, "load_adapter", held_load)
+    styled, plain = job(encoder, 50, (("ink", 1.0),)), job(encoder, 51)
+    loop = ContinuousDenoiser(fresh, max_requests=8, step_delay_s=0.02)
+
+    async def main():
+        first = asyncio.ensure_future(loop.submit(styled))
+        assert await asyncio.to_thread(loading.wait, 30), "the adapter load never started"
+        try:
+            # Every step of the plain request runs while the load is held: a step waiting for
+            # the load would wait for this very await, and time out.
+            done_plain = await asyncio.wait_for(loop.submit(plain), timeout=60)
+            assert not release.is_set() and loop.steps >= plain.num_inference_steps
+        finally:
+            release.set()
+        return done_plain, await asyncio.wait_for(first, timeout=60)
+
+    done_plain, done_styled = asyncio.run(main())
+    assert done_plain.batch_size == 1  # the styled request had not joined: it was still loading
+    np.testing.assert_allclose(done_plain.value, reference.denoise([plain])[0], atol=1e-4)
+    np.testing.assert_allclose(done_styled.value, reference.denoise([styled])[0], atol=1e-4)
