@@ -113,6 +113,13 @@ class DeploymentOptions(BaseModel):
         description="How long a partial batch waits for more requests (TextEncoder, Decoder). 0 still batches "
         "under load: requests queue while a batch runs. The Denoiser ignores it: it batches continuously.",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads in each replica (torch.set_num_threads); None = what Ray gives a "
+        "replica (OMP_NUM_THREADS = its num_cpus rounded down, at least 1). The in-process baseline of "
+        "`darkroom bench --serve` gets the model replicas' total.",
+    )
     graceful_shutdown_timeout_s: float | None = Field(
         None,
         ge=0,
@@ -152,6 +159,23 @@ class DeploymentOptions(BaseModel):
             )
         return self
 
+    @property
+    def threads_per_replica(self) -> int:
+        """Torch threads each replica runs with: ``torch_threads``, else Ray's OMP_NUM_THREADS rule
+        (``num_cpus`` rounded down, at least 1: a 0.1-CPU replica gets 1 thread)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, int(float(self.ray_actor_options.get("num_cpus", 1) or 0)))
+
+    @property
+    def max_replica_count(self) -> int:
+        """The most replicas this deployment may run (its fixed count, or autoscaling's maximum)."""
+        if self.autoscaling_config:
+            return int(self.autoscaling_config.get("max_replicas", 1))
+        if self.num_replicas == "auto":
+            return 100
+        return self.num_replicas if self.num_replicas is not None else 1
+
     def serve_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         opts: dict[str, Any] = {
@@ -188,6 +212,13 @@ class AppConfig(BaseModel):
     device: str | None = Field(None, description="cpu, cuda, cuda:N; None = DARKROOM_DEVICE, else CUDA when present.")
     dtype: str | None = Field(
         None, description="float32, float16, bfloat16; None = DARKROOM_DTYPE, else fp16 on CUDA, fp32 on CPU."
+    )
+    profile: Literal["split", "colocated"] = Field(
+        "split",
+        description="split: a deployment per stage (Ingress, TextEncoder, Denoiser, Decoder), each scaling apart. "
+        "colocated: every stage inside each Ingress replica (one replica per GPU, the same batching, no stage "
+        "hops); `ingress` then sets the replicas and resources, and text_encoder/denoiser/decoder only their "
+        "batching (max_batch_size, batch_wait_timeout_s).",
     )
     storage: str = Field("./outputs", description="Result store URI: a folder, file://..., or s3://bucket/prefix.")
     url_expiry_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned S3 URLs.")
@@ -229,6 +260,17 @@ class AppConfig(BaseModel):
         default_factory=lambda: DeploymentOptions(max_batch_size=8, max_ongoing_requests=32),
         description="Options of the Decoder deployment.",
     )
+
+    def model_deployments(self) -> dict[str, DeploymentOptions]:
+        """The deployments that run models, by name: the three stages (split), or the Ingress (colocated)."""
+        if self.profile == "colocated":
+            return {"Ingress": self.ingress}
+        return {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "Decoder": self.decoder}
+
+    def model_torch_threads(self) -> int:
+        """Torch threads of every model replica together, at their most replicas: what the
+        in-process baseline of this app gets (``darkroom bench --serve``, capped at the machine's cores)."""
+        return sum(o.threads_per_replica * max(1, o.max_replica_count) for o in self.model_deployments().values())
 
     def model_info(self) -> Any:
         """The configured model (the embedded default when none) of the configured family."""

@@ -21,6 +21,11 @@ _EXPORTS = {
     "Decoder": "serve.stages.decoder",
     "to_uint8": "serve.stages.decoder",
     "ContinuousDenoiser": "serve.stages.continuous",
+    "BatchPolicy": "serve.stages.batching",
+    "BatchQueue": "serve.stages.batching",
+    "ModelThread": "serve.stages.batching",
+    "ColocatedOptions": "serve.stages.colocated",
+    "ColocatedStages": "serve.stages.colocated",
 }
 
 __all__ = sorted(_EXPORTS)
