@@ -219,6 +219,12 @@ class LaunchedServer:
                 last = type(exc).__name__
             time.sleep(0.5)
 
+    def processes(self) -> list[int]:
+        """The server's process and every descendant (Ray's GCS, raylet, controller, proxy, replicas)."""
+        from bench.cpu import tree
+
+        return tree(self.proc.pid) if self.proc is not None else []
+
     def stop(self) -> None:
         """Stop the server and its Ray cluster (bounded); raise if any of its processes is left."""
         proc, self.proc = self.proc, None

@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -131,6 +132,8 @@ class TargetRun:
     records: list[RequestRecord]
     host_load: float | None = None  # 1-minute load average when the run started (others' work too)
     round: int = 1
+    #: CPU-ms per image by process (the target's processes and the bench client), when measured.
+    cpu_ms_per_image: dict[str, float] | None = None
 
 
 @dataclass
@@ -218,6 +221,7 @@ class BenchResult:
                         "started_at": run.started_at,
                         "host_load_1min": run.host_load,
                         "metrics": run.metrics.to_json(),
+                        "cpu_ms_per_image": run.cpu_ms_per_image,
                     }
                     if include_records:
                         entry["records"] = [r.to_json() for r in run.records]
@@ -297,12 +301,22 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
     return InProcessTarget(spec.model, max_batch=config.max_batch, torch_threads=config.torch_threads, name=spec.name)
 
 
-async def run_level(target: Target, level: Level, config: BenchConfig, round_no: int = 1) -> TargetRun:
-    """Warm up, then drive the level's measured schedule, then compute its metrics."""
+async def run_level(
+    target: Target, level: Level, config: BenchConfig, round_no: int = 1, watch: Callable[[], list[int]] | None = None
+) -> TargetRun:
+    """Warm up, then drive the level's measured schedule, then compute its metrics.
+
+    ``watch`` lists the target's processes (besides this one) whose CPU time the run records
+    (``bench/cpu.py``); None: CPU time is not recorded (a server the bench did not start).
+    """
+    from bench import cpu
+
     wl = config.workload
     target.configure(level)
     await warm_up(target, wl, config.warmup, level.concurrency or 1)
     started, load = _now(), _load1()
+    pids = [os.getpid(), *watch()] if watch is not None else []
+    cpu_before = cpu.snapshot(pids)
     label = f"{target.name} {level.label}" + (f" round {round_no}" if config.rounds > 1 else "")
     if level.mode == "closed":
         progress = Progress(label, config.requests, enabled=config.progress)
@@ -328,6 +342,7 @@ async def run_level(target: Target, level: Level, config: BenchConfig, round_no:
         records = await open_loop(target, bodies, offsets, on_record=progress.update)
     progress.close()
     metrics = compute_metrics(records, measurement_window(records), config.slo_ms)
+    cpu_ms = cpu.per_image(cpu_before, cpu.snapshot(pids), metrics.images) if watch is not None else None
     m = metrics
     logger.info(
         "%s: %d/%d ok, %.3f img/s, p50 %.0f ms, p99 %.0f ms",
@@ -338,7 +353,7 @@ async def run_level(target: Target, level: Level, config: BenchConfig, round_no:
         m.latency_ms.p50,
         m.latency_ms.p99,
     )
-    return TargetRun(target.name, level, started, metrics, records, load, round_no)
+    return TargetRun(target.name, level, started, metrics, records, load, round_no, cpu_ms)
 
 
 def _launched_server(config: BenchConfig) -> Any:
@@ -383,9 +398,10 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
                     for target in targets:
                         info = await target.start()
                         infos.setdefault(target.name, info)
+                    watch = server.processes if server is not None else None
                     for i, level in enumerate(config.levels):
                         for target in targets:
-                            runs[i][target.name].append(await run_level(target, level, config, round_no))
+                            runs[i][target.name].append(await run_level(target, level, config, round_no, watch))
                 finally:
                     for target in targets:
                         await target.close()
@@ -401,7 +417,7 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
                         started.add(target.name)
                 for i, level in enumerate(config.levels):
                     for target in inproc:
-                        runs[i][target.name].append(await run_level(target, level, config, round_no))
+                        runs[i][target.name].append(await run_level(target, level, config, round_no, list))
             phase["finished_at"] = _now()
     finally:
         for target in inproc:

@@ -106,6 +106,28 @@ def summary_markdown(result: BenchResult) -> str:
             batch = f"{b.mean:.2f} / {b.max:.0f}" if b else "—"
             overhead = _f(m.client_overhead_ms.mean) if m.client_overhead_ms.count else "—"
             lines.append(f"| {lr.level.label} | {name} | " + " | ".join(cells) + f" | {batch} | {overhead} |")
+    cpu_rows = []
+    for lr in result.levels:
+        for name, runs in lr.runs.items():
+            measured = [r.cpu_ms_per_image for r in runs if r.cpu_ms_per_image]
+            if not measured:
+                continue
+            totals = spread([m["total"] for m in measured])
+            top = _median_run(runs).cpu_ms_per_image or measured[0]
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in top.items() if k != "total" and v >= 0.5)
+            cpu_rows.append(
+                f"| {lr.level.label} | {name} | {totals.median:.1f} ({totals.min:.1f}–{totals.max:.1f}) | {parts} |"
+            )
+    if cpu_rows:
+        lines += [
+            "",
+            "## CPU per image (ms, every process of the target and the bench client; median (range) over the "
+            "rounds; by process: the median round)",
+            "",
+            "| level | target | total | by process |",
+            "|---|---|---|---|",
+            *cpu_rows,
+        ]
     if len(result.config.targets) > 1:
         base = result.baseline
         lines += [

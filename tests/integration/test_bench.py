@@ -244,6 +244,9 @@ def test_bench_starts_and_stops_the_served_app_around_the_baseline(tmp_path):
         for name in ("colocated", "in-process"):
             assert [r.metrics.ok for r in lr.runs[name]] == [3, 3], name
         assert len(lr.ratios["in-process"]["p50"].values) == 2
+        served_cpu = lr.run("colocated").cpu_ms_per_image  # the launched server's processes, by name
+        assert served_cpu["total"] > 0 and any(k.startswith("ray::ServeReplica") for k in served_cpu), served_cpu
+        assert set(lr.run("in-process").cpu_ms_per_image) <= {"bench client (this process)", "total"}
     assert {g["check"] for g in result.goals()} == {
         "p50 colocated / in-process at c=1",
         "peak img/s colocated / in-process (closed loop)",

@@ -160,6 +160,9 @@ class FakeServer:
     def stop(self):
         world["alive"] = False
 
+    def processes(self):
+        return []
+
 
 def test_launched_target_alternates_with_the_baseline_and_is_stopped_between(monkeypatch, tmp_path):
     monkeypatch.setattr(cluster, "_processes", lambda: [(10, RAYLET)] if world["alive"] else [])
@@ -194,6 +197,7 @@ def test_launched_target_alternates_with_the_baseline_and_is_stopped_between(mon
     for lr in result.levels:
         assert [r.round for r in lr.runs["served"]] == [1, 2] and [r.round for r in lr.runs["in-process"]] == [1, 2]
         assert len(lr.ratios["in-process"]["throughput"].values) == 2
+        assert all("total" in run.cpu_ms_per_image for runs in lr.runs.values() for run in runs)
     goals = {g["check"]: g for g in result.goals()}
     assert set(goals) == {
         "p50 served / in-process at c=1",
@@ -319,3 +323,31 @@ def test_serve_flag_errors_name_the_flag(argv, flag, capsys, monkeypatch):
     assert darkroom(["bench", *argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"darkroom: error: {flag}:"), err
+
+
+# -- CPU per image, by process -----------------------------------------------------------------------------
+
+
+def test_cpu_per_image_by_process():
+    import os
+    import subprocess
+    import sys
+
+    from bench import cpu
+
+    me = os.getpid()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in cpu.tree(me) and me in cpu.tree(me)
+        assert cpu.label(child.pid) == f"{Path(sys.executable).name} -c"
+    finally:
+        child.kill()
+        child.wait()
+    before = {me: 1.0, 42: 2.0, 43: 5.0}
+    after = {me: 1.2, 42: 2.0, 43: 5.6, 44: 9.0}  # 44 started mid-run: not counted
+    got = cpu.per_image(before, after, images=4)
+    assert got[cpu.CLIENT] == pytest.approx(50.0) and got["total"] == pytest.approx(200.0)
+    assert cpu.per_image(before, after, images=0) is None
+    busy = cpu.snapshot([me])[me]
+    sum(i * i for i in range(300_000))
+    assert cpu.snapshot([me])[me] >= busy
