@@ -185,26 +185,28 @@ class LaunchedServer:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env, start_new_session=True)
+        proc = self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, env=env, start_new_session=True)
         self._log = log
         self.starts += 1
         try:
-            self._wait_ready(t0)
+            self._wait_ready(proc, t0)
         except BaseException:
             self.stop()
             raise
         self.sessions = {c.session for c in live_clusters() if c.kind == "ray" and c.session} - before
         return time.monotonic() - t0
 
-    def _wait_ready(self, t0: float) -> None:
+    def _wait_ready(self, proc: subprocess.Popen, t0: float) -> None:
         import httpx
 
         pending = list(self.urls)
         last = "no answer"
         while pending:
-            if self.proc is not None and self.proc.poll() is not None:
+            # ``proc``, not ``self.proc``: a stop() from another thread (the run was interrupted
+            # while the server started) clears self.proc; the process's exit ends this wait.
+            if proc.poll() is not None:
                 raise DarkroomError(
-                    f"the server the bench started exited with status {self.proc.returncode} before it was ready"
+                    f"the server the bench started exited with status {proc.returncode} before it was ready"
                     + (f" (its output: {self.log_path})" if self.log_path else "")
                 )
             if time.monotonic() - t0 > self.ready_timeout_s:
