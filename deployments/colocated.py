@@ -50,7 +50,8 @@ def stage_loader(cfg: AppConfig, info: Any):
 
         torch.set_num_threads(cfg.ingress.threads_per_replica)
         kw = cfg.load_kwargs()
-        return TextEncoder.load(info, **kw), Denoiser.load(info, **kw), Decoder.load(info, **kw)
+        denoiser = Denoiser.load(info, **kw, step_cache=cfg.step_cache_message())
+        return TextEncoder.load(info, **kw), denoiser, Decoder.load(info, **kw)
 
     return load
 

@@ -198,6 +198,63 @@ class DeploymentOptions(BaseModel):
         return opts
 
 
+class TorchConfig(BaseModel):
+    """The torch backend's GPU path (serve/engines/torch_options.py). Defaults: eager PyTorch as
+    published (channels_last on CUDA); graphs, compile and tiling are opt-in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channels_last: bool | None = Field(
+        None, description="channels_last memory format for the UNet and VAE; None = on CUDA, off on CPU."
+    )
+    cuda_graphs: bool = Field(
+        False, description="Capture the denoiser as CUDA graphs per (batch bucket, input shapes) and replay them."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the denoiser (the first call per bucket and size compiles)."
+    )
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode when compile is on.")
+    batch_buckets: tuple[int, ...] = Field(
+        (1, 2, 4, 8, 16, 32, 64),
+        description="With cuda_graphs or compile: denoiser batches (rows, CFG doubled) are padded up to the next "
+        "of these sizes, so one graph serves every batch that fits it.",
+    )
+    max_graphs: int = Field(
+        24, ge=1, description="Captured CUDA graphs kept per replica (least recently used dropped)."
+    )
+    vae_tiling_min_side: int | None = Field(
+        None,
+        ge=64,
+        description="Decode in tiles when an image side exceeds this many pixels (bounded memory; tiles blend at "
+        "their seams, outside the seed contract); None = never.",
+    )
+
+    def options(self) -> Any:
+        from serve.engines.torch_options import TorchOptions
+
+        return TorchOptions(**self.model_dump())
+
+
+class StepCacheConfig(BaseModel):
+    """The opt-in step cache every request gets (serve/engines/step_cache.py): faster, at a measured
+    cost in fidelity (bench/gpu.py); images then differ from diffusers' beyond the seed contract."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["deepcache", "teacache"] = Field(
+        ..., description="deepcache for UNet models (SD, SDXL), teacache for transformers (Flux)."
+    )
+    interval: int = Field(3, ge=1, description="deepcache: a full UNet pass every this many steps.")
+    threshold: float = Field(
+        0.2, ge=0, description="teacache: accumulated rescaled change of the first block's input before it runs again."
+    )
+
+    def message(self) -> Any:
+        from serve.stages.messages import StepCache
+
+        return StepCache(self.kind, self.interval, self.threshold)
+
+
 class AppConfig(BaseModel):
     """Everything ``build_app`` needs. Omitted fields give the embedded local default."""
 
@@ -232,6 +289,12 @@ class AppConfig(BaseModel):
     prompt_policy: PromptPolicy = Field(default_factory=PromptPolicy, description="Prompts refused with 400.")
     stage_retries: int = Field(
         5, ge=1, le=20, description="Tries per stage call when a replica dies mid-request (calls are idempotent)."
+    )
+    torch: TorchConfig = Field(
+        default_factory=TorchConfig, description="The torch backend's GPU path: CUDA graphs, compile, tiling."
+    )
+    step_cache: StepCacheConfig | None = Field(
+        None, description="Opt-in step cache for every request (off: images meet the seed contract)."
     )
     debug_step_delay_s: float = Field(
         0.0,
@@ -287,7 +350,12 @@ class AppConfig(BaseModel):
             "backend": self.backend,
             "device": self.device or settings.device,
             "dtype": self.dtype or settings.dtype,
+            "torch_options": self.torch.options(),
         }
+
+    def step_cache_message(self) -> Any:
+        """The Denoiser's default step cache (None: off)."""
+        return self.step_cache.message() if self.step_cache is not None else None
 
     def service_config(self, model_name: str) -> Any:
         """The request layer's config, for every app (split, monolith): auth, limits, policy, timeouts."""

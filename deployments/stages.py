@@ -69,7 +69,7 @@ class DenoiserDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         set_torch_threads(cfg.denoiser)
-        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs())
+        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs(), step_cache=cfg.step_cache_message())
         self.loop = ContinuousDenoiser(
             self.denoiser, max_requests=cfg.denoiser.max_batch_size, step_delay_s=cfg.debug_step_delay_s
         )

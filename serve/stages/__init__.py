@@ -16,6 +16,7 @@ _EXPORTS = {
     "DenoiseJob": "serve.stages.messages",
     "StageClient": "serve.stages.messages",
     "StageResult": "serve.stages.messages",
+    "StepCache": "serve.stages.messages",
     "TextEncoder": "serve.stages.text_encoder",
     "Denoiser": "serve.stages.denoiser",
     "Decoder": "serve.stages.decoder",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +37,11 @@ class Decoder:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        torch_options: Any = None,
     ) -> Decoder:
-        info, _, engines = load_stage_engines(source, role="decoder", backend=backend, device=device, dtype=dtype)
+        info, _, engines = load_stage_engines(
+            source, role="decoder", backend=backend, device=device, dtype=dtype, torch_options=torch_options
+        )
         return cls(info, engines["vae_decoder"])
 
     def validate(self, latents: np.ndarray) -> None:

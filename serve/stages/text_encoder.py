@@ -64,8 +64,11 @@ class TextEncoder:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        torch_options: Any = None,
     ) -> TextEncoder:
-        info, family, engines = load_stage_engines(source, role="text", backend=backend, device=device, dtype=dtype)
+        info, family, engines = load_stage_engines(
+            source, role="text", backend=backend, device=device, dtype=dtype, torch_options=torch_options
+        )
         return cls(info, engines, family.load_tokenizers())
 
     def encode(self, texts: Sequence[str]) -> list[Row]:
