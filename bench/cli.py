@@ -110,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             progress=not args.quiet,
             rounds=args.rounds or (2 if args.serve and args.in_process else 1),
             serve_config=str(args.serve) if args.serve else None,
+            torch_options=serve_plan["torch_options"] if serve_plan else None,
+            step_cache=serve_plan["step_cache"] if serve_plan else None,
             serve_port=args.serve_port,
             serve_log=str(args.serve_log) if args.serve_log else None,
         )
@@ -120,7 +122,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
     """For ``--serve CONFIG``: validate the file (no Ray), default ``--url`` to its first app, and
     size the in-process baseline like the app behind ``--url``: the torch threads of its model
-    replicas together (capped at this machine's cores) and its Denoiser's batch limit."""
+    replicas together (capped at this machine's cores), its Denoiser's batch limit, its torch
+    backend options and step cache."""
     import os
 
     from deployments.cli import load_serve_config
@@ -146,8 +149,13 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
     cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cfg is None:
-        return {"torch_threads": None, "max_batch": 8}
-    return {"torch_threads": min(cfg.model_torch_threads(), cores), "max_batch": cfg.denoiser.max_batch_size}
+        return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None}
+    return {
+        "torch_threads": min(cfg.model_torch_threads(), cores),
+        "max_batch": cfg.denoiser.max_batch_size,
+        "torch_options": cfg.torch.model_dump(mode="json"),
+        "step_cache": cfg.step_cache.model_dump(mode="json") if cfg.step_cache else None,
+    }
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -71,6 +71,10 @@ class BenchConfig:
     ready_timeout_s: float = 300.0
     max_batch: int = 8  # in-process open-loop batch limit
     torch_threads: int | None = None  # in-process torch threads (None: torch's default)
+    #: The served app's torch backend options and step cache (``AppConfig.torch``/``step_cache`` as
+    #: dicts), so the in-process baseline runs the same engines (None: the defaults).
+    torch_options: dict[str, Any] | None = None
+    step_cache: dict[str, Any] | None = None
     progress: bool = True
     rounds: int = 1  # served phase + in-process phase, repeated (A/B/A/B)
     serve_config: str | None = None  # a Serve config the bench starts for each served phase and stops after
@@ -298,7 +302,14 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
         return HttpTarget(spec.url, name=spec.name, timeout_s=config.timeout_s, ready_timeout_s=config.ready_timeout_s)
     from bench.inprocess import InProcessTarget
 
-    return InProcessTarget(spec.model, max_batch=config.max_batch, torch_threads=config.torch_threads, name=spec.name)
+    return InProcessTarget(
+        spec.model,
+        max_batch=config.max_batch,
+        torch_threads=config.torch_threads,
+        name=spec.name,
+        torch_options=config.torch_options,
+        step_cache=config.step_cache,
+    )
 
 
 async def run_level(

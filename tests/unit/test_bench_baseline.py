@@ -297,6 +297,8 @@ def test_serve_config_gives_the_url_threads_and_batch():
     assert [t.url for t in cfg.targets] == ["http://127.0.0.1:8123", None]
     assert cfg.torch_threads == 1 and cfg.max_batch == 8 and cfg.rounds == 2
     assert cfg.serve_config.endswith("colocated.yaml") and cfg.serve_port == 8123
+    # The baseline runs the app's engines: its torch backend options and step cache (none here).
+    assert cfg.torch_options["cuda_graphs"] is False and cfg.step_cache is None
     split = config_from_args(
         _args("--serve", str(CONFIGS / "side-by-side.yaml"), "--url", "http://127.0.0.1:8000/split", "--in-process")
     )
