@@ -367,7 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="darkroom",
         help="the engine row the step cache is measured against (default darkroom)",
     )
-    p.add_argument("--model-dir", type=Path, default=Path("/tmp/darkroom-gpu-models"), help="where models are built")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="where models are built, once (default: gpu-bench-models/ in Darkroom's cache, DARKROOM_CACHE_DIR)",
+    )
     p.add_argument(
         "--time-budget-s", type=float, default=420.0, help="rows not started within this many seconds are skipped"
     )
@@ -376,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model_dir is None:
+        from serve.settings import Settings
+
+        args.model_dir = Settings.from_env().cache_dir / "gpu-bench-models"
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)7.0f ms %(message)s")
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

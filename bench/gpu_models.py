@@ -12,6 +12,7 @@ to its own uncached image, not for judging how good an image looks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -153,8 +154,18 @@ def write_sdxl(folder: Path, device: str) -> None:
 
 
 def build(name: str, root: Path, *, tiny: bool, device: str) -> Path:
-    """The model's folder under ``root`` (made once: a finished folder holds ``gpu_bench.json``)."""
-    folder = root / (f"tiny-{name}" if tiny else name)
+    """The model's folder under ``root``, made once per version of the code that writes it.
+
+    The folder is named by a hash of that code (this module, and ``serve/tiny.py`` for tiny
+    models), so a changed architecture or weight seed builds a new folder rather than reusing a
+    stale one from a persistent cache; a finished folder holds ``gpu_bench.json``."""
+    sources = [Path(__file__)]
+    if tiny:
+        import serve.tiny
+
+        sources.append(Path(serve.tiny.__file__))
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in sources)).hexdigest()[:12]
+    folder = root / f"{'tiny-' if tiny else ''}{name}-{key}"
     done = folder / "gpu_bench.json"
     if done.is_file():
         return folder
