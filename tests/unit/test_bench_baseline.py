@@ -281,6 +281,27 @@ def test_goals_from_hand_built_runs():
     assert mono8["every_round_met"] and mono8["spread"]["min"] == pytest.approx(26 / 9)
 
 
+def test_open_loop_goals_compare_latency():
+    """At a Poisson rate both apps complete the offered rate (equal img/s within noise): the
+    comparison is the first app's p50 over the compared app's, at most 1."""
+    from bench.core import BenchResult, LevelResult, TargetRun
+
+    def run(name, level, latency_ms, count):
+        m = compute_metrics([rec(i, latency_ms) for i in range(count)], 1.0, None)
+        return TargetRun(name, level, "t", m, [], None, 1)
+
+    r2, r4 = Level("open", 2.0), Level("open", 4.0)
+    # split: 2.0 and 3.9 img/s (a hair under the monolith's 4.0), but far lower latency at 4/s
+    table = {r2: {"split": (150, 2), "mono": (140, 2)}, r4: {"split": (200, 39), "mono": (900, 40)}}
+    levels = [LevelResult(lv, {n: [run(n, lv, *v)] for n, v in by.items()}, {}) for lv, by in table.items()]
+    config = BenchConfig(targets=(TargetSpec("split", url="u1"), TargetSpec("mono", url="u2")), levels=(r2, r4))
+    goals = {g["check"]: g for g in BenchResult(config, {}, {}, levels).goals()}
+    assert set(goals) == {f"p50 split / mono at {r2.label}", f"p50 split / mono at {r4.label}"}
+    at2, at4 = goals[f"p50 split / mono at {r2.label}"], goals[f"p50 split / mono at {r4.label}"]
+    assert at2["goal"] == "<= 1" and at2["spread"]["values"] == pytest.approx((150 / 140,)) and not at2["median_met"]
+    assert at4["spread"]["values"] == pytest.approx((200 / 900,)) and at4["every_round_met"]
+
+
 # -- --serve: URLs and the baseline's size come from the config -------------------------------------------
 
 
