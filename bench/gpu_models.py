@@ -156,14 +156,14 @@ def write_sdxl(folder: Path, device: str) -> None:
 def build(name: str, root: Path, *, tiny: bool, device: str) -> Path:
     """The model's folder under ``root``, made once per version of the code that writes it.
 
-    The folder is named by a hash of that code (this module, and ``serve/tiny.py`` for tiny
-    models), so a changed architecture or weight seed builds a new folder rather than reusing a
+    The folder is named by a hash of that code (this module, and every module of ``serve/tiny/`` for
+    tiny models), so a changed architecture or weight seed builds a new folder rather than reusing a
     stale one from a persistent cache; a finished folder holds ``gpu_bench.json``."""
     sources = [Path(__file__)]
     if tiny:
         import serve.tiny
 
-        sources.append(Path(serve.tiny.__file__))
+        sources.extend(sorted(Path(serve.tiny.__file__).parent.glob("*.py")))
     key = hashlib.sha256(b"".join(s.read_bytes() for s in sources)).hexdigest()[:12]
     folder = root / f"{'tiny-' if tiny else ''}{name}-{key}"
     done = folder / "gpu_bench.json"
