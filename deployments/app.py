@@ -42,6 +42,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         update["lora_repository"] = _absolute_storage(cfg.lora_repository)
     cfg = cfg.model_copy(update=update)
     shared = cfg.model_dump(mode="json")
+    if cfg.profile == "colocated":
+        from deployments.colocated import build_colocated_app
+
+        return build_colocated_app(cfg, shared)
     text_encoder = TextEncoderDeployment.options(**cfg.text_encoder.serve_options("TextEncoder")).bind(shared)
     denoiser = DenoiserDeployment.options(**cfg.denoiser.serve_options("Denoiser"), **denoiser_routing(cfg)).bind(
         shared

@@ -65,13 +65,17 @@ class Pipeline:
         device: str | None = None,
         dtype: str | None = None,
         family: str | None = None,
+        torch_options: Any = None,
+        step_cache: Any = None,
         loras: Any = None,
         lora_cache_bytes: int | None = None,
     ) -> Pipeline:
-        """``loras``: an adapter repository (folder, ``s3://bucket/prefix`` or a ``LoraRepository``)
+        """``torch_options``: the torch backend's (``serve.engines.torch_options.TorchOptions``);
+        ``step_cache``: the Denoiser's default ``StepCache`` (None: off, the seed contract);
+        ``loras``: an adapter repository (folder, ``s3://bucket/prefix`` or a ``LoraRepository``)
         for requests' ``loras``."""
         info = read_model_info(source, family)
-        kw = {"backend": backend, "device": device, "dtype": dtype}
+        kw = {"backend": backend, "device": device, "dtype": dtype, "torch_options": torch_options}
         if loras is not None:
             from serve.lora import LoraRepository
 
@@ -79,7 +83,11 @@ class Pipeline:
             lkw = {"loras": repo, "lora_cache_bytes": lora_cache_bytes}
         else:
             lkw = {}
-        return cls(TextEncoder.load(info, **kw, **lkw), Denoiser.load(info, **kw, **lkw), Decoder.load(info, **kw))
+        return cls(
+            TextEncoder.load(info, **kw, **lkw),
+            Denoiser.load(info, **kw, **lkw, step_cache=step_cache),
+            Decoder.load(info, **kw),
+        )
 
     def generate(
         self, params: GenerationParams, progress: Callable[[int, int], None] | None = None

@@ -85,10 +85,13 @@ class TextEncoder:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        torch_options: Any = None,
         loras: Any = None,
         lora_cache_bytes: int | None = None,
     ) -> TextEncoder:
-        info, family, engines = load_stage_engines(source, role="text", backend=backend, device=device, dtype=dtype)
+        info, family, engines = load_stage_engines(
+            source, role="text", backend=backend, device=device, dtype=dtype, torch_options=torch_options
+        )
         return cls(info, engines, family.load_tokenizers(), loras=loras, lora_cache_bytes=lora_cache_bytes)
 
     def prepare(self, loras: Choices) -> None:
@@ -133,6 +136,17 @@ class TextEncoder:
                 for k in found:
                     self._cache.move_to_end(k)
         return [found[k] for k in keys]
+
+    def cached(self, texts: Sequence[str]) -> list[Row] | None:
+        """Every text's row (without adapters) when all of them are cached (no model call, safe on
+        an event loop), else None."""
+        keys: list[Key] = [(t, ()) for t in texts]
+        with self._lock:
+            if not all(k in self._cache for k in keys):
+                return None
+            for k in keys:
+                self._cache.move_to_end(k)
+            return [self._cache[k] for k in keys]
 
     def encode_requests(self, batch: Sequence[Any], *, timed: bool = True) -> list[Any]:
         """Each request's texts (its plan's ``texts``, or ``(texts, loras)``) -> its rows, encoded

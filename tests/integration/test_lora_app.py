@@ -7,7 +7,8 @@
 - a file dropped into the repository is served without a restart; an S3 repository is fetched
   once per ETag;
 - with 2 Denoiser replicas and 8 adapters, affinity routing keeps each adapter on one replica
-  (the adapter-cache hit rate in the responses' timings).
+  (the adapter-cache hit rate in the responses' timings);
+- the colocated profile serves mixed adapter sets in one replica with the same images.
 """
 
 from __future__ import annotations
@@ -124,6 +125,35 @@ def test_one_denoiser_call_holds_four_adapter_sets(apps, references):
         assert resp.json()["timings"]["denoise_batch"] >= 4, resp.json()["timings"]
         params = parse_generation_request(body).to_params(default_size=(64, 64))
         assert max_level_diff(_pixels(resp), references["sd"](params)) <= TOLERANCE, body["loras"]
+
+
+def test_colocated_profile_serves_mixed_adapter_sets(ray_serve, models, folders, references, tmp_path_factory):
+    """profile: colocated with an adapter repository: four adapter sets share its Denoiser's steps,
+    each image equal to its own reference; the one deployment lists the adapters."""
+    from ray import serve
+
+    args = app_args(
+        models["sd"],
+        str(tmp_path_factory.mktemp("lora-colocated-out")),
+        lora_repository=str(folders["sd"]),
+        profile="colocated",
+        debug_step_delay_s=0.05,  # 50 ms per step (test hook): the requests certainly overlap
+    )
+    url = deploy("lora-colocated", "/lora-colocated", args, ray_serve)
+    sets = [(("ink", 1.0),), (("wordy", -1.0),), (), (("both", 0.7), ("oil", 0.3))]
+    bodies = [_body(40 + i, s, num_inference_steps=10) for i, s in enumerate(sets)]
+    try:
+        assert sorted(serve.status().applications["lora-colocated"].deployments) == ["Ingress"]
+        names = {d["name"] for d in httpx.get(f"{url}/v1/loras", timeout=30).json()["data"]}
+        responses = _post_all(url, bodies)
+    finally:
+        serve.delete("lora-colocated")
+    assert {"ink", "wordy", "both", "oil"} <= names
+    for body, resp in zip(bodies, responses, strict=True):
+        assert resp.status_code == 200, resp.text
+        params = parse_generation_request(body).to_params(default_size=(64, 64))
+        assert max_level_diff(_pixels(resp), references["sd"](params)) <= TOLERANCE, body["loras"]
+    assert max(r.json()["timings"]["denoise_batch"] for r in responses) >= 2
 
 
 def test_listing_and_a_new_file_without_restart(apps, models, folders):

@@ -246,7 +246,7 @@ def test_bench_summary_shows_adapters_next_to_the_same_load_without():
     for name, n in per_s.items():
         timings = {"lora_hits": 1.0, "lora_misses": 0.0} if "+loras" in name else {}
         records = [RequestRecord(i, 0.0, 0.0, 1.0, 200, 1, None, timings) for i in range(n)]
-        runs[name] = TargetRun(name, level, "now", compute_metrics(records, 1.0, None), records)
+        runs[name] = [TargetRun(name, level, "now", compute_metrics(records, 1.0, None), records)]  # one round
     config = BenchConfig(targets=specs, levels=(level,), loras=("a", "b"))
     text = summary_markdown(
         BenchResult(config, {}, {s.name: {"url": s.url} for s in specs}, [LevelResult(level, runs, {})])
