@@ -62,7 +62,9 @@ class DiffusersRunner:
     """The family's own diffusers pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
     ``FluxPipeline``), one call per request, with per-stage timers."""
 
-    def __init__(self, info: ModelInfo, *, device: str | None = None, dtype: str | None = None) -> None:
+    def __init__(
+        self, info: ModelInfo, *, device: str | None = None, dtype: str | None = None, step_delay_s: float = 0.0
+    ) -> None:
         import diffusers
 
         from serve.engines import default_device, default_dtype
@@ -88,6 +90,7 @@ class DiffusersRunner:
 
         self.pipe.vae.decode = timed_decode  # shared by every per-request copy
         self._preview_map: np.ndarray | None = None
+        self.step_delay_s = step_delay_s  # AppConfig.debug_step_delay_s: tests' slow-on-purpose hook
 
     def preview_map(self) -> np.ndarray | None:
         """The partial images' latent -> RGB map, fitted on this pipeline's VAE at first use."""
@@ -109,6 +112,8 @@ class DiffusersRunner:
                          preview_map=self._preview_map if previews else None)  # fmt: skip
 
         def callback(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if self.step_delay_s > 0:
+                time.sleep(self.step_delay_s)
             if stop is not None and stop.is_set():
                 raise _Stopped()
             if on_step is not None:
@@ -316,7 +321,7 @@ class Monolith:
         service_cfg = cfg.service_config(info.name)
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         load = cfg.load_kwargs()
-        runner = DiffusersRunner(info, device=load["device"], dtype=load["dtype"])
+        runner = DiffusersRunner(info, device=load["device"], dtype=load["dtype"], step_delay_s=cfg.debug_step_delay_s)
         self.service = MonolithService(service_cfg, info, runner, store)
 
     def __serve_build_asgi_app__(self):
