@@ -251,7 +251,12 @@ class MonolithService(ImageService):
         return await self._stored(request.response_format == "b64_json", images, s, params, t0)
 
     async def develop(
-        self, request: ImageGenerationRequest, params: GenerationParams, partial_images: int, deadline: float
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        partial_images: int,
+        deadline: float,
+        progress: bool = False,
     ) -> AsyncIterator[Any]:
         """``ImageService.develop`` on the one pipeline: progress from its step callback."""
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -72,6 +73,11 @@ class LiveJob:
     subscribers: set[asyncio.Queue] = field(default_factory=set)
     cancel_requested: bool = False
     written_at: float = 0.0
+    # Record writes run in threads, and a cancelled write's thread still finishes: numbered
+    # writes under a lock keep a late progress write from overwriting the final record.
+    writes: int = 0
+    written: int = 0
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def publish(self, chunk: bytes | None, keep: bool = False) -> None:
         """Send an event to every subscriber (None ends their streams); ``keep``: replay it to late ones."""
@@ -99,8 +105,17 @@ class JobManager:
 
     async def _write(self, live: LiveJob) -> None:
         live.written_at = time.monotonic()
+        live.writes += 1
+        number, record = live.writes, dict(live.record)
+
+        def put() -> None:
+            with live.write_lock:
+                if number > live.written:
+                    self.store.put_job(record["id"], record)
+                    live.written = number
+
         try:
-            await asyncio.to_thread(self.store.put_job, live.record["id"], dict(live.record))
+            await asyncio.to_thread(put)
         except Exception:  # the job goes on; the next write may succeed
             logger.exception("could not record job %s", live.record["id"])
 
@@ -141,7 +156,7 @@ class JobManager:
         outcome: dict[str, Any]
         try:
             partials = request.partial_images or 0
-            develop = self.service.develop(request, params, partials, deadline)
+            develop = self.service.develop(request, params, partials, deadline, progress=True)
             async with contextlib.aclosing(develop) as events:
                 async for item in events:
                     if isinstance(item, Developed):

@@ -49,7 +49,7 @@ class LocalStages:
 
         def stepped(index: int, progress: DenoiseProgress) -> None:
             self.steps += 1
-            if on_step is not None:
+            if on_step is not None and (job.progress or progress.preview is not None):
                 on_step(progress)
             if self.step_delay_s > 0:
                 time.sleep(self.step_delay_s)
@@ -60,7 +60,7 @@ class LocalStages:
             self.in_flight += 1
             try:
                 t0 = time.perf_counter()
-                if on_step is not None:
+                if on_step is not None and job.progress:
                     on_step(DenoiseProgress(0, job.num_inference_steps))  # admitted
                 latents = self.pipeline.denoiser.denoise([job], cancelled=lambda _: stop.is_set(), on_step=stepped)[0]
                 return StageResult(latents, time.perf_counter() - t0)

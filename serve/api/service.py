@@ -169,17 +169,23 @@ class ImageService:
         return fresh
 
     async def develop(
-        self, request: ImageGenerationRequest, params: GenerationParams, partial_images: int, deadline: float
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        partial_images: int,
+        deadline: float,
+        progress: bool = False,
     ) -> AsyncIterator[DenoiseProgress | Developed]:
-        """The stages with progress: ``DenoiseProgress`` items (with partial images when asked),
-        then ``Developed``. ``deadline`` (the loop's clock) bounds the whole request; each stage
-        is bounded as in ``run``. Closing it early cancels the stage call in flight."""
+        """The stages streamed: ``DenoiseProgress`` items with the partial images asked for (and
+        after every step with ``progress``), then ``Developed``. ``deadline`` (the loop's clock)
+        bounds the whole request; each stage is bounded as in ``run``. Closing it early cancels
+        the stage call in flight."""
         self._wake()
         plan = self.family.plan(params)
         t0 = time.perf_counter()
         enc = await _until(deadline, self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder"))
         t1 = time.perf_counter()
-        job = plan.denoise_job(enc.value)
+        job = dataclasses.replace(plan.denoise_job(enc.value), progress=progress)
         if partial_images:
             preview_map = await _until(deadline, self.preview_map())
             job = dataclasses.replace(job, partial_images=partial_images, preview_map=preview_map)

@@ -133,7 +133,7 @@ class ContinuousDenoiser:
         """
         for entry in new:
             entry.state = self.denoiser.start(entry.job)
-            if entry.channel is not None:
+            if entry.channel is not None and entry.job.progress:
                 entry.channel.push(entry.state.progress())
         states = [e.state for e in active]
         steps = 0
@@ -142,8 +142,11 @@ class ContinuousDenoiser:
             steps += 1
             self.steps += 1
             for entry in active:
+                # Only streamed jobs, and then only what they asked for: progress after every
+                # step, or just the steps with a partial image.
                 if entry.channel is not None and not entry.cancelled:
-                    entry.channel.push(entry.state.progress())
+                    if entry.job.progress or entry.state.preview is not None:
+                        entry.channel.push(entry.state.progress())
             if self.step_delay_s > 0:
                 time.sleep(self.step_delay_s)
             if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):

@@ -51,6 +51,9 @@ class DenoiseJob:
     # map they are drawn with (the Decoder's fit, serve/families/preview.py). 0: none.
     partial_images: int = 0
     preview_map: np.ndarray | None = field(default=None, compare=False)
+    # A streamed job's progress after every step (jobs' progress bars); without it a stream
+    # carries only its partial images and result (POST streams: fewer messages across Ray).
+    progress: bool = False
 
     @property
     def cfg(self) -> bool:
@@ -63,7 +66,8 @@ class DenoiseProgress:
 
     ``step`` of ``total_steps`` counts the request's ``num_inference_steps`` (a scheduler that
     runs more iterations per step, as Heun's two, is scaled to them); step 0 means admitted to
-    the batch. ``preview`` is a partial image of all n images, uint8 (n, h, w, 3) at the latent
+    the batch. Sent for every step only when the job asked for ``progress``, else only with
+    its partial images. ``preview`` is a partial image of all n images, uint8 (n, h, w, 3) at the latent
     grid's size, at the steps chosen for ``partial_images``; ``partial_index`` counts them from 0.
     """
 

@@ -170,3 +170,37 @@ def test_monolith_streams_and_cancels_between_steps(mono, reference):
     assert httpx.delete(f"{mono}/v1/images/jobs/{job['id']}", timeout=60).json()["status"] == "cancelled"
     quick = httpx.post(f"{mono}/v1/images/generations", json={"prompt": "next", "num_inference_steps": 1}, timeout=60)
     assert quick.status_code == 200, quick.text
+
+
+# --- the benchmark's streaming mode (plumbing only: tiny and short; numbers come from an idle run) --
+
+
+def test_bench_compare_stream_smoke(local_app, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "stream-bench"
+    args = [
+        sys.executable, "-m", "serve.cli", "bench", "--url", local_app["url"], "--label", "split",
+        "--compare-stream", "--partial-images", "3", "--concurrency", "2", "--requests", "3", "--warmup", "1",
+        "--steps", "4", "--size", "64x64", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        args, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    streamed = "split streaming 3 partial images"
+    assert list(report["targets"]) == ["split", streamed]
+    (level,) = report["levels"]
+    for name in ("split", streamed):
+        m = level["results"][name]["metrics"]
+        assert m["ok"] == m["requests"] == 3 and m["images"] == 3, (name, m)
+    records = level["results"][streamed]["records"]
+    assert all(r["timings"]["partials"] == 3 and r["timings"]["first_partial"] > 0 for r in records)
+    assert level["results"][streamed]["metrics"]["stages_ms"]["first_partial"]["count"] == 3
+    assert level["ratios_vs_split"][streamed]["throughput"] > 0

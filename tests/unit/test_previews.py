@@ -162,14 +162,17 @@ def test_streamed_job_gets_progress_previews_and_the_plain_result(parts):
     preview_map = decoder.preview_map()
     assert preview_map.shape == (5, 3)
     plain = make_job(encoder, 3, n=2)
-    streamed = dataclasses.replace(plain, partial_images=3, preview_map=preview_map)
+    streamed = dataclasses.replace(plain, partial_images=3, preview_map=preview_map, progress=True)
     want = denoiser.denoise([plain])[0]
     loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.12)  # slow: every step is seen
 
     async def main():
-        return [item async for item in loop.stream(streamed)]
+        quiet = [item async for item in loop.stream(dataclasses.replace(streamed, progress=False))]
+        return quiet, [item async for item in loop.stream(streamed)]
 
-    items = asyncio.run(main())
+    quiet, items = asyncio.run(main())
+    # Without progress the stream carries just the partial images and the result.
+    assert [getattr(i, "partial_index", "result") for i in quiet] == [0, 1, 2, "result"]
     result = items[-1]
     assert isinstance(result, StageResult)
     np.testing.assert_allclose(result.value, want, atol=1e-5)  # previews change nothing
@@ -188,7 +191,7 @@ def test_a_closed_stream_leaves_the_batch_within_one_step(parts):
     loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.05)
 
     async def main():
-        stream = loop.stream(make_job(encoder, 4, steps=100))
+        stream = loop.stream(make_job(encoder, 4, steps=100, progress=True))
         async for item in stream:
             if item.step >= 2:
                 break

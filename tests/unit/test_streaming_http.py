@@ -27,7 +27,7 @@ from tests.conftest import max_level_diff
 from tests.openai_spec import errors, schema
 from tests.sse import parse_events, serving
 
-DELAY_S = 0.15  # per denoiser step of the slow service: a few steps outlast any HTTP round trip
+DELAY_S = 0.4  # per denoiser step of the slow service: far longer than a cancel takes to travel in-process
 
 
 class FaultyStages(LocalStages):
@@ -126,7 +126,9 @@ def test_a_failure_mid_stream_is_an_error_event_the_client_raises(env):
     service.stages.fail = True
     try:
         with env["fast"].stream(
-            "POST", "/v1/images/generations", json={"prompt": "x", "num_inference_steps": 3, "stream": True}
+            "POST",
+            "/v1/images/generations",
+            json={"prompt": "x", "num_inference_steps": 3, "stream": True, "partial_images": 1},
         ) as r:
             events = events_of(r)
         assert events[-1] == (
@@ -137,7 +139,11 @@ def test_a_failure_mid_stream_is_an_error_event_the_client_raises(env):
         with serving(create_app(service)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
             with pytest.raises(openai.APIError, match="at capacity"):
-                list(client.images.generate(prompt="x", stream=True, extra_body={"num_inference_steps": 3}))
+                list(
+                    client.images.generate(
+                        prompt="x", stream=True, partial_images=1, extra_body={"num_inference_steps": 3}
+                    )
+                )
     finally:
         service.stages.fail = False
 
