@@ -9,7 +9,9 @@ OpenAPI document for clients and fuzzers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +19,7 @@ from typing import TypeVar
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -118,6 +120,11 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     finally:
         watcher.cancel()
         task.cancel()
+
+
+@functools.cache
+def playground_html() -> str:
+    return (STATIC / "index.html").read_text(encoding="utf-8")
 
 
 def _darkroom_error_response(exc: DarkroomError) -> JSONResponse:
@@ -227,8 +234,11 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     app.add_api_route("/v1/files/{key:path}", files, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/", include_in_schema=False)
-    async def playground() -> Response:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+    async def playground(request: Request) -> Response:
+        # The page names its files and the API from the app's mount point (Serve's route prefix),
+        # so it works at / and under a prefix such as /split alike.
+        root = re.sub(r"[^A-Za-z0-9/_.-]", "", request.scope.get("root_path", "")).rstrip("/")
+        return HTMLResponse(playground_html().replace("{{ROOT}}", root))
 
     app.mount(PLAYGROUND_PREFIX, StaticFiles(directory=STATIC), name="playground")
 

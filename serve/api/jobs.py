@@ -180,12 +180,15 @@ class JobManager:
 
     async def _progress(self, live: LiveJob, item: Any) -> None:
         record = live.record
+        moved = record.get("progress", {}).get("step") != item.step
         record["progress"] = {"step": item.step, "total_steps": item.total_steps}
         changed = record["status"] == "queued"
         if changed:
             record["status"] = "running"
             live.publish(sse(JOB_STATUS, status_payload(record)))
-        live.publish(sse(JOB_PROGRESS, progress_payload(record["id"], record["status"], item.step, item.total_steps)))
+        if moved or changed:  # PNDM's extra iteration repeats a step: say it once
+            payload = progress_payload(record["id"], record["status"], item.step, item.total_steps)
+            live.publish(sse(JOB_PROGRESS, payload))
         if item.preview is not None:
             payloads = await asyncio.to_thread(live.ctx.partials, item.preview, item.partial_index or 0)
             for payload in payloads:
