@@ -207,3 +207,37 @@ def test_a_closed_stream_leaves_the_batch_within_one_step(parts):
     stats = loop.stats()
     assert stats["max_cancel_lag_steps"] <= 1 and stats["in_flight"] == 0
     assert stats["steps"] < 20  # the closed 100-step job stopped where it was
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sdxl", "tiny_flux"])
+def test_every_family_draws_partial_images_and_keeps_its_final_latents(fixture, request):
+    """SDXL's and Flux's previews through their own hooks (Flux unpacks its 2x2 patches first)."""
+    from serve.params import GenerationParams
+    from serve.pipeline import Pipeline
+
+    pipe = Pipeline.load(request.getfixturevalue(fixture), device="cpu")
+    family, decoder = pipe.family, pipe.decoder
+    params = GenerationParams(
+        prompt="a red boat",
+        negative_prompt=None,
+        width=64,
+        height=48 if family.name == "sdxl" else 32,
+        num_inference_steps=6,
+        guidance_scale=family.default_guidance,
+        seed=5,
+        n=2,
+        scheduler=None,
+        output_format="png",
+    )
+    plan = family.plan(params)
+    job = plan.denoise_job(pipe.text_encoder.encode_requests([plan.texts])[0].value)
+    want = pipe.denoiser.denoise([job])[0]
+    streamed = dataclasses.replace(job, partial_images=2, preview_map=decoder.preview_map(), progress=True)
+    seen = []
+    got = pipe.denoiser.denoise([streamed], on_step=lambda i, p: seen.append(p))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    previews = [p for p in seen if p.preview is not None]
+    assert [p.partial_index for p in previews] == [0, 1]
+    f = family.info.vae_scale_factor
+    assert all(p.preview.shape == (2, params.height // f, params.width // f, 3) for p in previews)
+    assert [p.step for p in seen][-1] == 6
