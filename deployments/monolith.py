@@ -12,7 +12,11 @@ Routes, validation, errors, jobs, files and readiness are ``serve.api``'s: ``Mon
 is an ``ImageService`` whose ``run`` calls the pipeline instead of three stages, and it reports
 the same ``timings`` keys (encode = ``encode_prompt``, decode = VAE decode + image encoding,
 denoise = the rest of the call, ``encode_queue`` = waiting for the pipeline thread; batch
-sizes are always 1). Select it with ``darkroom serve --config deployments/configs/monolith.yaml``
+sizes are always 1). Streaming, jobs' progress and cancellation go through diffusers'
+``callback_on_step_end``: after each step it reports progress (and a partial image of the
+current latents, normalised: the callback gets no noise prediction, so no x0 estimate), and a
+request whose client left, or a cancelled job, raises out of the pipeline there, freeing the
+pipeline thread after the step in progress. Select it with ``darkroom serve --config deployments/configs/monolith.yaml``
 or ``build_monolith_app(args)``; ``args`` are ``AppConfig``'s plus an optional ``monolith``
 key (``DeploymentOptions``; default: the Denoiser's replicas/resources and the Ingress's
 request limits).
