@@ -211,13 +211,15 @@ class JobManager:
         }
 
     async def _finish(self, live: LiveJob, outcome: dict[str, Any]) -> None:
-        live.record.update(outcome)
+        live.record.update(outcome)  # terminal from here on: DELETE no longer interrupts it
         if outcome["status"] == "succeeded":
             live.record.pop("preview", None)  # the result has the images (a cancelled job keeps its last)
-        await self._write(live)
-        live.publish(sse(JOB_STATUS, status_payload(live.record)))
-        live.publish(None)
-        self.live.pop(live.record["id"], None)
+        try:
+            await self._write(live)
+        finally:  # subscribers always hear the end, even if this task is stopped mid-write
+            live.publish(sse(JOB_STATUS, status_payload(live.record)))
+            live.publish(None)
+            self.live.pop(live.record["id"], None)
 
     async def _watch_cancel(self, live: LiveJob) -> None:
         """A DELETE that reached another replica leaves a mark in the store: end the job on it."""
@@ -260,11 +262,13 @@ class JobManager:
         """``DELETE``: (200, the cancelled record), or (202, the record) when another replica runs
         the job and has not ended it yet. A job that already ended otherwise is a 409."""
         live = self.live.get(job_id)
-        if live is not None and live.task is not None:
+        if live is not None and live.task is not None and live.record["status"] not in TERMINAL:
             live.cancel_requested = True
             live.task.cancel()
             await asyncio.wait({live.task}, timeout=self.service.config.stage_timeout_s)
             return 200, self._public(live.record)
+        if live is not None and live.task is not None:  # ending right now: wait for its final record
+            await asyncio.wait({live.task}, timeout=self.service.config.stage_timeout_s)
         record = await asyncio.to_thread(self.store.get_job, job_id)
         if record.get("status") in TERMINAL:
             if record["status"] == "cancelled":

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -216,6 +218,49 @@ def test_cancel_a_running_job_frees_the_denoiser_within_one_step(env):
     r = client.delete(f"/v1/images/jobs/{done['id']}")
     assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
     assert client.delete("/v1/images/jobs/0123456789abcdef").status_code == 404
+
+
+def test_a_delete_during_the_final_write_neither_interrupts_it_nor_silences_the_stream(env, monkeypatch):
+    """The job has succeeded and its final record is being written (held here by a gate): DELETE
+    waits for it and answers 409, and a subscriber hears the job end ``succeeded``."""
+    client, service = env["fast"], env["services"][0]
+    store, jobs = service.store, service.jobs
+    writing, release, deleting = threading.Event(), threading.Event(), threading.Event()
+    put_job, cancel = store.put_job, jobs.cancel
+
+    def gated_put_job(job_id, record):
+        if record.get("status") == "succeeded":
+            writing.set()
+            assert release.wait(30), "the test never released the final write"
+        put_job(job_id, record)
+
+    async def spied_cancel(job_id):
+        deleting.set()
+        return await cancel(job_id)
+
+    monkeypatch.setattr(store, "put_job", gated_put_job)
+    monkeypatch.setattr(jobs, "cancel", spied_cancel)
+    job = client.post("/v1/images/jobs", json={"prompt": "nearly done", "num_inference_steps": 2}).json()
+    assert writing.wait(60), "the job never reached its final write"
+
+    def follow():
+        with client.stream("GET", f"/v1/images/jobs/{job['id']}/events") as r:
+            return events_of(r)
+
+    pool = ThreadPoolExecutor(2)
+    try:
+        followed = pool.submit(follow)
+        wait_for(lambda: jobs.live[job["id"]].subscribers, 30, "the event stream to subscribe")
+        deleted = pool.submit(client.delete, f"/v1/images/jobs/{job['id']}")
+        assert deleting.wait(30), "DELETE never reached the job manager"
+        release.set()
+        r_delete, events = deleted.result(timeout=60), followed.result(timeout=60)
+    finally:
+        release.set()
+        pool.shutdown(wait=False, cancel_futures=True)  # a stream that never ended must not hang the run
+    assert r_delete.status_code == 409 and r_delete.json()["error"]["code"] == "job_finished"
+    assert events[-1][0] == "job.status" and events[-1][1]["status"] == "succeeded"
+    assert client.get(f"/v1/images/jobs/{job['id']}").json()["status"] == "succeeded"
 
 
 def test_another_replica_sees_progress_streams_events_and_cancels(env):
