@@ -30,10 +30,18 @@ def _configure(method: Any, opts: DeploymentOptions) -> None:
     method.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
 
 
+def set_torch_threads(opts: DeploymentOptions) -> None:
+    """Pin the replica's torch threads (explicit, not whatever the environment held when torch loaded)."""
+    import torch
+
+    torch.set_num_threads(opts.threads_per_replica)
+
+
 @serve.deployment(name="TextEncoder")
 class TextEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        set_torch_threads(cfg.text_encoder)
         self.encoder = TextEncoder.load(cfg.model_info(), **cfg.load_kwargs())
         _configure(self._encode_batch, cfg.text_encoder)
 
@@ -61,7 +69,8 @@ class DenoiserDeployment:
 
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
-        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs())
+        set_torch_threads(cfg.denoiser)
+        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs(), step_cache=cfg.step_cache_message())
         self.loop = ContinuousDenoiser(
             self.denoiser, max_requests=cfg.denoiser.max_batch_size, step_delay_s=cfg.debug_step_delay_s
         )
@@ -88,6 +97,7 @@ class DenoiserDeployment:
 class DecoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        set_torch_threads(cfg.decoder)
         self.decoder = Decoder.load(cfg.model_info(), **cfg.load_kwargs())
         self.store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         _configure(self._decode_batch, cfg.decoder)

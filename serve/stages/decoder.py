@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,11 @@ class Decoder:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        torch_options: Any = None,
     ) -> Decoder:
-        info, _, engines = load_stage_engines(source, role="decoder", backend=backend, device=device, dtype=dtype)
+        info, _, engines = load_stage_engines(
+            source, role="decoder", backend=backend, device=device, dtype=dtype, torch_options=torch_options
+        )
         return cls(info, engines["vae_decoder"])
 
     def validate(self, latents: np.ndarray) -> None:
@@ -112,8 +116,22 @@ class Decoder:
         t0 = time.perf_counter()
         pixels = self.decode([lat for lat, _ in batch])
         decode_s = time.perf_counter() - t0  # shared by the batch
+        return self.store_requests(pixels, [req for _, req in batch], store, decode_s, batch_size=len(batch))
+
+    @staticmethod
+    def store_requests(
+        pixels: Sequence[np.ndarray],
+        requests: Sequence[DecodeRequest],
+        store: ResultStore,
+        decode_s: float,
+        *,
+        batch_size: int,
+    ) -> list[StageResult]:
+        """Encode and store each request's decoded images with its metadata (no model work: the
+        colocated profile runs this outside its model thread). ``decode_s`` is the VAE time of the
+        batch of ``batch_size`` requests they were decoded in."""
         out = []
-        for px, (_, req) in zip(pixels, batch, strict=True):
+        for px, req in zip(pixels, requests, strict=True):
             images, encode_s, store_s = [], 0.0, 0.0
             for index, img in enumerate(px):
                 a = time.perf_counter()
@@ -126,7 +144,7 @@ class Decoder:
                 encode_s += b - a
                 images.append(DecodedImage(stored.key, stored.content_type, data if req.inline else None))
             total = decode_s + encode_s + store_s
-            out.append(StageResult(images, total, batch_size=len(batch), extra={"storage_s": store_s}))
+            out.append(StageResult(images, total, batch_size=batch_size, extra={"storage_s": store_s}))
         return out
 
 
