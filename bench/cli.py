@@ -20,6 +20,8 @@ Examples::
 With ``--loras``, every served target runs twice per level: as given, then "+loras" (each
 request with one adapter drawn, seeded, from the list); the summary compares the two and shows
 the Denoiser's adapter-cache hit rate.
+    darkroom bench --url http://127.0.0.1:8000 --compare-stream --partial-images 3 --concurrency 16 \\
+        --requests 200 --steps 20 --size 64x64    # streaming vs not, same app, same requests
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise InvalidRequestError("--rounds", args.rounds, "must be >= 1")
     if args.compare and not args.url:
         raise InvalidRequestError("--compare", args.compare, "needs --url (the first target)")
+    if args.compare_stream and not args.url:
+        raise InvalidRequestError("--compare-stream", True, "needs --url (the app to stream from)")
+    if args.compare_stream and (args.compare or args.stream):
+        raise InvalidRequestError(
+            "--compare-stream", True, "compares --url with itself: leave out --compare and --stream"
+        )
+    if not 0 <= args.partial_images <= 3:
+        raise InvalidRequestError("--partial-images", args.partial_images, "must be within 0..3 (OpenAI's range)")
     if args.size is not None and not _SIZE.fullmatch(args.size):
         raise InvalidRequestError("--size", args.size, "must be WIDTHxHEIGHT, e.g. 512x512")
     levels = parse_levels(args.concurrency, "closed", "--concurrency") + parse_levels(args.rate, "open", "--rate")
@@ -82,12 +92,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if loras and args.in_process:
         raise InvalidRequestError("--loras", args.loras, "applies to --url/--compare (served apps), not --in-process")
     targets = []
+    streaming = {"stream": args.stream, "partial_images": args.partial_images if args.stream else 0}
     for url, label in ((args.url, args.label), (args.compare, args.compare_label)):
         if url:
             name = label or _label(url)
-            targets.append(TargetSpec(name, url=url))
+            targets.append(TargetSpec(name, url=url, **streaming))
             if loras:  # the same load with adapters, right after the same load without
-                targets.append(TargetSpec(f"{name} +loras", url=url, loras=True))
+                targets.append(TargetSpec(f"{name} +loras", url=url, loras=True, **streaming))
+    if args.compare_stream:
+        name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
+        targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
     if args.in_process:
         targets.append(TargetSpec("in-process", model=args.model))
     try:
@@ -232,6 +246,20 @@ def add_parser(sub: Any) -> None:
         "--compare", default=None, help="a second app driven with the identical schedule, after --url at each level"
     )
     p.add_argument("--compare-label", default=None, help="name of --compare's target in the report")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="every HTTP request streams (stream: true, --partial-images partial images), read to its last event",
+    )
+    p.add_argument(
+        "--compare-stream",
+        action="store_true",
+        help="compare streaming with not: --url plain, then --url again with every request streaming "
+        "--partial-images partial images (same requests; the ratios are streaming / plain)",
+    )
+    p.add_argument(
+        "--partial-images", type=int, default=3, help="partial images per streamed request, 0..3 (default 3)"
+    )
     p.add_argument(
         "--in-process",
         action="store_true",

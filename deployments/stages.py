@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from ray import serve
 from deployments.config import AppConfig, DeploymentOptions
 from serve.stages import Decoder, Denoiser, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
-from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
+from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
 from serve.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,17 @@ class DenoiserDeployment:
         lora = self.denoiser.lora
         return lora.stats() if lora is not None else {}
 
+    async def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """Called through ``handle.options(stream=True)``: progress and partial images, then the
+        result. A cancelled call (the client left) raises CancelledError here, which closes the
+        loop's stream: the job leaves the batch before the next step."""
+        async for item in self.loop.stream(job):
+            yield item
+
+    async def stats(self) -> dict[str, int]:
+        """The continuous loop's counters: requests in flight and queued, steps taken (tests, metrics)."""
+        return self.loop.stats()
+
     async def ready(self) -> str:
         return "ok"
 
@@ -107,6 +119,11 @@ class DecoderDeployment:
         self.decoder = Decoder.load(cfg.model_info(), **cfg.load_kwargs())
         self.store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         _configure(self._decode_batch, cfg.decoder)
+        self.decoder.preview_map()  # fit the partial images' latent -> RGB map now, not on a request
+
+    async def preview_map(self) -> np.ndarray | None:
+        """The latent -> RGB map for partial images (refined from the images decoded so far)."""
+        return await asyncio.to_thread(self.decoder.preview_map)
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
         self.decoder.validate(latents)

@@ -9,31 +9,42 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import logging
 import time
-import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from serve.api.idempotency import IdempotencyGuard
+from serve.api.jobs import JobManager
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
-from serve.errors import (
-    DarkroomError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    NotFoundError,
-    RequestTimeoutError,
-)
+from serve.api.streaming import COMPLETED, ERROR, PARTIAL, Developed, StreamContext, error_payload, sse
+from serve.errors import DarkroomError, InvalidRequestError, ModelNotFoundError, NotFoundError, RequestTimeoutError
 from serve.families import family_of
 from serve.model import ModelInfo
 from serve.params import GenerationParams
-from serve.stages.messages import DecodedImage, DecodeRequest, StageClient
+from serve.stages.messages import DecodedImage, DecodeRequest, DenoiseProgress, StageClient, StageResult
 from serve.storage import LocalStore, ResultStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: How long the Ingress reuses the Decoder's preview map before asking again (it improves with traffic).
+PREVIEW_MAP_TTL_S = 30.0
+
+
+async def _until(deadline: float, aw: Awaitable[T], what: str = "request") -> T:
+    """``aw`` bounded by an absolute deadline on the loop's clock (504 past it)."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(aw, max(remaining, 0.0))
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"{what} did not finish in time") from None
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,10 @@ class ServiceConfig:
     max_body_bytes: int = 1 << 20
     #: The stages' engine backend: per-request LoRA needs torch (``serve.lora.LORA_BACKENDS``).
     backend: str = "torch"
+    # How often a job's record is rewritten with its progress, and how often a job polls the
+    # store for a cancel asked of another Ingress replica (and a stream of a job running on
+    # another replica polls its record).
+    job_poll_s: float = 1.0
 
 
 def _ms(seconds: float) -> float:
@@ -75,8 +90,10 @@ class ImageService:
         self.stages = stages
         self.store = store
         self.loras = loras  # serve.lora.LoraCatalog of the adapter repository, or None
-        self._jobs: set[asyncio.Task] = set()  # strong refs: the loop only keeps weak ones
         self.idempotency = IdempotencyGuard(store, stale_after_s=config.request_timeout_s + 30)
+        self.jobs = JobManager(self)
+        self._preview_map: np.ndarray | None = None
+        self._preview_map_at: float | None = None
 
     # -- validation -----------------------------------------------------------------------
     def parse(self, body: Any) -> tuple[ImageGenerationRequest, GenerationParams]:
@@ -128,27 +145,41 @@ class ImageService:
 
     async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
         """Run one request through the stages; returns its stored images and timings (ms)."""
-        timings: dict[str, float] = {}
-        wake = getattr(self.stages, "wake", None)
-        if wake is not None:
-            wake()  # start scaled-to-zero stages now, not one after another
+        self._wake()
         plan = self.family.plan(params)
         t0 = time.perf_counter()
-        # Without adapters, the one-argument call every StageClient takes.
-        encoding = (
-            self.stages.encode(list(plan.texts), params.loras) if params.loras else self.stages.encode(list(plan.texts))
-        )
-        enc = await self._bounded(encoding, "TextEncoder")
+        enc = await self._bounded(self._encode(plan, params), "TextEncoder")
         t1 = time.perf_counter()
         job = plan.denoise_job(enc.value)
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
+        inline = request.response_format == "b64_json"
+        return await self._decode(params, den, inline, (t0, t1, t2), enc)
+
+    def _encode(self, plan: Any, params: GenerationParams) -> Awaitable[StageResult]:
+        """The TextEncoder call; without adapters, the one-argument call every StageClient takes."""
+        if params.loras:
+            return self.stages.encode(list(plan.texts), params.loras)
+        return self.stages.encode(list(plan.texts))
+
+    def _wake(self) -> None:
+        wake = getattr(self.stages, "wake", None)
+        if wake is not None:
+            wake()  # start scaled-to-zero stages now, not one after another
+
+    async def _decode(
+        self,
+        params: GenerationParams,
+        den: StageResult,
+        inline: bool,
+        marks: tuple[float, float, float],
+        enc: StageResult,
+    ) -> tuple[list[DecodedImage], dict]:
+        """The Decoder's part of a request, and the timings (ms) of all three stages."""
+        t0, t1, t2 = marks
         metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
         dec_req = DecodeRequest(
-            params.output_format,
-            metadata,
-            inline=request.response_format == "b64_json",
-            output_compression=params.output_compression,
+            params.output_format, metadata, inline=inline, output_compression=params.output_compression
         )
         dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
         t3 = time.perf_counter()
@@ -170,6 +201,108 @@ class ImageService:
             if key in den.extra:
                 timings[key] = float(den.extra[key])
         return dec.value, timings
+
+    # -- streaming (serve/api/streaming.py formats the events) --------------------------------
+    async def preview_map(self) -> np.ndarray | None:
+        """The Decoder's latent -> RGB map, cached ``PREVIEW_MAP_TTL_S`` (the Decoder refines it
+        from the images it decodes). None: no previews (the stream carries final images only)."""
+        now = time.monotonic()
+        if self._preview_map_at is not None and now - self._preview_map_at < PREVIEW_MAP_TTL_S:
+            return self._preview_map
+        try:
+            fresh = await asyncio.wait_for(self.stages.preview_map(), self.config.stage_timeout_s)
+        except Exception:  # previews are a nicety: the request goes on without new ones
+            logger.warning("preview map unavailable; keeping the last one", exc_info=True)
+            return self._preview_map
+        self._preview_map, self._preview_map_at = fresh, now
+        return fresh
+
+    async def develop(
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        partial_images: int,
+        deadline: float,
+        progress: bool = False,
+    ) -> AsyncIterator[DenoiseProgress | Developed]:
+        """The stages streamed: ``DenoiseProgress`` items with the partial images asked for (and
+        after every step with ``progress``), then ``Developed``. ``deadline`` (the loop's clock)
+        bounds the whole request; each stage is bounded as in ``run``. Closing it early cancels
+        the stage call in flight."""
+        self._wake()
+        plan = self.family.plan(params)
+        t0 = time.perf_counter()
+        enc = await _until(deadline, self._bounded(self._encode(plan, params), "TextEncoder"))
+        t1 = time.perf_counter()
+        job = dataclasses.replace(plan.denoise_job(enc.value), progress=progress)
+        if partial_images:
+            preview_map = await _until(deadline, self.preview_map())
+            job = dataclasses.replace(job, partial_images=partial_images, preview_map=preview_map)
+        den: StageResult | None = None
+        stage_deadline = min(deadline, asyncio.get_running_loop().time() + self.config.stage_timeout_s)
+        async with contextlib.aclosing(self.stages.denoise_stream(job)) as stream:
+            while den is None:
+                try:
+                    item = await _until(stage_deadline, anext(stream), "Denoiser")
+                except StopAsyncIteration:
+                    raise RuntimeError("the Denoiser's stream ended without a result") from None
+                if isinstance(item, StageResult):
+                    den = item
+                else:
+                    yield item
+        t2 = time.perf_counter()
+        images, timings = await _until(deadline, self._decode(params, den, True, (t0, t1, t2), enc))
+        yield Developed(images, timings)
+
+    def stream_context(self, request: ImageGenerationRequest, params: GenerationParams) -> StreamContext:
+        return StreamContext.of(
+            width=params.width,
+            height=params.height,
+            quality=request.quality,
+            background=request.background,
+            output_format=params.output_format,
+            seed=params.seed,
+            output_compression=params.output_compression,
+            response_format=request.response_format,
+        )
+
+    async def generate_stream(
+        self, body: Any, base_url: str, idempotency_key: str | None = None
+    ) -> AsyncIterator[bytes] | None:
+        """``POST /v1/images/generations`` with ``stream: true``: the SSE body, or None when the
+        request does not stream. Validation errors (adapters included) raise here, before anything
+        is sent."""
+        request, params = self.parse(body)
+        if not request.stream:
+            return None
+        if idempotency_key is not None:
+            raise InvalidRequestError(
+                "Idempotency-Key", idempotency_key, "is not supported with stream: true (a stream cannot be replayed)"
+            )
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
+        return self._stream(request, params, base_url)
+
+    async def _stream(self, request: ImageGenerationRequest, params: GenerationParams, base_url: str):
+        ctx = self.stream_context(request, params)
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        try:
+            async with contextlib.aclosing(self.develop(request, params, request.partial_images or 0, deadline)) as it:
+                async for item in it:
+                    if isinstance(item, Developed):
+                        for index, image in enumerate(item.images):
+                            url = self.url_for(image.key, base_url) if request.response_format == "url" else None
+                            yield sse(COMPLETED, ctx.completed(image.data or b"", index, url))
+                    elif item.preview is not None:
+                        for payload in ctx.partials(item.preview, item.partial_index or 0):
+                            yield sse(PARTIAL, payload)
+        except DarkroomError as exc:
+            # Headers (200) are gone: the error is an event, in OpenAI's error shape.
+            logger.warning("stream failed: %s: %s", type(exc).__name__, exc.message)
+            yield sse(ERROR, error_payload(exc.message, exc.error_type, getattr(exc, "field", None), exc.code))
+        except Exception:
+            logger.exception("stream failed")
+            yield sse(ERROR, error_payload("internal server error", "server_error", None, None))
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
         """What is stored beside each image (its index is added per image)."""
@@ -260,68 +393,18 @@ class ImageService:
             return f"{base_url.rstrip('/')}/v1/files/{key}"
         return self.store.url(key)
 
-    # -- async jobs ---------------------------------------------------------------------------
+    # -- async jobs (serve/api/jobs.py) --------------------------------------------------------
     async def submit_job(self, body: Any) -> dict[str, Any]:
-        request, params = self.parse(body)
-        if params.loras:
-            await asyncio.to_thread(self.check_loras, params)
-        job_id = uuid.uuid4().hex
-        record = {
-            "id": job_id,
-            "object": "image.job",
-            "status": "queued",
-            "created": int(time.time()),
-            "response_format": request.response_format,
-            "seed": params.seed,
-        }
-        if params.loras:
-            record["loras"] = lora_list(params.loras)
-        await asyncio.to_thread(self.store.put_job, job_id, record)
-        task = asyncio.create_task(self._run_job(record, request, params))
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-        return record
-
-    async def _run_job(self, record: dict, request: ImageGenerationRequest, params: GenerationParams) -> None:
-        job_id = record["id"]
-        try:
-            await asyncio.to_thread(self.store.put_job, job_id, {**record, "status": "running"})
-            images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
-            done = {
-                **record,
-                "status": "succeeded",
-                "finished": int(time.time()),
-                "images": [{"key": im.key, "content_type": im.content_type} for im in images],
-                "timings": timings,
-            }
-        except Exception as exc:  # the job records any failure; the server carries on
-            logger.exception("job %s failed", job_id)
-            err = exc if isinstance(exc, DarkroomError) else DarkroomError(f"generation failed: {exc}")
-            done = {**record, "status": "failed", "finished": int(time.time()), **err.to_openai()}
-        try:
-            await asyncio.to_thread(self.store.put_job, job_id, done)
-        except Exception:
-            logger.exception("could not record the end of job %s", job_id)
+        return await self.jobs.submit(body)
 
     async def get_job(self, job_id: str, base_url: str) -> dict[str, Any]:
-        record = await asyncio.to_thread(self.store.get_job, job_id)
-        if record.get("status") != "succeeded":
-            return record
-        images = [DecodedImage(im["key"], im["content_type"], None) for im in record.get("images", [])]
-        body = await asyncio.to_thread(
-            self.render,
-            record["created"],
-            record["seed"],
-            images,
-            record.get("response_format", "url"),
-            base_url,
-            record.get("timings", {}),
-        )
-        if record.get("loras"):
-            body["loras"] = record["loras"]
-        out = {k: v for k, v in record.items() if k != "images"}
-        out["result"] = body
-        return out
+        return await self.jobs.get(job_id, base_url)
+
+    async def cancel_job(self, job_id: str) -> tuple[int, dict[str, Any]]:
+        return await self.jobs.cancel(job_id)
+
+    async def job_events(self, job_id: str, base_url: str) -> AsyncIterator[bytes]:
+        return await self.jobs.events(job_id, base_url)
 
     # -- models, files, readiness -----------------------------------------------------------
     def models(self) -> dict[str, Any]:

@@ -152,7 +152,14 @@ class TextEncoder:
         """Each request's texts (its plan's ``texts``, or ``(texts, loras)``) -> its rows, encoded
         together in one call. Returns ``StageResult``s (``timed=False``: the rows lists)."""
         t0 = time.perf_counter()
-        requests = [(list(r[0]), tuple(r[1])) if isinstance(r, tuple) else (list(r), ()) for r in batch]
+        # A request is its texts (strings; a family's plan may hold them in a tuple) or a pair
+        # (texts, loras): a pair's first item is a sequence, never a string.
+        requests = [
+            (list(r[0]), tuple(r[1]))
+            if isinstance(r, tuple) and len(r) == 2 and not isinstance(r[0], str)
+            else (list(r), ())
+            for r in batch
+        ]
         for _, loras in requests:
             refuse_loras(self.lora, self.lora_repository, self.engines.values(), loras)
         with contextlib.ExitStack() as pins:

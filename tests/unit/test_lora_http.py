@@ -90,6 +90,26 @@ def test_generation_with_loras_matches_diffusers_and_is_recorded(env, reference_
     assert "loras" not in plain  # unchanged for requests without adapters
 
 
+def test_a_streamed_request_with_loras_ends_with_its_diffusers_image(env, reference_loras):
+    """stream: true carries the adapters to both stages (encode and the Denoiser's stream); an
+    unknown adapter is a 400 before the stream starts."""
+    from tests.sse import parse_events
+
+    client, _, _ = env
+    body = {"prompt": "a small boat", "seed": 5, "num_inference_steps": 4, "loras": [{"name": "wordy", "scale": 0.7}]}
+    body["loras"].append({"name": "ink", "scale": 1.0})
+    with client.stream("POST", "/v1/images/generations", json={**body, "stream": True, "partial_images": 1}) as r:
+        assert r.status_code == 200
+        events = list(parse_events(r.iter_lines()))
+    completed = [p for name, p in events if name == "image_generation.completed"]
+    assert len(completed) == 1, events
+    got = decode_image(base64.b64decode(completed[0]["b64_json"]))[None]
+    assert max_level_diff(got, reference_loras(parse_generation_request(body).to_params(default_size=(64, 64)))) <= 3
+    bad = {**body, "stream": True, "loras": [{"name": "nosuch", "scale": 1.0}]}
+    r = client.post("/v1/images/generations", json=bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "loras[0].name"
+
+
 def test_loras_listing(env):
     client, _, _ = env
     data = {d["name"]: d for d in client.get("/v1/loras").json()["data"]}
