@@ -14,6 +14,12 @@ Examples::
         --rate 1,2,4 --duration 60 --arrival gamma --burstiness 0.5 --slo-ms 5000
     darkroom bench --serve deployments/configs/colocated.yaml --in-process --rounds 2 \\
         --concurrency 1,8 --requests 40 --steps 20
+    darkroom bench --url http://127.0.0.1:8000/mixed --compare http://127.0.0.1:8000/grouped \\
+        --loras style0,style1,style2,style3 --concurrency 8 --requests 64 --steps 20
+
+With ``--loras``, every served target runs twice per level: as given, then "+loras" (each
+request with one adapter drawn, seeded, from the list); the summary compares the two and shows
+the Denoiser's adapter-cache hit rate.
     darkroom bench --url http://127.0.0.1:8000 --compare-stream --partial-images 3 --concurrency 16 \\
         --requests 200 --steps 20 --size 64x64    # streaming vs not, same app, same requests
 """
@@ -82,12 +88,17 @@ def config_from_args(args: argparse.Namespace) -> Any:
         levels = parse_levels("1", "closed", "--concurrency")
     if args.requests is not None and args.duration is not None:
         raise InvalidRequestError("--duration", args.duration, "give --requests or --duration, not both")
+    loras = tuple(n.strip() for n in (args.loras or "").split(",") if n.strip())
+    if loras and args.in_process:
+        raise InvalidRequestError("--loras", args.loras, "applies to --url/--compare (served apps), not --in-process")
     targets = []
     streaming = {"stream": args.stream, "partial_images": args.partial_images if args.stream else 0}
-    if args.url:
-        targets.append(TargetSpec(args.label or _label(args.url), url=args.url, **streaming))
-    if args.compare:
-        targets.append(TargetSpec(args.compare_label or _label(args.compare), url=args.compare, **streaming))
+    for url, label in ((args.url, args.label), (args.compare, args.compare_label)):
+        if url:
+            name = label or _label(url)
+            targets.append(TargetSpec(name, url=url, **streaming))
+            if loras:  # the same load with adapters, right after the same load without
+                targets.append(TargetSpec(f"{name} +loras", url=url, loras=True, **streaming))
     if args.compare_stream:
         name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
         targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
@@ -105,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         n=args.n,
         guidance_scale=args.guidance,
         response_format=args.response_format,
+        lora_scale=args.lora_scale,
     )
     try:
         return BenchConfig(
@@ -122,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             max_batch=args.max_batch or (serve_plan["max_batch"] if serve_plan else 8),
             torch_threads=args.torch_threads or (serve_plan["torch_threads"] if serve_plan else None),
             progress=not args.quiet,
+            loras=loras,
             rounds=args.rounds or (2 if args.serve and args.in_process else 1),
             serve_config=str(args.serve) if args.serve else None,
             torch_options=serve_plan["torch_options"] if serve_plan else None,
@@ -291,6 +304,13 @@ def add_parser(sub: Any) -> None:
     work.add_argument("--n", type=int, default=1, help="images per request")
     work.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the server's, 7.5)")
     work.add_argument("--seed", type=int, default=0, help="seeds every request body and arrival time")
+    work.add_argument(
+        "--loras",
+        default=None,
+        help="comma-separated adapter names: each target also runs the same load with one adapter per "
+        "request, drawn from these (seeded)",
+    )
+    work.add_argument("--lora-scale", type=float, default=1.0, help="scale of the drawn adapters (default 1)")
     work.add_argument(
         "--response-format",
         choices=("url", "b64_json"),

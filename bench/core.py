@@ -22,7 +22,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ class TargetSpec:
     name: str
     url: str | None = None
     model: str | None = None
+    #: Send each request with one adapter drawn from the workload's ``loras``.
+    loras: bool = False
     stream: bool = False  # HTTP targets: every request streams (stream: true) ...
     partial_images: int = 0  # ... with this many partial images
 
@@ -88,6 +90,8 @@ class BenchConfig:
     #: Ray sessions alive before the bench that the alone-check ignores (tests running beside their
     #: own session-wide cluster use it; the CLI never sets it).
     ignore_sessions: tuple[str, ...] = ()
+    #: Adapters the "+loras" targets' requests draw from (one each, seeded: ``Workload.loras``).
+    loras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -171,7 +175,7 @@ class BenchResult:
         """Issue 14's checks, each with its spread over the rounds: served vs in-process (p50 at one
         client, peak throughput) and the first target vs each compared one at every level (img/s in a closed
         loop, p50 in an open one)."""
-        served = [t.name for t in self.config.served]
+        served = [t.name for t in self.config.served if not t.loras]  # "+loras" runs: the report's LoRA section
         inproc = [t.name for t in self.config.in_process]
         rounds = range(1, self.config.rounds + 1)
         out: list[dict[str, Any]] = []
@@ -332,16 +336,23 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
 
 
 async def run_level(
-    target: Target, level: Level, config: BenchConfig, round_no: int = 1, watch: Callable[[], list[int]] | None = None
+    target: Target,
+    level: Level,
+    config: BenchConfig,
+    round_no: int = 1,
+    watch: Callable[[], list[int]] | None = None,
+    *,
+    loras: bool = False,
 ) -> TargetRun:
     """Warm up, then drive the level's measured schedule, then compute its metrics.
 
     ``watch`` lists the target's processes (besides this one) whose CPU time the run records
     (``bench/cpu.py``); None: CPU time is not recorded (a server the bench did not start).
+    ``loras``: every request (warm-up too) carries one adapter drawn from ``config.loras``.
     """
     from bench import cpu
 
-    wl = config.workload
+    wl = replace(config.workload, loras=config.loras if loras else ())
     target.configure(level)
     await warm_up(target, wl, config.warmup, level.concurrency or 1)
     started, load = _now(), _load1()
@@ -410,6 +421,7 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
     server = _launched_server(config)
     inproc = [make_target(spec, config) for spec in config.in_process]
     started: set[str] = set()
+    with_loras = {spec.name: spec.loras for spec in config.targets}
     infos: dict[str, dict[str, Any]] = {}
     runs: list[dict[str, list[TargetRun]]] = [{t.name: [] for t in config.targets} for _ in config.levels]
     phases: list[dict[str, Any]] = []
@@ -431,7 +443,8 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
                     watch = server.processes if server is not None else None
                     for i, level in enumerate(config.levels):
                         for target in targets:
-                            runs[i][target.name].append(await run_level(target, level, config, round_no, watch))
+                            run = await run_level(target, level, config, round_no, watch, loras=with_loras[target.name])
+                            runs[i][target.name].append(run)
                 finally:
                     for target in targets:
                         await target.close()

@@ -118,6 +118,10 @@ class Metrics:
     stages_ms: dict[str, Distribution]  # server timings (ms) of successful requests
     batch_sizes: dict[str, Distribution]
     client_overhead_ms: Distribution  # latency - server "total": HTTP, proxy, (de)serialisation
+    #: The Denoiser's adapter cache over successful requests with adapters: hits / (hits + misses),
+    #: and the loads (misses); None when no request used adapters.
+    lora_cache_hit_rate: float | None = None
+    lora_loads: int = 0
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -171,6 +175,8 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo_ms:
     stages = {k: distribution(r.timings[k] for r in ok if k in r.timings) for k in STAGE_KEYS}
     batches = {k: distribution(r.timings[k] for r in ok if k in r.timings) for k in BATCH_KEYS}
     overhead = distribution(r.latency * 1000.0 - r.timings["total"] for r in ok if "total" in r.timings)
+    hits = sum(r.timings.get("lora_hits", 0.0) for r in ok)
+    misses = sum(r.timings.get("lora_misses", 0.0) for r in ok)
     return Metrics(
         duration_s=duration_s,
         requests=len(records),
@@ -188,6 +194,8 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo_ms:
         stages_ms={k: v for k, v in stages.items() if v.count},
         batch_sizes={k: v for k, v in batches.items() if v.count},
         client_overhead_ms=overhead,
+        lora_cache_hit_rate=hits / (hits + misses) if hits + misses else None,
+        lora_loads=int(misses),
     )
 
 

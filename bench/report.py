@@ -128,6 +128,7 @@ def summary_markdown(result: BenchResult) -> str:
             "|---|---|---|---|",
             *cpu_rows,
         ]
+    lines += lora_section(result)
     if len(result.config.targets) > 1:
         base = result.baseline
         lines += [
@@ -144,6 +145,51 @@ def summary_markdown(result: BenchResult) -> str:
                     f"| {lr.level.label} | {name} | {r['throughput']} | {r['goodput']} | {r['p50']} | {r['p99']} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def lora_section(result: BenchResult) -> list[str]:
+    """With ``--loras``: each app with adapters next to itself without, the adapter-cache hit rate,
+    and (two apps) the first app's "+loras" over the second's (e.g. mixed batches / one group); the
+    median round of each."""
+    specs = [t for t in result.config.targets if t.loras]
+    if not specs:
+        return []
+    plain = {t.url: t.name for t in result.config.targets if not t.loras}
+    lines = [
+        "",
+        f"## LoRA adapters (+loras: one of {', '.join(result.config.loras)} per request, seeded)",
+        "",
+        "| level | target | img/s | p50 ms | p99 ms | adapter-cache hit rate | adapter loads | img/s vs without |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lr in result.levels:
+        for spec in specs:
+            m = _median_run(lr.runs[spec.name]).metrics
+            without_runs = lr.runs.get(plain.get(spec.url, ""))
+            without = _median_run(without_runs) if without_runs else None
+            ratio = (
+                m.throughput_ips / without.metrics.throughput_ips
+                if without and without.metrics.throughput_ips
+                else None
+            )
+            hit = "—" if m.lora_cache_hit_rate is None else f"{m.lora_cache_hit_rate:.2f}"
+            lines.append(
+                f"| {lr.level.label} | {spec.name} | {m.throughput_ips:.3f} | {m.latency_ms.p50:.0f} "
+                f"| {m.latency_ms.p99:.0f} | {hit} | {m.lora_loads} | {_x(ratio)} |"
+            )
+    if len(specs) > 1:
+        first, second = specs[0].name, specs[1].name
+        cells = []
+        for lr in result.levels:
+            a = _median_run(lr.runs[first]).metrics.throughput_ips
+            b = _median_run(lr.runs[second]).metrics.throughput_ips
+            cells.append(f"{lr.level.label} {_x(_div(a, b))}")
+        lines += ["", f"`{first}` over `{second}` (img/s): " + ", ".join(cells)]
+    return lines
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def _describe(info: dict[str, Any]) -> str:

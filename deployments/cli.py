@@ -190,6 +190,18 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _lora_uri(value: str) -> str:
+    """``--loras``: an s3:// URI as is; a folder made absolute and checked before Ray starts."""
+    if value.startswith("s3://"):
+        return value
+    path = Path(value[len("file://") :] if value.startswith("file://") else value).expanduser().resolve()
+    if not path.is_dir():
+        from serve.errors import InvalidRequestError
+
+        raise InvalidRequestError("--loras", value, "is not a folder (nor an s3://bucket/prefix)")
+    return str(path)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     if args.check:
         if not args.config:
@@ -200,6 +212,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from deployments.config import AppConfig
     from deployments.preflight import check_port
 
+    if args.config and args.loras:
+        from serve.errors import InvalidRequestError
+
+        raise InvalidRequestError("--loras", args.loras, "with --config, set lora_repository in the app's args")
     if args.config and args.profile:
         from serve.errors import InvalidRequestError
 
@@ -217,6 +233,8 @@ def run_serve(args: argparse.Namespace) -> int:
         }
         if args.model:
             app_args["model"] = args.model
+        if args.loras:
+            app_args["lora_repository"] = _lora_uri(args.loras)
         cfg = AppConfig.model_validate(app_args)
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:
@@ -299,6 +317,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="diffusers folder, hub id or exported repository (default: tiny)")
     p.add_argument("--storage", default="./outputs", help="result store: a folder or s3://bucket/prefix")
     p.add_argument("--backend", default="torch", help="engine backend (default: torch)")
+    p.add_argument(
+        "--loras",
+        default=None,
+        help='LoRA adapter repository requests may choose from ("loras": [{name, scale}]): a folder or '
+        "s3://bucket/prefix of NAME.safetensors files (diffusers or kohya keys); new files need no restart",
+    )
     p.add_argument(
         "--profile",
         choices=("split", "colocated"),

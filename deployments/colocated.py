@@ -37,6 +37,7 @@ def colocated_options(cfg: AppConfig) -> ColocatedOptions:
         decode_batch=BatchPolicy(cfg.decoder.max_batch_size, cfg.decoder.batch_wait_timeout_s),
         max_requests=cfg.denoiser.max_batch_size,
         step_delay_s=cfg.debug_step_delay_s,
+        lora_batching=cfg.lora_batching,
     )
 
 
@@ -50,8 +51,13 @@ def stage_loader(cfg: AppConfig, info: Any):
 
         torch.set_num_threads(cfg.ingress.threads_per_replica)
         kw = cfg.load_kwargs()
-        denoiser = Denoiser.load(info, **kw, step_cache=cfg.step_cache_message())
-        return TextEncoder.load(info, **kw), denoiser, Decoder.load(info, **kw)
+        lkw = cfg.lora_kwargs()
+        if lkw:  # one repository for both stages (listed once per lookup, not twice)
+            from serve.lora import LoraRepository
+
+            lkw["loras"] = LoraRepository(lkw["loras"])
+        denoiser = Denoiser.load(info, **kw, **lkw, step_cache=cfg.step_cache_message())
+        return TextEncoder.load(info, **kw, **lkw), denoiser, Decoder.load(info, **kw)
 
     return load
 
@@ -66,7 +72,9 @@ class ColocatedIngress:
         # The stages load in the background (the model thread): /healthz answers at once,
         # /readyz names them "loading" until they are ready, requests wait for them.
         self.stages = ColocatedStages(stage_loader(cfg, info), store, colocated_options(cfg))
-        self.service = ImageService(cfg.service_config(info.name), info, self.stages, store)
+        self.service = ImageService(
+            cfg.service_config(info.name), info, self.stages, store, loras=cfg.lora_catalog(info)
+        )
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)

@@ -311,6 +311,28 @@ class AppConfig(BaseModel):
         description="Fault-injection hook for tests, 0 in production: the Denoiser sleeps this long after "
         "every UNet step, so a test can make a request certainly outlast a timeout on any machine.",
     )
+    lora_repository: str | None = Field(
+        None,
+        description="LoRA adapters requests may choose (`loras`): a folder or s3://bucket/prefix of "
+        "<name>.safetensors files (diffusers/peft or kohya keys); a file added is usable without a restart. "
+        "None: requests with loras get a 400.",
+    )
+    lora_cache_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="Bytes of adapter weights each TextEncoder and Denoiser replica keeps loaded (LRU; adapters "
+        "of requests in flight are never evicted).",
+    )
+    lora_batching: Literal["mixed", "one_group"] = Field(
+        "mixed",
+        description="mixed: requests with different adapters share each denoiser step. one_group: the benchmark "
+        "baseline, one adapter set in the batch at a time (as a server that merges adapters into its weights).",
+    )
+    lora_routing: Literal["affinity", "plain"] = Field(
+        "affinity",
+        description="With adapters and several Denoiser replicas: affinity sends a request to a replica that "
+        "holds its adapters (unless its queue is much longer); plain is Serve's power of two choices.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="S3 client options: max_attempts (retries, standard mode), connect_timeout, read_timeout (s).",
@@ -331,6 +353,21 @@ class AppConfig(BaseModel):
         default_factory=lambda: DeploymentOptions(max_batch_size=8, max_ongoing_requests=32),
         description="Options of the Decoder deployment.",
     )
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """How the TextEncoder and Denoiser load adapters (nothing when there is no repository)."""
+        if self.lora_repository is None:
+            return {}
+        return {"loras": self.lora_repository, "lora_cache_bytes": self.lora_cache_bytes}
+
+    def lora_catalog(self, info: Any) -> Any:
+        """The Ingress's torch-free view of the adapter repository (None without one)."""
+        if self.lora_repository is None:
+            return None
+        from serve.families import family_of
+        from serve.lora import LoraCatalog, LoraRepository
+
+        return LoraCatalog(LoraRepository(self.lora_repository), family_of(info))
 
     def model_deployments(self) -> dict[str, DeploymentOptions]:
         """The deployments that run models, by name: the three stages (split), or the Ingress (colocated)."""
@@ -378,5 +415,6 @@ class AppConfig(BaseModel):
             prompt_policy=self.prompt_policy,
             api_keys=tuple(dict.fromkeys(self.api_keys + Settings.from_env().api_keys)),
             max_body_bytes=self.max_body_bytes,
+            backend=self.backend,
             job_poll_s=self.job_poll_s,
         )

@@ -107,7 +107,9 @@ class HandleStages:
             except RayTaskError as exc:
                 raise unwrap(exc) from None
 
-    async def encode(self, texts: list[str]) -> StageResult:
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
+        if loras:
+            return await self._call("TextEncoder", self.text_encoder.encode, texts, tuple(loras))
         return await self._call("TextEncoder", self.text_encoder.encode, texts)
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
@@ -232,7 +234,7 @@ class Ingress:
                 if opts.min_replicas == 0
             ),
         )
-        self.service = ImageService(service_cfg, info, stages, store)
+        self.service = ImageService(service_cfg, info, stages, store, loras=cfg.lora_catalog(info))
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)

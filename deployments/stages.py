@@ -42,16 +42,19 @@ class TextEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         set_torch_threads(cfg.text_encoder)
-        self.encoder = TextEncoder.load(cfg.model_info(), **cfg.load_kwargs())
+        self.encoder = TextEncoder.load(cfg.model_info(), **cfg.load_kwargs(), **cfg.lora_kwargs())
         _configure(self._encode_batch, cfg.text_encoder)
 
-    async def encode(self, texts: list[str]) -> StageResult:
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode takes a non-empty list of strings")
-        return await self._encode_batch(texts)
+        if loras:
+            # Load its adapters before it joins a batch: a bad adapter fails this request alone.
+            await asyncio.to_thread(self.encoder.prepare, tuple(loras))
+        return await self._encode_batch((texts, tuple(loras)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _encode_batch(self, batch: list[list[str]]) -> list[StageResult]:
+    async def _encode_batch(self, batch: list[tuple[list[str], tuple]]) -> list[StageResult]:
         return await asyncio.to_thread(self.encoder.encode_requests, batch)
 
     async def ready(self) -> str:
@@ -70,13 +73,28 @@ class DenoiserDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         set_torch_threads(cfg.denoiser)
-        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs(), step_cache=cfg.step_cache_message())
+        self.denoiser = Denoiser.load(
+            cfg.model_info(), **cfg.load_kwargs(), **cfg.lora_kwargs(), step_cache=cfg.step_cache_message()
+        )
         self.loop = ContinuousDenoiser(
-            self.denoiser, max_requests=cfg.denoiser.max_batch_size, step_delay_s=cfg.debug_step_delay_s
+            self.denoiser,
+            max_requests=cfg.denoiser.max_batch_size,
+            step_delay_s=cfg.debug_step_delay_s,
+            lora_batching=cfg.lora_batching,
         )
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         return await self.loop.submit(job)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the LoRA-affinity router reads (deployments/routing.py): the adapters held here."""
+        lora = self.denoiser.lora
+        return {"loras": lora.held() if lora is not None else []}
+
+    async def lora_stats(self) -> dict[str, float]:
+        """This replica's adapter-cache counters (tests, bench)."""
+        lora = self.denoiser.lora
+        return lora.stats() if lora is not None else {}
 
     async def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
         """Called through ``handle.options(stream=True)``: progress and partial images, then the

@@ -40,8 +40,9 @@ class GenerationResult:
 
 
 def make_jobs(encoder: TextEncoder, plans: Sequence[Plan]) -> list[DenoiseJob]:
-    """Encode every plan's texts in one TextEncoder call, then build each Denoiser job."""
-    results = encoder.encode_requests([plan.texts for plan in plans])
+    """Encode every plan's texts (with its text-encoder adapters) in one TextEncoder call, then
+    build each Denoiser job."""
+    results = encoder.encode_requests([(plan.texts, plan.params.loras) for plan in plans])
     return [plan.denoise_job(r.value) for plan, r in zip(plans, results, strict=True)]
 
 
@@ -66,13 +67,26 @@ class Pipeline:
         family: str | None = None,
         torch_options: Any = None,
         step_cache: Any = None,
+        loras: Any = None,
+        lora_cache_bytes: int | None = None,
     ) -> Pipeline:
         """``torch_options``: the torch backend's (``serve.engines.torch_options.TorchOptions``);
-        ``step_cache``: the Denoiser's default ``StepCache`` (None: off, the seed contract)."""
+        ``step_cache``: the Denoiser's default ``StepCache`` (None: off, the seed contract);
+        ``loras``: an adapter repository (folder, ``s3://bucket/prefix`` or a ``LoraRepository``)
+        for requests' ``loras``."""
         info = read_model_info(source, family)
         kw = {"backend": backend, "device": device, "dtype": dtype, "torch_options": torch_options}
+        if loras is not None:
+            from serve.lora import LoraRepository
+
+            repo = loras if isinstance(loras, LoraRepository) else LoraRepository(str(loras))  # one for both
+            lkw = {"loras": repo, "lora_cache_bytes": lora_cache_bytes}
+        else:
+            lkw = {}
         return cls(
-            TextEncoder.load(info, **kw), Denoiser.load(info, **kw, step_cache=step_cache), Decoder.load(info, **kw)
+            TextEncoder.load(info, **kw, **lkw),
+            Denoiser.load(info, **kw, **lkw, step_cache=step_cache),
+            Decoder.load(info, **kw),
         )
 
     def generate(

@@ -62,7 +62,8 @@ def error_response(
 
 def server_timing(timings: dict[str, float]) -> str:
     """``Server-Timing: encode;dur=12.1, denoise;dur=950.3, ...`` (durations in ms)."""
-    return ", ".join(f"{k};dur={v:.3f}" for k, v in timings.items() if not k.endswith("_batch"))
+    counts = ("lora_hits", "lora_misses")  # counts, not durations
+    return ", ".join(f"{k};dur={v:.3f}" for k, v in timings.items() if not k.endswith("_batch") and k not in counts)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -193,7 +194,7 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
         service = get_service()
         raw = await read_body(request, service.config.max_body_bytes)
         key = request.headers.get("idempotency-key")
-        events = service.generate_stream(raw, str(request.base_url), idempotency_key=key)
+        events = await service.generate_stream(raw, str(request.base_url), idempotency_key=key)
         if events is not None:
             return EventStreamResponse(events)
         work = service.generate(raw, str(request.base_url), idempotency_key=key)
@@ -223,6 +224,11 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return JSONResponse(get_service().models())
+
+    @app.get("/v1/loras")
+    async def loras() -> JSONResponse:
+        """The adapter repository: each adapter's name, family, components, size and fit."""
+        return JSONResponse(await asyncio.to_thread(get_service().lora_listing))
 
     @app.get("/v1/files/{key:path}")
     async def files(key: str) -> Response:

@@ -124,6 +124,8 @@ class JobManager:
         request, params = self.service.parse(body)
         if request.stream:
             raise InvalidRequestError("stream", True, "jobs stream through GET /v1/images/jobs/{id}/events")
+        if params.loras:
+            await asyncio.to_thread(self.service.check_loras, params)
         ctx = self.service.stream_context(request, params)
         record = {
             "id": uuid.uuid4().hex,
@@ -141,6 +143,8 @@ class JobManager:
                 "output_compression": params.output_compression,
             },
         }
+        if params.loras:
+            record["loras"] = [{"name": n, "scale": s} for n, s in params.loras]  # as the response records them
         await asyncio.to_thread(self.store.put_job, record["id"], record)
         live = LiveJob(dict(record), ctx)
         self.live[record["id"]] = live
@@ -253,6 +257,8 @@ class JobManager:
             base_url,
             record.get("timings", {}),
         )
+        if record.get("loras"):
+            body["loras"] = record["loras"]
         out = {k: v for k, v in record.items() if k not in ("images", "preview")}
         out["result"] = body
         return out

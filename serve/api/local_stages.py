@@ -41,8 +41,8 @@ class LocalStages:
 
         return await asyncio.to_thread(locked)
 
-    async def encode(self, texts: list[str]) -> StageResult:
-        return (await self._call("encode", self.pipeline.text_encoder.encode_requests, [texts]))[0]
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
+        return (await self._call("encode", self.pipeline.text_encoder.encode_requests, [(texts, loras)]))[0]
 
     def _denoise(self, job: DenoiseJob, stop: threading.Event, on_step=None) -> StageResult:
         """Worker thread: one job under the Denoiser's lock, stopping before any step once ``stop`` is set."""

@@ -56,6 +56,8 @@ class ServiceConfig:
     prompt_policy: PromptPolicy = field(default_factory=PromptPolicy)
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
+    #: The stages' engine backend: per-request LoRA needs torch (``serve.lora.LORA_BACKENDS``).
+    backend: str = "torch"
     # How often a job's record is rewritten with its progress, and how often a job polls the
     # store for a cancel asked of another Ingress replica (and a stream of a job running on
     # another replica polls its record).
@@ -66,15 +68,28 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def lora_list(loras: tuple[tuple[str, float], ...]) -> list[dict[str, Any]]:
+    """``(("ink", 0.8),)`` -> ``[{"name": "ink", "scale": 0.8}]``: as the request sends them."""
+    return [{"name": n, "scale": s} for n, s in loras]
+
+
 class ImageService:
     """Request handling for ``/v1/images/*``, ``/v1/models``, ``/v1/files``, readiness."""
 
-    def __init__(self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        info: ModelInfo,
+        stages: StageClient,
+        store: ResultStore,
+        loras: Any = None,
+    ) -> None:
         self.config = config
         self.info = info
         self.family = family_of(info)
         self.stages = stages
         self.store = store
+        self.loras = loras  # serve.lora.LoraCatalog of the adapter repository, or None
         self.idempotency = IdempotencyGuard(store, stale_after_s=config.request_timeout_s + 30)
         self.jobs = JobManager(self)
         self._preview_map: np.ndarray | None = None
@@ -96,6 +111,31 @@ class ImageService:
     def model_ids(self) -> tuple[str, ...]:
         return (self.config.model_name, "darkroom")
 
+    def check_loras(self, params: GenerationParams) -> None:
+        """Refuse adapters this server cannot apply, naming ``loras`` / ``loras[i].name`` (400).
+
+        Blocking (lists the repository, reads headers): call it in a worker thread.
+        """
+        if not params.loras:
+            return
+        names = [n for n, _ in params.loras]
+        if self.loras is None:
+            raise InvalidRequestError("loras", names, "this server has no adapter repository (serve --loras DIR)")
+        from serve.lora import LORA_BACKENDS
+
+        if self.config.backend not in (*LORA_BACKENDS, "auto"):
+            raise InvalidRequestError(
+                "loras",
+                names,
+                f"per-request LoRA runs on the torch backend; this server runs {self.config.backend}",
+            )
+        self.loras.check(params.loras)
+
+    def lora_listing(self) -> dict[str, Any]:
+        """``GET /v1/loras``: the adapters of the repository and whether each fits this model."""
+        data = self.loras.listing() if self.loras is not None else []
+        return {"object": "list", "data": data}
+
     # -- generation -------------------------------------------------------------------------
     async def _bounded(self, coro: Awaitable[T], stage: str) -> T:
         try:
@@ -108,13 +148,19 @@ class ImageService:
         self._wake()
         plan = self.family.plan(params)
         t0 = time.perf_counter()
-        enc = await self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder")
+        enc = await self._bounded(self._encode(plan, params), "TextEncoder")
         t1 = time.perf_counter()
         job = plan.denoise_job(enc.value)
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
         inline = request.response_format == "b64_json"
         return await self._decode(params, den, inline, (t0, t1, t2), enc)
+
+    def _encode(self, plan: Any, params: GenerationParams) -> Awaitable[StageResult]:
+        """The TextEncoder call; without adapters, the one-argument call every StageClient takes."""
+        if params.loras:
+            return self.stages.encode(list(plan.texts), params.loras)
+        return self.stages.encode(list(plan.texts))
 
     def _wake(self) -> None:
         wake = getattr(self.stages, "wake", None)
@@ -151,6 +197,9 @@ class ImageService:
             "decode_batch": float(dec.batch_size),
             "total": _ms(t3 - t0),
         }
+        for key in ("lora_hits", "lora_misses"):  # the Denoiser's adapter cache, for the bench
+            if key in den.extra:
+                timings[key] = float(den.extra[key])
         return dec.value, timings
 
     # -- streaming (serve/api/streaming.py formats the events) --------------------------------
@@ -183,7 +232,7 @@ class ImageService:
         self._wake()
         plan = self.family.plan(params)
         t0 = time.perf_counter()
-        enc = await _until(deadline, self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder"))
+        enc = await _until(deadline, self._bounded(self._encode(plan, params), "TextEncoder"))
         t1 = time.perf_counter()
         job = dataclasses.replace(plan.denoise_job(enc.value), progress=progress)
         if partial_images:
@@ -217,11 +266,12 @@ class ImageService:
             response_format=request.response_format,
         )
 
-    def generate_stream(
+    async def generate_stream(
         self, body: Any, base_url: str, idempotency_key: str | None = None
     ) -> AsyncIterator[bytes] | None:
         """``POST /v1/images/generations`` with ``stream: true``: the SSE body, or None when the
-        request does not stream. Validation errors raise here, before anything is sent."""
+        request does not stream. Validation errors (adapters included) raise here, before anything
+        is sent."""
         request, params = self.parse(body)
         if not request.stream:
             return None
@@ -229,6 +279,8 @@ class ImageService:
             raise InvalidRequestError(
                 "Idempotency-Key", idempotency_key, "is not supported with stream: true (a stream cannot be replayed)"
             )
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
         return self._stream(request, params, base_url)
 
     async def _stream(self, request: ImageGenerationRequest, params: GenerationParams, base_url: str):
@@ -273,6 +325,8 @@ class ImageService:
             meta["output_compression"] = params.output_compression
         if params.user is not None:
             meta["user"] = params.user  # OpenAI's end-user id: recorded for abuse tracking
+        if params.loras:
+            meta["loras"] = lora_list(params.loras)
         return meta
 
     async def generate(
@@ -280,6 +334,8 @@ class ImageService:
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """``POST /v1/images/generations``: the OpenAI response body and the timings."""
         request, params = self.parse(body)
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
 
         async def produce() -> dict[str, Any]:
             created = int(time.time())
@@ -305,6 +361,8 @@ class ImageService:
         body_out = await asyncio.to_thread(
             self.render, out["created"], out["seed"], images, request.response_format, base_url, out["timings"]
         )
+        if params.loras:
+            body_out["loras"] = lora_list(params.loras)  # what made these images, beside the seed
         return body_out, out["timings"]
 
     def render(

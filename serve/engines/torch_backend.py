@@ -8,6 +8,7 @@ per-request step cache (``step_cache.py``: DeepCache for UNets, TeaCache for tra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -72,6 +73,16 @@ class TorchEngine(Engine):
             self.dtype,
             describe(module, channels_last and self.component in CONVOLUTIONAL, self.graphs is not None, opts.compile),
         )
+
+    def run_eagerly(self, reason: str) -> None:
+        """Drop CUDA graphs, torch.compile and batch padding from now on (the eager module, batches
+        as they come): for callers whose hooks must see every call's real rows (per-request LoRA)."""
+        if not (self.options.cuda_graphs or self.options.compile):
+            return
+        logger.warning("%s runs eagerly (no CUDA graphs, no torch.compile): %s", self.component, reason)
+        self.options = dataclasses.replace(self.options, cuda_graphs=False, compile=False)
+        self.module = self.eager
+        self.graphs = None
 
     def run(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = {name: x.to(self.device) for name, x in inputs.items()}

@@ -81,6 +81,7 @@ class Plan:
             n=p.n,
             scheduler=p.scheduler,
             cfg_scale=self.cfg_scale,
+            loras=p.loras,
         )
 
 
@@ -99,6 +100,9 @@ class Family(ABC):
     schedulers: ClassVar[Mapping[str, str]] = UNET_SCHEDULERS
     #: Latent patch side: Flux packs 2x2 latent patches, so its sides are multiples of 2x the VAE's.
     latent_patch: ClassVar[int] = 1
+    #: Components LoRA adapters may touch, as the family's diffusers pipeline loads them
+    #: (its ``_lora_loadable_modules``: Flux's T5 takes none).
+    lora_components: ClassVar[tuple[str, ...]] = ("text_encoder", "unet")
 
     def __init__(self, info: ModelInfo) -> None:
         self.info = info

@@ -42,6 +42,7 @@ class FluxFamily(Family):
     name = "flux"
     pipeline_class = "FluxPipeline"
     text_components = ("text_encoder", "text_encoder_2")
+    lora_components = ("text_encoder", "transformer")
     default_guidance = 3.5
     default_steps = 28
     denoiser_component = "transformer"

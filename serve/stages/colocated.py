@@ -50,6 +50,7 @@ class ColocatedOptions:
     decode_batch: BatchPolicy = field(default_factory=lambda: BatchPolicy(8))
     max_requests: int = 8  # the Denoiser's requests in flight (its max_batch_size)
     step_delay_s: float = 0.0  # fault-injection hook (AppConfig.debug_step_delay_s), 0 in production
+    lora_batching: str = "mixed"  # AppConfig.lora_batching (serve/lora/policy.py)
 
 
 class ColocatedStages:
@@ -103,6 +104,7 @@ class ColocatedStages:
                 denoiser,
                 max_requests=opts.max_requests,
                 step_delay_s=opts.step_delay_s,
+                lora_batching=opts.lora_batching,
                 executor=self.model_thread,
                 interrupt=lambda: self.model_thread.queued > 0,
             )
@@ -114,10 +116,15 @@ class ColocatedStages:
         return self._denoise_loop
 
     # -- StageClient -------------------------------------------------------------------------------
-    async def encode(self, texts: list[str]) -> StageResult:
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode takes a non-empty list of strings")
         text_encoder, _, _ = await self._stages()
+        if loras:
+            # Its adapters load on asyncio's default pool, never in the model thread: a load never
+            # holds up the other requests' steps (the Denoiser's admission does the same).
+            await asyncio.to_thread(text_encoder.prepare, tuple(loras))
+            return await self._encode_queue.submit((list(texts), tuple(loras)))  # type: ignore[union-attr]
         rows = text_encoder.cached(texts)
         if rows is not None:  # every text cached: no model work, so no wait for the model thread
             return StageResult(rows, 0.0, batch_size=1)

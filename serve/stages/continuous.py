@@ -13,6 +13,7 @@ Ray-free: the Denoiser deployment runs one of these per replica; tests drive it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -39,6 +40,7 @@ class _Entry:
     finished: bool = False
     compute_s: float = 0.0  # wall time of the steps this request took part in
     batch_max: int = 0  # most requests it shared a step with
+    lora: dict[str, float] | None = None  # adapter-cache hits/misses of its admission
 
     def cancel(self, steps: int) -> None:
         if not self.cancelled:
@@ -67,16 +69,22 @@ class ContinuousDenoiser:
         *,
         max_requests: int = 8,
         step_delay_s: float = 0.0,
+        lora_batching: str = "mixed",
         executor: Executor | None = None,
         interrupt: Callable[[], bool] | None = None,
     ) -> None:
         self.denoiser = denoiser
         self.max_requests = max_requests
+        # "mixed": adapters share the batch; "one_group": the baseline, one adapter set at a time
+        # (serve/lora/policy.py).
+        self.lora_batching = lora_batching
         # Where steps run (None: asyncio's default thread pool). The colocated profile gives every
         # stage one model thread, so the encoder, denoiser and decoder never run torch at once
         # (two calls at once would each start their own OpenMP team on the same cores), and
         # ``interrupt`` says when another stage waits for that thread: the step loop then hands
-        # it over after the current step instead of running until its batch changes.
+        # it over after the current step instead of running until its batch changes. Adapter
+        # loads (``_pin_loras``) never run there: they stay on asyncio's default pool, so a load
+        # never holds up another request's steps.
         self.executor = executor
         self.interrupt = interrupt
         # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
@@ -106,37 +114,80 @@ class ContinuousDenoiser:
             self._task = asyncio.create_task(self._run())
         self._wakeup.set()
 
+    async def _load_loras(self, job: DenoiseJob) -> tuple[contextlib.ExitStack, dict[str, float] | None]:
+        """The job's adapters, loaded in a worker thread (asyncio's default pool, never the
+        executor that runs steps) before it joins: steps of the running batch never wait for a
+        load. They stay pinned in the cache until the caller closes the returned stack."""
+        loading = asyncio.ensure_future(asyncio.to_thread(self._pin_loras, job))
+        try:
+            return await asyncio.shield(loading)
+        except asyncio.CancelledError:  # the load finishes anyway: unpin what it pinned
+            loading.add_done_callback(lambda f: f.exception() is None and f.result()[0].close())
+            raise
+
     async def submit(self, job: DenoiseJob) -> StageResult:
         """Denoise one job; its latents come back when its own steps are done."""
         self.denoiser.validate(job)  # a bad job fails alone, before it joins anything
-        entry = _Entry(job, future=asyncio.get_running_loop().create_future())
-        self._enqueue(entry)
+        pins, lora = await self._load_loras(job)
         try:
-            return await asyncio.shield(entry.future)
-        except asyncio.CancelledError:
-            entry.cancel(self.steps)  # the loop drops it before the next step
-            raise
+            entry = _Entry(job, future=asyncio.get_running_loop().create_future(), lora=lora)
+            self._enqueue(entry)
+            try:
+                return await asyncio.shield(entry.future)
+            except asyncio.CancelledError:
+                entry.cancel(self.steps)  # the loop drops it before the next step
+                raise
+        finally:
+            pins.close()
+
+    def _pin_loras(self, job: DenoiseJob) -> tuple[contextlib.ExitStack, dict[str, float] | None]:
+        stack = contextlib.ExitStack()
+        runtime = self.denoiser.lora
+        if not job.loras or runtime is None:
+            stack.enter_context(self.denoiser.use_loras(job))  # refuses loras it cannot serve
+            return stack, None
+        before = (runtime.cache.hits, runtime.cache.misses)
+        stack.enter_context(self.denoiser.use_loras(job))
+        # Approximate under concurrent admissions (counters are shared); exact when admitted alone.
+        hits, misses = runtime.cache.hits - before[0], runtime.cache.misses - before[1]
+        return stack, {"lora_hits": float(hits), "lora_misses": float(misses)}
 
     async def stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
         """``submit`` with progress: ``DenoiseProgress`` after admission (step 0) and after steps
         (coalesced, with the partial images the job asked for), then the ``StageResult``.
         Closing the iterator early (the client left) takes the job out before the next step."""
         self.denoiser.validate(job)
-        entry = _Entry(job, channel=EventChannel(asyncio.get_running_loop()))
-        self._enqueue(entry)
+        pins, lora = await self._load_loras(job)
         try:
-            async for item in entry.channel:
-                yield item
+            entry = _Entry(job, channel=EventChannel(asyncio.get_running_loop()), lora=lora)
+            self._enqueue(entry)
+            try:
+                async for item in entry.channel:
+                    yield item
+            finally:
+                if not entry.finished:
+                    entry.cancel(self.steps)
         finally:
-            if not entry.finished:
-                entry.cancel(self.steps)
+            pins.close()
 
     def _admit(self, active: list[_Entry]) -> list[_Entry]:
+        if self.lora_batching == "one_group":
+            return self._admit_one_group(active)
         new = []
         while self._pending and len(active) + len(new) < self.max_requests:
             entry = self._pending.popleft()
             if not entry.cancelled:
                 new.append(entry)
+        return new
+
+    def _admit_one_group(self, active: list[_Entry]) -> list[_Entry]:
+        from serve.lora.policy import adapter_set, one_group_admission
+
+        pending = [e for e in self._pending if not e.cancelled]
+        keys = [adapter_set(e.job.loras) for e in pending]
+        chosen = one_group_admission(keys, [adapter_set(e.job.loras) for e in active], self.max_requests - len(active))
+        new = [pending[i] for i in chosen]
+        self._pending = deque(e for e in pending if e not in new)
         return new
 
     def _advance(self, new: list[_Entry], active: list[_Entry]) -> int:
@@ -208,7 +259,8 @@ class ContinuousDenoiser:
                     continue
                 if entry.state.done:
                     result = self.denoiser.result(entry.state)
-                    entry.finish(StageResult(result, entry.compute_s, batch_size=entry.batch_max))
+                    extra = dict(entry.lora) if entry.lora else {}
+                    entry.finish(StageResult(result, entry.compute_s, batch_size=entry.batch_max, extra=extra))
                 else:
                     still.append(entry)
             active = still

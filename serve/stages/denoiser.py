@@ -10,10 +10,15 @@ Per request this is the family's diffusers ``__call__`` steps "prepare timesteps
 loop": ``set_timesteps`` -> initial latents from ``Generator("cpu").manual_seed(seed)`` -> for
 each t: CFG doubling, ``scale_model_input``, denoiser, guidance, ``step`` (``serve/families``
 says what each of those is for SD, SDXL and Flux).
+
+LoRA adapters (``job.loras``) are not part of the batch key: requests with different adapters
+(or none) share each denoiser call, and each call states which rows use which adapters
+(``serve.lora.runtime``: a request's rows, CFG's negative ones included, form one run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -27,6 +32,7 @@ import torch
 from serve.engines import Engine
 from serve.errors import InvalidRequestError
 from serve.families import Family, family_of
+from serve.lora.catalog import refuse_loras
 from serve.model import ModelInfo
 from serve.schedulers import scheduler_class
 from serve.stages.loading import load_stage_engines
@@ -71,14 +77,31 @@ class Denoiser:
     """Runs batches of ``DenoiseJob``s; returns each job's final latents (n, C, h, w)."""
 
     def __init__(
-        self, info: ModelInfo, engine: Engine, *, max_batch_samples: int = 32, step_cache: StepCache | None = None
+        self,
+        info: ModelInfo,
+        engine: Engine,
+        *,
+        max_batch_samples: int = 32,
+        step_cache: StepCache | None = None,
+        loras: Any = None,
+        lora_cache_bytes: int | None = None,
     ) -> None:
+        from serve.lora import DEFAULT_CACHE_BYTES, runtime_for
+
         self.info = info
         self.family: Family = family_of(info)
         self.engine = engine
         self.max_batch_samples = max_batch_samples
         # The step cache of jobs that do not name one (config; None: off, the seed contract holds).
         self.step_cache = step_cache
+        self.lora_repository = loras
+        engines = {self.family.denoiser_component: engine}
+        self.lora = runtime_for(engines, self.family, loras, max_bytes=lora_cache_bytes or DEFAULT_CACHE_BYTES)
+        if self.lora is not None and hasattr(engine, "run_eagerly"):
+            # Per-row LoRA hooks read each call's row runs: a captured CUDA graph would replay the
+            # runs of its capture, a compiled module would trace them once, and bucket padding
+            # would add rows no run covers. So with adapters the denoiser runs eagerly.
+            engine.run_eagerly("per-request LoRA adapters")
         self.model_calls = 0
         self.last_batch_sizes: list[int] = []  # denoiser batch sizes of the last call, for tests/metrics
         self.last_cache_stats: list[dict[str, int] | None] = []  # per job of the last denoise(): step-cache use
@@ -93,11 +116,19 @@ class Denoiser:
         dtype: str | None = None,
         torch_options: Any = None,
         step_cache: StepCache | None = None,
+        loras: Any = None,
+        lora_cache_bytes: int | None = None,
     ) -> Denoiser:
         info, family, engines = load_stage_engines(
             source, role="denoiser", backend=backend, device=device, dtype=dtype, torch_options=torch_options
         )
-        return cls(info, engines[family.denoiser_component], step_cache=step_cache)
+        return cls(
+            info,
+            engines[family.denoiser_component],
+            step_cache=step_cache,
+            loras=loras,
+            lora_cache_bytes=lora_cache_bytes,
+        )
 
     def validate(self, job: DenoiseJob) -> None:
         """Reject a job before it joins a batch, so one bad job never fails its batch-mates."""
@@ -134,6 +165,15 @@ class Denoiser:
         if job.step_cache is not None and job.step_cache.kind != kind:
             have = f"{kind} only" if kind else "none"
             raise InvalidRequestError("step_cache", job.step_cache.kind, f"this denoiser's engine runs {have}")
+        refuse_loras(self.lora, self.lora_repository, [self.engine], job.loras)
+
+    def use_loras(self, job: DenoiseJob) -> contextlib.AbstractContextManager:
+        """Load (if needed) and pin the job's adapters while the block runs; raises a 400 naming
+        ``loras[i].name`` for an unknown or unfitting adapter. Call it before the job joins a batch."""
+        if not job.loras:
+            return contextlib.nullcontext()
+        refuse_loras(self.lora, self.lora_repository, [self.engine], job.loras)
+        return self.lora.use(job.loras)
 
     # -- the step-level API used by continuous batching (serve/stages/continuous.py) -------------
     def start(self, job: DenoiseJob, index: int = 0) -> _State:
@@ -162,7 +202,8 @@ class Denoiser:
     def _request_cache(self, job: DenoiseJob) -> Any:
         """The job's own step cache state, when it (or the stage's default) asks for one this engine runs."""
         config = job.step_cache or self.step_cache
-        if config is None or config.kind != getattr(self.engine, "step_cache_kind", None):
+        # Requests with adapters run uncached (see ``_iterate``); docs/loras.md says so.
+        if config is None or job.loras or config.kind != getattr(self.engine, "step_cache_kind", None):
             return None
         from serve.engines.step_cache import RequestCache
 
@@ -206,6 +247,12 @@ class Denoiser:
         """
         for job in jobs:
             self.validate(job)
+        with contextlib.ExitStack() as pins:
+            for job in jobs:
+                pins.enter_context(self.use_loras(job))
+            return self._denoise(jobs, progress, cancelled, on_step)
+
+    def _denoise(self, jobs, progress, cancelled, on_step) -> list[np.ndarray | None]:
         self.last_batch_sizes = []
         states = [self.start(job, i) for i, job in enumerate(jobs)]
         groups: dict[Hashable, list[_State]] = {}
@@ -241,21 +288,31 @@ class Denoiser:
 
     def _iterate(self, active: list[_State]) -> None:
         """One denoising iteration for every active request: denoiser calls in chunks, then steps."""
+        if any(s.job.loras for s in active) and any(s.cache is not None for s in active):
+            # A step cache calls the model on subsets of the rows (DeepCache's full and shallow
+            # rows, TeaCache's computing rows), which per-row LoRA runs cannot follow: requests
+            # with adapters (never cached, ``_request_cache``) take this step in the uncached
+            # call, the cached ones in their own. Each request's step is its own, so splitting
+            # the iteration changes no request's result.
+            self._iterate([s for s in active if s.cache is None])
+            self._iterate([s for s in active if s.cache is not None])
+            return
         family, dtype = self.family, self.engine.dtype
-        samples, timesteps = [], []
+        samples, timesteps, runs = [], [], []
         for s in active:
             t = s.timesteps[s.i]
             x = torch.cat([s.latents] * 2) if s.job.cfg else s.latents
             x = family.scale_input(s.scheduler, x, t)
             samples.append(x)
             timesteps.append(family.timestep_input(t, x.shape[0], dtype))
+            runs.append((x.shape[0], s.job.loras))
         sample = torch.cat(samples)
         tvec = torch.cat(timesteps).to(self.engine.device)
         conditioning = {name: torch.cat([s.inputs[name] for s in active]) for name in active[0].inputs}
         if any(s.cache is not None for s in active):
             noise = self._cached_calls(active, samples, sample, tvec, conditioning)
         else:
-            noise = self._calls(active, sample, tvec, conditioning)
+            noise = self._calls(active, sample, tvec, conditioning, runs)
         offset = 0
         for s, x in zip(active, samples, strict=True):
             pred = noise[offset : offset + x.shape[0]]
@@ -273,7 +330,16 @@ class Denoiser:
             s.latents = s.scheduler.step(pred, t, s.latents, **s.kwargs, return_dict=False)[0]
             s.i += 1
 
-    def _calls(self, active, sample, tvec, conditioning) -> torch.Tensor:
+    def _lora_rows(self, runs: list[tuple[int, tuple]], lo: int, hi: int) -> contextlib.AbstractContextManager:
+        """The row -> adapters runs of the chunk ``lo:hi`` of this call. With a runtime, even a call
+        without adapters holds its call lock, so an adapter loading meanwhile hooks no layer mid-call."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        from serve.lora.runtime import slice_runs
+
+        return self.lora.rows(slice_runs(runs, lo, hi))
+
+    def _calls(self, active, sample, tvec, conditioning, runs) -> torch.Tensor:
         """The denoiser over the whole batch, in chunks of at most ``max_batch_samples`` rows."""
         family = self.family
         outs = []
@@ -282,14 +348,17 @@ class Denoiser:
             hi = lo + chunk
             part = {name: x[lo:hi] for name, x in conditioning.items()}
             inputs = family.step_inputs(sample[lo:hi], tvec[lo:hi], part, active[0].job)
-            outs.append(self.engine.run(**inputs)["noise_pred"])
+            with self._lora_rows(runs, lo, hi):
+                outs.append(self.engine.run(**inputs)["noise_pred"])
             self.model_calls += 1
             self.last_batch_sizes.append(min(hi, sample.shape[0]) - lo)
         return torch.cat(outs)
 
     def _cached_calls(self, active, samples, sample, tvec, conditioning) -> torch.Tensor:
         """The denoiser with step caches: chunks hold whole requests (a request's cache covers all
-        its rows), each request's rows a group that its cache runs full or cached this step."""
+        its rows), each request's rows a group that its cache runs full or cached this step.
+        No row here uses an adapter (``_iterate`` runs those apart): the cache calls the model on
+        subsets of the rows, which per-row LoRA runs could not follow."""
         from serve.engines.step_cache import CacheGroup
 
         limit = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
@@ -315,7 +384,8 @@ class Denoiser:
                 )
                 for k in chunk
             ]
-            outs.append(self.engine.run_step_cache(inputs, groups)["noise_pred"])
+            with self._lora_rows([], lo, hi):  # no adapter rows; the call lock only
+                outs.append(self.engine.run_step_cache(inputs, groups)["noise_pred"])
             self.model_calls += 1
             self.last_batch_sizes.append(hi - lo)
         return torch.cat(outs)

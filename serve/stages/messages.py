@@ -71,6 +71,9 @@ class DenoiseJob:
     n: int = 1
     scheduler: str | None = None
     cfg_scale: float | None = None
+    #: LoRA adapters and their scales, ``((name, scale), ...)``: applied to this request's rows
+    #: only (negative rows too, as diffusers does); not part of the batch key.
+    loras: tuple[tuple[str, float], ...] = ()
     # Partial images (streaming, jobs): how many, at evenly spaced steps, and the latent -> RGB
     # map they are drawn with (the Decoder's fit, serve/families/preview.py). 0: none.
     partial_images: int = 0
@@ -78,7 +81,8 @@ class DenoiseJob:
     # A streamed job's progress after every step (jobs' progress bars); without it a stream
     # carries only its partial images and result (POST streams: fewer messages across Ray).
     progress: bool = False
-    step_cache: StepCache | None = None  # opt-in; None (default) keeps the seed contract
+    #: Opt-in; None (default) keeps the seed contract. A job with ``loras`` runs uncached.
+    step_cache: StepCache | None = None
 
     @property
     def cfg(self) -> bool:
@@ -132,7 +136,7 @@ class DecodedImage:
 class StageClient(Protocol):
     """How the request layer reaches the stages. Every call is idempotent (safe to retry)."""
 
-    async def encode(self, texts: list[str]) -> StageResult: ...
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult: ...
 
     async def denoise(self, job: DenoiseJob) -> StageResult: ...
 

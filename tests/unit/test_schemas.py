@@ -254,6 +254,7 @@ def test_full_request():
         "guidance_scale": 30,
         "seed": MAX_SEED,
         "scheduler": "dpmpp_2m",
+        "loras": [{"name": "watercolor", "scale": 0.8}, {"name": "ink", "scale": -4.0}],
     }
     req = parse_generation_request(data)
     assert req.model_dump() == {**data, "guidance_scale": 30.0, "true_cfg_scale": 1.0}
