@@ -38,7 +38,22 @@ def job(encoder, seed, loras=(), steps=6) -> DenoiseJob:
     )
 
 
-def _run(loop: ContinuousDenoiser, jobs: list[DenoiseJob]):
+def _run(loop: ContinuousDenoiser, jobs: list[DenoiseJob], together: bool = False):
+    """Submit ``jobs`` at once. ``together``: they join the loop only when all are admitted-ready
+    (their adapters pinned), so which requests share a step does not depend on how long each
+    adapter load took on this machine."""
+    if together:
+        held: list = []
+        enqueue = loop._enqueue
+
+        def gate(entry) -> None:
+            held.append(entry)
+            if len(held) == len(jobs):
+                for e in held:
+                    enqueue(e)
+
+        loop._enqueue = gate
+
     async def main():
         return await asyncio.gather(*(loop.submit(j) for j in jobs), return_exceptions=True)
 
@@ -52,9 +67,8 @@ def test_mixed_sets_share_the_batch_and_match_solo_runs(parts):
     encoder, denoiser = parts
     jobs = [job(encoder, 10 + i, s) for i, s in enumerate(SETS)]
     solo = [denoiser.denoise([j])[0] for j in jobs]
-    # 50 ms per step: the four requests certainly overlap.
-    loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.05)
-    results = _run(loop, jobs)
+    loop = ContinuousDenoiser(denoiser, max_requests=8)
+    results = _run(loop, jobs, together=True)
     assert loop.peak_requests == 4 and max(r.batch_size for r in results) == 4
     for got, want in zip(results, solo, strict=True):
         np.testing.assert_allclose(got.value, want, atol=1e-4)
@@ -65,8 +79,8 @@ def test_one_group_baseline_never_mixes_adapter_sets(parts):
     encoder, denoiser = parts
     jobs = [job(encoder, 20 + i, SETS[i % 2]) for i in range(4)]  # two sets, two requests each
     solo = [denoiser.denoise([j])[0] for j in jobs]
-    loop = ContinuousDenoiser(denoiser, max_requests=8, step_delay_s=0.05, lora_batching="one_group")
-    results = _run(loop, jobs)
+    loop = ContinuousDenoiser(denoiser, max_requests=8, lora_batching="one_group")
+    results = _run(loop, jobs, together=True)
     assert loop.peak_requests == 2  # a batch held one set's two requests, never all four
     assert [r.batch_size for r in results] == [2, 2, 2, 2]
     for got, want in zip(results, solo, strict=True):
