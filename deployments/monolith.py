@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures as cf
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppConfig, DeploymentOptions
+from deployments.observability import replica_observability
 from serve.api.http import create_app
 from serve.api.schemas import ImageGenerationRequest
 from serve.api.service import ImageService, ServiceConfig
@@ -42,6 +44,7 @@ from serve.model import ModelInfo
 from serve.params import GenerationParams
 from serve.stages.messages import DecodedImage, StageResult
 from serve.storage import ResultStore, open_store
+from serve.storage.base import image_format, result_image_key
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +142,10 @@ class MonolithStages:
 class MonolithService(ImageService):
     """``ImageService`` whose generation is one ``StableDiffusionPipeline`` call per request."""
 
-    def __init__(self, config: ServiceConfig, info: ModelInfo, runner: DiffusersRunner, store: ResultStore) -> None:
-        super().__init__(config, info, MonolithStages(), store)
+    def __init__(
+        self, config: ServiceConfig, info: ModelInfo, runner: DiffusersRunner, store: ResultStore, metrics=None
+    ) -> None:
+        super().__init__(config, info, MonolithStages(), store, **({"metrics": metrics} if metrics else {}))
         self.runner = runner
         # One worker: the pipeline runs one request at a time, in arrival order.
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="monolith")
@@ -150,19 +155,29 @@ class MonolithService(ImageService):
         images, seconds = self.runner.generate(params)
         return images, {**seconds, "queue": queued}
 
-    def _store(self, images: np.ndarray, params: GenerationParams, metadata: dict, inline: bool):
+    def _store(self, images: np.ndarray, params: GenerationParams, metadata: dict, inline: bool, result_id: str):
         out, encode_s, store_s = [], 0.0, 0.0
+        extension, _ = image_format(params.output_format)
         for index, img in enumerate(images):
             a = time.perf_counter()
             data = encode_image(img, params.output_format, params.output_compression)
             b = time.perf_counter()
-            stored = self.store.save_image(data, params.output_format, {**metadata, "index": index})
+            # Keys from the request's result id, written once: as the split app's Decoder stores.
+            key = result_image_key(result_id, index, extension, metadata["created"])
+            stored = self.store.save_image(data, params.output_format, {**metadata, "index": index}, key=key)
             store_s += time.perf_counter() - b
             encode_s += b - a
             out.append(DecodedImage(stored.key, stored.content_type, data if inline else None))
         return out, encode_s, store_s
 
-    async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
+    async def run(
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> tuple[list[DecodedImage], dict]:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(self._executor, self._generate, params, t0)
@@ -170,8 +185,11 @@ class MonolithService(ImageService):
         metadata = self.metadata(
             params, {"encode": _ms(s["encode"]), "denoise": _ms(s["denoise"]), "decode": _ms(s["decode"])}
         )
+        if created is not None:
+            metadata["created"] = int(created)
         inline = request.response_format == "b64_json"
-        stored, encode_s, store_s = await asyncio.to_thread(self._store, images, params, metadata, inline)
+        result_id = result_id or uuid.uuid4().hex
+        stored, encode_s, store_s = await asyncio.to_thread(self._store, images, params, metadata, inline, result_id)
         timings = {
             "encode": _ms(s["encode"]),
             "denoise": _ms(s["denoise"]),
@@ -193,6 +211,7 @@ class MonolithService(ImageService):
 class Monolith:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        metrics = replica_observability(DEPLOYMENT_NAME, cfg.log_level)
         if cfg.backend not in ("torch", "auto"):
             logger.warning("the monolith runs diffusers (torch); ignoring backend=%s", cfg.backend)
         info = cfg.model_info()
@@ -200,10 +219,10 @@ class Monolith:
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         load = cfg.load_kwargs()
         runner = DiffusersRunner(info, device=load["device"], dtype=load["dtype"])
-        self.service = MonolithService(service_cfg, info, runner, store)
+        self.service = MonolithService(service_cfg, info, runner, store, metrics)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service)
+        return create_app(self.service, behind_serve_proxy=True)
 
 
 def monolith_options(cfg: AppConfig, override: dict[str, Any] | DeploymentOptions | None) -> DeploymentOptions:

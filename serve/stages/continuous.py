@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from serve.metrics import NO_METRICS, Metrics
 from serve.stages.denoiser import Denoiser
 from serve.stages.messages import DenoiseJob, StageResult
 
@@ -38,8 +39,11 @@ class _Entry:
 class ContinuousDenoiser:
     """Admits queued jobs before every step, up to ``max_requests`` in flight at once."""
 
-    def __init__(self, denoiser: Denoiser, *, max_requests: int = 8, step_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, denoiser: Denoiser, *, max_requests: int = 8, step_delay_s: float = 0.0, metrics: Metrics = NO_METRICS
+    ) -> None:
         self.denoiser = denoiser
+        self.metrics = metrics
         self.max_requests = max_requests
         # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
         # a request certainly outlast a timeout whatever the machine's speed.
@@ -96,6 +100,8 @@ class ContinuousDenoiser:
         while True:
             new = self._admit(active)
             active += new
+            self.metrics.set("darkroom_queue_length", len(self._pending))
+            self.metrics.set("darkroom_inflight_requests", len(active))
             if not active:
                 self._wakeup.clear()
                 if not self._pending:
@@ -105,7 +111,8 @@ class ContinuousDenoiser:
             try:
                 steps = await asyncio.to_thread(self._advance, new, active)
             except Exception as exc:  # the batch fails; the loop (and the replica) carry on
-                logger.exception("denoising step failed for %d request(s)", len(active))
+                ids = ",".join(e.job.request_id or "-" for e in active)
+                logger.exception("denoising step failed for %d request(s): %s", len(active), ids)
                 for entry in active:
                     if not entry.future.done():
                         entry.future.set_exception(exc)
@@ -113,6 +120,10 @@ class ContinuousDenoiser:
                 continue
             dt = time.perf_counter() - t0
             self.steps += steps
+            self.metrics.inc("darkroom_denoise_steps_total", steps * len(active))
+            for _ in range(steps):  # every step of this stretch had the same batch
+                self.metrics.observe("darkroom_step_seconds", dt / steps)
+                self.metrics.observe("darkroom_batch_size", len(active))
             self.peak_requests = max(self.peak_requests, len(active))
             still = []
             for entry in active:

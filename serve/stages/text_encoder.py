@@ -20,6 +20,7 @@ import torch
 
 from serve.engines import Engine
 from serve.families import Family, family_of
+from serve.metrics import NO_METRICS, Metrics
 from serve.model import ModelInfo
 from serve.stages.loading import load_stage_engines
 from serve.stages.messages import StageResult
@@ -55,6 +56,7 @@ class TextEncoder:
         self._cache: OrderedDict[str, Row] = OrderedDict()
         self._lock = threading.Lock()
         self.calls = 0  # model calls made, for tests and metrics
+        self.metrics: Metrics = NO_METRICS  # a deployment sets its replica's recorder
 
     @classmethod
     def load(
@@ -72,11 +74,15 @@ class TextEncoder:
         """One row per text, in order; duplicates and cached texts cost no model call."""
         with self._lock:
             missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        self.metrics.inc("darkroom_prompt_cache_total", len(texts) - len(missing), result="hit")
+        self.metrics.inc("darkroom_prompt_cache_total", len(missing), result="miss")
         if missing:
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 batch = self.family.encode(self.engines, self.tokenizers, missing)
             arrays = {name: to_numpy(x) for name, x in batch.items()}
             self.calls += 1
+            self.metrics.observe("darkroom_step_seconds", time.perf_counter() - t0)
             with self._lock:
                 for i, text in enumerate(missing):
                     self._cache[text] = {name: a[i] for name, a in arrays.items()}
@@ -94,6 +100,7 @@ class TextEncoder:
     def encode_requests(self, batch: Sequence[Sequence[str]]) -> list[StageResult]:
         """Each request's texts (its plan's ``texts``) -> its rows, encoded together in one call."""
         t0 = time.perf_counter()
+        self.metrics.observe("darkroom_batch_size", len(batch))
         rows = self.encode([t for texts in batch for t in texts])
         dt = time.perf_counter() - t0
         out, k = [], 0
