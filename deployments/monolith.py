@@ -147,6 +147,7 @@ class MonolithService(ImageService):
     ) -> None:
         super().__init__(config, info, MonolithStages(), store, **({"metrics": metrics} if metrics else {}))
         self.runner = runner
+        self.safety: Any = None  # serve.safety.ImageSafetyChecker when the policy names one, as the Decoder's
         # One worker: the pipeline runs one request at a time, in arrival order.
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="monolith")
 
@@ -158,7 +159,12 @@ class MonolithService(ImageService):
     def _store(self, images: np.ndarray, params: GenerationParams, metadata: dict, inline: bool, result_id: str):
         out, encode_s, store_s = [], 0.0, 0.0
         extension, _ = image_format(params.output_format)
+        flagged = self.safety.check(images) if self.safety is not None else [False] * len(images)
         for index, img in enumerate(images):
+            if flagged[index]:
+                self.metrics.inc("darkroom_policy_blocks_total", check="image")
+                out.append(DecodedImage("", "", None, withheld=True))
+                continue
             a = time.perf_counter()
             data = encode_image(img, params.output_format, params.output_compression)
             b = time.perf_counter()
@@ -220,6 +226,11 @@ class Monolith:
         load = cfg.load_kwargs()
         runner = DiffusersRunner(info, device=load["device"], dtype=load["dtype"])
         self.service = MonolithService(service_cfg, info, runner, store, metrics)
+        if cfg.prompt_policy.image_checker:
+            from serve.safety import ImageSafetyChecker, checker_folder
+
+            folder = checker_folder(cfg.prompt_policy.image_checker, info.path)
+            self.service.safety = ImageSafetyChecker.load(folder, device=str(runner.pipe.device))
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service, behind_serve_proxy=True)

@@ -91,14 +91,21 @@ _LOGGERS = ("serve", "deployments")
 
 
 def configure_replica_logging(stage: str, level: str = "INFO") -> None:
-    """One stderr handler on Darkroom's loggers, lines with ``stage=`` and ``request_id=``.
+    """One stderr handler on Darkroom's loggers, lines with ``stage=``, ``replica=`` (Serve's
+    replica tag) and ``request_id=``.
 
     They stop propagating to the root logger (whose handler, Ray's, would print each line a second
     time without the ids). Called again (a second app in the same worker) it replaces its handler.
     """
+    try:
+        from ray import serve
+
+        replica = serve.get_replica_context().replica_tag
+    except Exception:  # not in a replica (a test, a script): no replica to name
+        replica = "-"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(RequestIdFilter(stage))
+    handler.addFilter(RequestIdFilter(stage, replica))
     handler.set_name("darkroom-replica")
     for name in _LOGGERS:
         log = logging.getLogger(name)

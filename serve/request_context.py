@@ -7,8 +7,8 @@ anywhere below the route carry it. Stage calls carry it explicitly (``DenoiseJob
 ``DecodeRequest.request_id``, ``encode(texts, request_id)``): a stage replica sets it around its
 own work with :func:`bound`, and a batch of several requests logs all their ids.
 
-``RequestIdFilter`` puts ``request_id`` (``-`` outside a request) and ``stage`` on every record of
-the handler it is attached to; :data:`LOG_FORMAT` shows both.
+``RequestIdFilter`` puts ``request_id`` (``-`` outside a request), ``stage`` and ``replica`` on every
+record of the handler it is attached to; :data:`LOG_FORMAT` shows them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ HEADER = "X-Request-Id"
 # What a client may choose: enough for UUIDs, trace ids and "svc-1234:retry-2", nothing that could
 # forge a log line or a header (no spaces, quotes or control characters), at most 128 characters.
 _VALID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [stage=%(stage)s request_id=%(request_id)s] %(message)s"
+LOG_FORMAT = (
+    "%(asctime)s %(levelname)s %(name)s [stage=%(stage)s replica=%(replica)s request_id=%(request_id)s] %(message)s"
+)
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("darkroom_request_id", default=None)
 
@@ -59,17 +61,20 @@ def bound(request_id: str | Iterable[str] | None) -> Iterator[None]:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds ``request_id`` and ``stage`` to every record (it filters nothing out)."""
+    """Adds ``request_id``, ``stage`` and ``replica`` to every record (it filters nothing out)."""
 
-    def __init__(self, stage: str = "-") -> None:
+    def __init__(self, stage: str = "-", replica: str = "-") -> None:
         super().__init__()
         self.stage = stage
+        self.replica = replica
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id") or record.request_id is None:
+        if getattr(record, "request_id", None) is None:
             record.request_id = _request_id.get() or "-"
         if not hasattr(record, "stage"):
             record.stage = self.stage
+        if not hasattr(record, "replica"):
+            record.replica = self.replica
         return True
 
 

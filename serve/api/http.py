@@ -169,10 +169,13 @@ def install_routes(
         finally:
             inflight -= 1
             service.metrics.set("darkroom_queue_length", inflight)
+        elapsed = time.perf_counter() - t0
         service.metrics.inc("darkroom_requests_total", status=str(response.status_code))
         if generation:
             outcome = "ok" if response.status_code < 400 else "error"
-            service.metrics.observe("darkroom_request_latency_seconds", time.perf_counter() - t0, outcome=outcome)
+            service.metrics.observe("darkroom_request_latency_seconds", elapsed, outcome=outcome)
+        with bound(request_id):
+            logger.info("%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, elapsed * 1e3)
         if not behind_serve_proxy:
             response.headers[HEADER] = request_id
         return response

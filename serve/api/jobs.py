@@ -156,6 +156,7 @@ class JobRunner:
         with bound(record.get("request_id")):
             record = {**record, "status": "running", "lease": self.policy.lease(self.owner, started, self.clock())}
             await self._write(record)
+            logger.info("job %s: attempt %d running here (owner %s)", job_id, record["attempt"], self.owner)
             work = asyncio.create_task(self.execute(record))
             renewer = asyncio.create_task(self._renew(record, work))
             try:

@@ -236,11 +236,11 @@ class ImageService:
         request, params = self.parse(body)
         self.limiter.admit(api_key, params.n)
         try:
-            return await self._generate(request, params, base_url, idempotency_key)
+            return await self._generate_admitted(request, params, base_url, idempotency_key)
         finally:
             self.limiter.release(api_key, params.n)
 
-    async def _generate(
+    async def _generate_admitted(
         self, request: ImageGenerationRequest, params: GenerationParams, base_url: str, idempotency_key: str | None
     ) -> tuple[dict[str, Any], dict[str, float]]:
         async def produce() -> dict[str, Any]:
