@@ -21,6 +21,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from bench.memory import MemorySampler
 from bench.metrics import Metrics, Ratios, RequestRecord, compare, compute_metrics, measurement_window
 from bench.runner import HttpTarget, Level, Progress, Target, closed_loop, open_loop, warm_up
 from bench.schedule import Workload, arrival_offsets
@@ -58,6 +59,8 @@ class BenchConfig:
     max_batch: int = 8  # in-process open-loop batch limit
     torch_threads: int | None = None  # in-process torch threads (None: torch's default)
     progress: bool = True
+    # Duration runs (soaks): sample each local Serve replica's memory this often (0: never).
+    memory_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -91,6 +94,7 @@ class TargetRun:
     metrics: Metrics
     records: list[RequestRecord]
     host_load: float | None = None  # 1-minute load average when the run started (others' work too)
+    soak: dict[str, Any] | None = None  # duration runs: per minute, replica memory, verdict (bench/soak.py)
 
 
 @dataclass
@@ -121,6 +125,8 @@ class BenchResult:
                     "host_load_1min": run.host_load,
                     "metrics": run.metrics.to_json(),
                 }
+                if run.soak is not None:
+                    entry["soak"] = run.soak
                 if include_records:
                     entry["records"] = [r.to_json() for r in run.records]
                 results[name] = entry
@@ -200,6 +206,10 @@ async def run_level(target: Target, level: Level, config: BenchConfig) -> Target
     target.configure(level)
     await warm_up(target, wl, config.warmup, level.concurrency or 1)
     started, load = _now(), _load1()
+    sampler = None
+    if config.duration_s is not None and config.memory_interval_s > 0 and isinstance(target, HttpTarget):
+        sampler = MemorySampler(config.memory_interval_s)
+        sampling = asyncio.create_task(sampler.run())
     if level.mode == "closed":
         total = config.requests
         progress = Progress(f"{target.name} {level.label}", total, enabled=config.progress)
@@ -224,8 +234,15 @@ async def run_level(target: Target, level: Level, config: BenchConfig) -> Target
         bodies = [wl.body(i) for i in range(len(offsets))]
         records = await open_loop(target, bodies, offsets, on_record=progress.update)
     progress.close()
+    soak = None
+    if sampler is not None:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+        from bench.soak import soak_report
+
+        soak = soak_report(records, sampler.samples)
     metrics = compute_metrics(records, measurement_window(records), config.slo_ms)
-    return TargetRun(target.name, level, started, metrics, records, load)
+    return TargetRun(target.name, level, started, metrics, records, load, soak)
 
 
 async def arun_benchmark(config: BenchConfig) -> BenchResult:

@@ -101,6 +101,12 @@ def summary_markdown(result: BenchResult) -> str:
                 lines.append(
                     f"| {lr.level.label} | {name} | {_x(r.throughput)} | {_x(r.goodput)} | {_x(r.p50)} | {_x(r.p99)} |"
                 )
+    for lr in result.levels:
+        for name, run in lr.runs.items():
+            if run.soak is not None:
+                from bench.soak import soak_markdown
+
+                lines += soak_markdown(name, lr.level.label, run.soak)
     return "\n".join(lines) + "\n"
 
 
