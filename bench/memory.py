@@ -35,7 +35,10 @@ def serve_processes(proc: Path = Path("/proc")) -> dict[int, str]:
         except OSError:
             continue
         if title.startswith(PREFIXES):
-            out[int(entry.name)] = f"{title.removeprefix('ray::').split()[0]}#{entry.name}"
+            # Ray retitles a worker while it runs a method ("ray::ProxyActor.receive_asgi_messages"):
+            # the actor's part names the process for the whole run.
+            actor = title.removeprefix("ray::").split()[0].split(".")[0]
+            out[int(entry.name)] = f"{actor}#{entry.name}"
     return out
 
 

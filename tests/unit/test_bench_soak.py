@@ -89,7 +89,7 @@ def test_serve_processes_and_rss_from_proc(tmp_path):
         (d / "status").write_text(f"Name:\tx\nVmRSS:\t{rss_kb} kB\n")
 
     proc(11, "ray::ServeReplica:app:Denoiser", 2048)
-    proc(12, "ray::ProxyActor", 1024)
+    proc(12, "ray::ProxyActor.receive_asgi_messages", 1024)  # Ray's title while a method runs
     proc(13, "python -m pytest", 4096)
     (tmp_path / "self").mkdir()
     assert serve_processes(tmp_path) == {11: "ServeReplica:app:Denoiser#11", 12: "ProxyActor#12"}
