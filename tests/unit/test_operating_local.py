@@ -240,3 +240,14 @@ def test_decoding_a_request_twice_stores_its_images_once(pipeline, tmp_path):
     fresh = DecodeRequest("png", {}, inline=False)  # no result id: fresh keys, as before
     keys = {im.key for _ in range(2) for im in pipeline.decoder.decode_requests([(latents, fresh)], store)[0].value}
     assert len(keys) == 4
+
+
+def test_local_store_lists_one_folder(tmp_path):
+    store = open_store(str(tmp_path))
+    for name in ("b", "a"):
+        store.put_json(f"jobs/active/{name}.json", {})
+    store.put_json("jobs/active/nested/c.json", {})
+    assert store.list_keys("jobs/active/") == ["jobs/active/a.json", "jobs/active/b.json"]
+    assert store.list_keys("jobs/none/") == []
+    with pytest.raises(ValueError):
+        store.list_keys("jobs/active")  # a folder ends in "/"
