@@ -160,6 +160,19 @@ def _deploy_config(raw: dict[str, Any]) -> list[tuple[str, str]]:
     return [(app.name, app.route_prefix or "/") for app in config.applications]
 
 
+def deploy_config_file(
+    path: Path, host: str | None, port: int | None, timeout_s: float, say: Any = lambda _: None
+) -> tuple[str, int, list[str]]:
+    """The ``darkroom serve --config`` deployment on a running Ray: deploy every application of
+    the file, report each stage to ``say`` until all run (bounded); ``(host, port, prefixes)``."""
+    from deployments.startup import wait_until_deployed
+
+    raw, host, port = _http_of(Path(path), host, port)
+    apps = _deploy_config(raw)
+    wait_until_deployed([name for name, _ in apps], timeout_s, say, time.monotonic())
+    return host, port, [prefix for _, prefix in apps]
+
+
 def _stop_on_signals() -> None:
     """SIGINT and SIGTERM both stop the server (KeyboardInterrupt), installed explicitly: a
     background job started from a script has SIGINT ignored (SIG_IGN), and Ray installs its own

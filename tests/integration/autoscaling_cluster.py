@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from deployments.cli import _deploy_config
+    from deployments.cli import deploy_config_file
 
     t0 = time.monotonic()
     result.update(phases={}, config={"fast": FAST, "max_replicas": MAX_REPLICAS, "gpus": GPUS})
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace, result: dict[str, Any]) -> None:
         config_path = Path(args.workdir) / "serverless-test.yaml"
         config_path.write_text(yaml.safe_dump(app_config(args.model, args.storage, port)))
         t_deploy = time.monotonic()
-        host, port, _ = _deploy_config(config_path, None, None, 240)  # the `darkroom serve --config` path
+        host, port, _ = deploy_config_file(config_path, None, None, 240)  # the `darkroom serve --config` path
         url = f"http://{host}:{port}"
         recorder = Recorder("darkroom", t0)
         recorder.start()

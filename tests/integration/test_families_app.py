@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,37 @@ def test_family_limits_are_400s_naming_the_field(apps):
         assert resp.status_code == 400 and resp.json()["error"]["param"] == field, resp.text
     resp = httpx.post(f"{apps['sdxl']}/v1/images/generations", json={"prompt": "x", "true_cfg_scale": 2.0}, timeout=30)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "true_cfg_scale"
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_monolith_runs_the_familys_own_diffusers_pipeline(request, ray_serve, family, tmp_path):
+    """The baseline app runs StableDiffusionXLPipeline / FluxPipeline per request: its images are
+    diffusers' own, so they equal the reference (and the split app's) for the seed."""
+    from ray import serve
+
+    from deployments.monolith import build_monolith_app
+    from tests.integration.conftest import app_args
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    reference = request.getfixturevalue(f"reference_{family}")
+    name, prefix = f"mono-{family}", f"/mono-{family}"
+    serve.run(build_monolith_app(app_args(model, str(tmp_path))), name=name, route_prefix=prefix, blocking=False)
+    try:
+        url = f"http://127.0.0.1:{ray_serve}{prefix}"
+        body = {"prompt": "a lighthouse", "seed": 21, "num_inference_steps": 4, "size": "64x48", "n": 2}
+        body.update(response_format="b64_json", guidance_scale=3.0)
+        resp = None
+        for _ in range(240):  # bounded wait for the replica (the model loads in its constructor)
+            try:
+                resp = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+                if resp.status_code != 404 and resp.status_code != 503:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert resp is not None and resp.status_code == 200, resp.text if resp else None
+        got = np.stack([decode_image(base64.b64decode(d["b64_json"])) for d in resp.json()["data"]])
+        params = parse_generation_request(body).to_params(default_size=(64, 64), defaults=DEFAULTS[family])
+        assert max_level_diff(got, reference(params)) <= 3
+    finally:
+        serve.delete(name)

@@ -111,7 +111,13 @@ def test_tiny_model_command_family_and_variant(tmp_path):
     proc = run("tiny-model", str(tmp_path / "f"), "--family", "flux", "--variant", "schnell", "--seed", "3")
     assert proc.returncode == 0, proc.stderr
     marker = json.loads((tmp_path / "f" / "darkroom_tiny.json").read_text())
-    assert marker == {"version": marker["version"], "seed": 3, "family": "flux", "variant": "schnell"}
+    assert marker == {
+        "version": marker["version"],
+        "seed": 3,
+        "family": "flux",
+        "variant": "schnell",
+        "native_size": [64, 64],
+    }
     assert (tmp_path / "f" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     # Only Flux has variants: the error names the flag, and nothing is written.
     proc = run("tiny-model", str(tmp_path / "x"), "--family", "sdxl", "--variant", "dev")
