@@ -155,7 +155,13 @@ class JobRunner:
         started = float(record["lease"]["started"])
         with bound(record.get("request_id")):
             record = {**record, "status": "running", "lease": self.policy.lease(self.owner, started, self.clock())}
-            await self._write(record)
+            try:
+                await self._write(record)
+            except Exception:  # the lease runs out and a sweep (maybe this replica's) resumes the job
+                logger.warning("job %s: could not start attempt %d", job_id, record["attempt"], exc_info=True)
+                if self.on_finish is not None:
+                    self.on_finish(record)
+                return
             logger.info("job %s: attempt %d running here (owner %s)", job_id, record["attempt"], self.owner)
             work = asyncio.create_task(self.execute(record))
             renewer = asyncio.create_task(self._renew(record, work))
