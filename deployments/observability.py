@@ -76,17 +76,6 @@ class RayMetrics:
         self._record("histogram", name, value, labels)
 
 
-def prometheus_names() -> set[str]:
-    """Every series name the catalogue can put on Ray's endpoint (histograms with their suffixes)."""
-    names = set()
-    for spec in CATALOGUE.values():
-        base = PROMETHEUS_PREFIX + spec.name
-        names.add(base)
-        if spec.kind == "histogram":
-            names |= {base + "_bucket", base + "_sum", base + "_count"}
-    return names
-
-
 _LOGGERS = ("serve", "deployments")
 
 
@@ -125,4 +114,4 @@ def replica_observability(stage: str, level: str = "INFO") -> RayMetrics:
     return RayMetrics(stage)
 
 
-__all__ = ["PROMETHEUS_PREFIX", "RayMetrics", "configure_replica_logging", "prometheus_names", "replica_observability"]
+__all__ = ["PROMETHEUS_PREFIX", "RayMetrics", "configure_replica_logging", "replica_observability"]

@@ -174,8 +174,12 @@ def install_routes(
         if generation:
             outcome = "ok" if response.status_code < 400 else "error"
             service.metrics.observe("darkroom_request_latency_seconds", elapsed, outcome=outcome)
+        # One access line per request (probes at DEBUG: an orchestrator sends them every few seconds).
+        level = logging.DEBUG if _route_path(request) in OPEN_PATHS else logging.INFO
         with bound(request_id):
-            logger.info("%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, elapsed * 1e3)
+            logger.log(
+                level, "%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, elapsed * 1e3
+            )
         if not behind_serve_proxy:
             response.headers[HEADER] = request_id
         return response
