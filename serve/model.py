@@ -126,11 +126,13 @@ def read_model_info(source: str | Path, family: str | None = None) -> ModelInfo:
         raise ModelLoadError(f"model file missing: {path / 'vae' / 'config.json'}")
     marker = _read_json(path / TINY_MARKER) if (path / TINY_MARKER).is_file() else {}
     factor = 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1)
-    if marker:
+    if str(source).startswith("s3://"):
+        name = Path(str(source).rstrip("/")).name  # a repository is named by its prefix
+    elif marker:
         # A tiny model is named by its family, whatever (cache) folder it was made in.
         parts = [marker.get("family"), marker.get("variant")]
         name = "-".join(["tiny"] + [str(p) for p in parts if p not in (None, "sd", "dev")])
-    elif Path(source).expanduser().is_dir() or str(source).startswith("s3://"):
+    elif Path(source).expanduser().is_dir():
         name = Path(str(source).rstrip("/")).name
     else:
         name = str(source)
