@@ -1,5 +1,11 @@
-"""``darkroom bench``: drive a served app (and optionally a second one, or the in-process
-pipeline) with a seeded workload at several load levels; write report.json, summary.md, plots.
+"""``darkroom bench``: drive a served app (and optionally a second one, and the in-process
+pipeline: its limit) with a seeded workload at several load levels; write report.json, summary.md, plots.
+
+The in-process baseline runs alone: with ``--serve CONFIG`` the bench starts the app for each
+served phase and stops it (its Ray cluster included) before each in-process phase, alternating
+``--rounds`` times (A/B/A/B), and gives the in-process pipeline the torch threads of the app's
+model replicas together; without ``--serve`` it refuses to run the in-process phase while a
+serving cluster is alive on this machine.
 
 Examples::
 
@@ -8,6 +14,8 @@ Examples::
         --rate 1,2,4 --duration 60 --arrival gamma --burstiness 0.5 --slo-ms 5000
     darkroom bench --in-process --concurrency 1,8 --requests 40 --steps 20
     darkroom bench --url http://127.0.0.1:8000 --rate 2 --duration 10m --steps 20   # a soak
+    darkroom bench --serve deployments/configs/colocated.yaml --in-process --rounds 2 \\
+        --concurrency 1,8 --requests 40 --steps 20
 """
 
 from __future__ import annotations
@@ -62,8 +70,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from bench.core import BenchConfig, TargetSpec
     from bench.schedule import DEFAULT_PROMPTS, Workload, read_prompts
 
+    serve_plan = plan_serve(args) if args.serve else None
     if not args.url and not args.in_process:
-        raise InvalidRequestError("--url", None, "give a URL to benchmark, or --in-process")
+        raise InvalidRequestError("--url", None, "give a URL to benchmark, --serve CONFIG, or --in-process")
+    if args.rounds is not None and args.rounds < 1:
+        raise InvalidRequestError("--rounds", args.rounds, "must be >= 1")
     if args.compare and not args.url:
         raise InvalidRequestError("--compare", args.compare, "needs --url (the first target)")
     if args.size is not None and not _SIZE.fullmatch(args.size):
@@ -106,13 +117,58 @@ def config_from_args(args: argparse.Namespace) -> Any:
             burstiness=args.burstiness,
             timeout_s=args.timeout,
             ready_timeout_s=args.ready_timeout,
-            max_batch=args.max_batch,
-            torch_threads=args.torch_threads,
+            max_batch=args.max_batch or (serve_plan["max_batch"] if serve_plan else 8),
+            torch_threads=args.torch_threads or (serve_plan["torch_threads"] if serve_plan else None),
             progress=not args.quiet,
             memory_interval_s=args.memory_interval,
+            rounds=args.rounds or (2 if args.serve and args.in_process else 1),
+            serve_config=str(args.serve) if args.serve else None,
+            torch_options=serve_plan["torch_options"] if serve_plan else None,
+            step_cache=serve_plan["step_cache"] if serve_plan else None,
+            serve_port=args.serve_port,
+            serve_log=str(args.serve_log) if args.serve_log else None,
         )
     except ValueError as exc:
         raise InvalidRequestError("bench", None, str(exc)) from None
+
+
+def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """For ``--serve CONFIG``: validate the file (no Ray), default ``--url`` to its first app, and
+    size the in-process baseline like the app behind ``--url``: the torch threads of its model
+    replicas together (capped at this machine's cores), its Denoiser's batch limit, its torch
+    backend options and step cache."""
+    import os
+
+    from deployments.cli import load_serve_config
+
+    path = Path(args.serve)
+    try:
+        config, apps = load_serve_config(path)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError("--serve", str(path), exc.reason) from None
+    http = config.http_options
+    host = http.host if http.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
+    port = args.serve_port or http.port
+    urls = {app.name: f"http://{host}:{port}{(app.route_prefix or '/').rstrip('/')}" for app in config.applications}
+    if not urls:
+        raise InvalidRequestError("--serve", str(path), "the config has no application")
+    if not args.url:
+        args.url = next(iter(urls.values()))
+    elif args.url.rstrip("/") not in urls.values():
+        raise InvalidRequestError("--url", args.url, f"the --serve config serves {', '.join(urls.values())}")
+    if args.compare and args.compare.rstrip("/") not in urls.values():
+        raise InvalidRequestError("--compare", args.compare, f"the --serve config serves {', '.join(urls.values())}")
+    by_url = {url: name for name, url in urls.items()}
+    cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg is None:
+        return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None}
+    return {
+        "torch_threads": min(cfg.model_torch_threads(), cores),
+        "max_batch": cfg.denoiser.max_batch_size,
+        "torch_options": cfg.torch.model_dump(mode="json"),
+        "step_cache": cfg.step_cache.model_dump(mode="json") if cfg.step_cache else None,
+    }
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -131,7 +187,7 @@ def run_bench(args: argparse.Namespace) -> int:
         add_cold_start(paths, cold)
     print(summary_markdown(result))
     print(f"wrote {paths['report']}, {paths['summary']}" + "".join(f", {p}" for p in paths["plots"]))
-    failed = sum(run.metrics.failed for lr in result.levels for run in lr.runs.values())
+    failed = sum(run.metrics.failed for lr in result.levels for runs in lr.runs.values() for run in runs)
     if failed:
         print(f"darkroom bench: {failed} request(s) failed (see errors in {paths['summary']})", file=sys.stderr)
     return 0
@@ -182,6 +238,24 @@ def add_parser(sub: Any) -> None:
         help="also (or only) run the workload on serve.pipeline.Pipeline in this process: the limit",
     )
     p.add_argument("--model", default=None, help="model for --in-process (default: the embedded tiny model)")
+    p.add_argument(
+        "--serve",
+        type=Path,
+        default=None,
+        help="a Serve config the bench starts (darkroom serve --config) for each served phase and stops "
+        "after, so that the in-process phase runs with no cluster alive; --url defaults to its first app",
+    )
+    p.add_argument("--serve-port", type=int, default=None, help="with --serve: the HTTP port (default: the config's)")
+    p.add_argument(
+        "--serve-log", type=Path, default=None, help="with --serve: append the server's output here (default: dropped)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="repeat the served phase and the in-process phase this many times (A/B/A/B); ratios are given "
+        "as median and range over the rounds (default: 2 with --serve and --in-process, else 1)",
+    )
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", default=None, help="closed loop: clients, comma-separated sweep, e.g. 1,2,4")
     load.add_argument("--rate", default=None, help="open loop: requests/s, comma-separated sweep, e.g. 0.5,1,2")
@@ -222,9 +296,19 @@ def add_parser(sub: Any) -> None:
     )
     inproc = p.add_argument_group("in-process")
     inproc.add_argument(
-        "--max-batch", type=int, default=8, help="in-process batch limit (closed loop: min(C, this)), as the Denoiser's"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="in-process batch limit (closed loop: min(C, this)); default: the --serve app's Denoiser "
+        "max_batch_size, else 8",
     )
-    inproc.add_argument("--torch-threads", type=int, default=None, help="in-process torch threads (default: torch's)")
+    inproc.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="in-process torch threads; default: the --serve app's model replicas' threads together "
+        "(capped at the cores), else torch's default",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>)")
     out.add_argument("--no-records", action="store_true", help="leave per-request records out of report.json")

@@ -218,3 +218,44 @@ def compare(a: Metrics, b: Metrics) -> Ratios:
         p50=_ratio(b.latency_ms.p50, a.latency_ms.p50),
         p99=_ratio(b.latency_ms.p99, a.latency_ms.p99),
     )
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One quantity measured once per round (A/B/A/B): its median and its range over the rounds.
+
+    ``values`` keeps every round's value (None where it could not be computed, e.g. a ratio over
+    a target that served nothing); median, min and max are over the others (None when none).
+    """
+
+    median: float | None
+    min: float | None
+    max: float | None
+    values: tuple[float | None, ...]
+
+    def __str__(self) -> str:
+        if self.median is None:
+            return "—"
+        if len([v for v in self.values if v is not None]) < 2:
+            return f"{self.median:.2f}x"
+        return f"{self.median:.2f}x ({self.min:.2f}–{self.max:.2f})"
+
+
+def spread(values: Sequence[float | None]) -> Spread:
+    """``spread([1.0, 1.2, None, 0.9])`` -> median 1.0, min 0.9, max 1.2 (the None is kept, not counted)."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return Spread(None, None, None, tuple(values))
+    return Spread(percentile(known, 50), known[0], known[-1], tuple(values))
+
+
+RATIO_KEYS: tuple[str, ...] = ("throughput", "goodput", "p50", "p99")
+
+
+def ratio_spreads(base: Sequence[Metrics], other: Sequence[Metrics]) -> dict[str, Spread]:
+    """Each ratio of ``other`` over ``base`` (``compare``), computed within each round (the two ran
+    back to back there), then summarised over the rounds: ``{"throughput": Spread, ...}``."""
+    if len(base) != len(other):
+        raise ValueError(f"{len(base)} baseline rounds for {len(other)} rounds of the other target")
+    per_round = [compare(a, b) for a, b in zip(base, other, strict=True)]
+    return {key: spread([getattr(r, key) for r in per_round]) for key in RATIO_KEYS}

@@ -23,6 +23,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     cfg = cfg.model_copy(update={"storage": _absolute_storage(cfg.storage)})
     shared = cfg.model_dump(mode="json")
+    if cfg.profile == "colocated":
+        from deployments.colocated import build_colocated_app
+
+        return build_colocated_app(cfg, shared)
     text_encoder = TextEncoderDeployment.options(**cfg.text_encoder.serve_options("TextEncoder")).bind(shared)
     denoiser = DenoiserDeployment.options(**cfg.denoiser.serve_options("Denoiser")).bind(shared)
     decoder = DecoderDeployment.options(**cfg.decoder.serve_options("Decoder")).bind(shared)

@@ -105,6 +105,9 @@ def describe_app(cfg: Any) -> list[str]:
     lines = []
     for name in DEPLOYMENT_NAMES:
         opts = getattr(cfg, OPTIONS_FIELD[name])
+        if cfg.profile == "colocated" and name != "Ingress":
+            lines.append(f"  {name}: inside each Ingress replica (colocated), max_batch_size {opts.max_batch_size}")
+            continue
         if opts.autoscaling:
             auto = opts.autoscaling_config or {}
             hi = auto.get("max_replicas", 100 if opts.num_replicas == "auto" else 1)
@@ -123,7 +126,9 @@ def run_check(path: Path) -> int:
         print(f"{app.name} at {app.route_prefix or '/'} ({app.import_path})")
         if app.name in apps:
             cfg = apps[app.name]
-            print(f"  model {cfg.model or '(tiny)'}, backend {cfg.backend}, storage {cfg.storage}")
+            print(
+                f"  model {cfg.model or '(tiny)'}, backend {cfg.backend}, storage {cfg.storage}, profile {cfg.profile}"
+            )
             for line in describe_app(cfg):
                 print(line)
         else:
@@ -196,13 +201,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from deployments.preflight import check_port, port_holder
     from serve.errors import InvalidRequestError
 
+    if args.config and args.profile:
+        from serve.errors import InvalidRequestError
+
+        raise InvalidRequestError("--profile", args.profile, "a --config file sets profile in its args")
     if args.config:
         _, apps = load_serve_config(Path(args.config))  # fail on a bad file before starting Ray
         raw, host, port = _http_of(Path(args.config), args.host, args.port)
         cfg = next(iter(apps.values()), None)
     else:
         raw, host, port = None, args.host or "127.0.0.1", args.port or 8000
-        app_args: dict[str, Any] = {"storage": args.storage, "backend": args.backend}
+        app_args: dict[str, Any] = {
+            "storage": args.storage,
+            "backend": args.backend,
+            "profile": args.profile or "split",
+        }
         if args.model:
             app_args["model"] = args.model
         cfg = AppConfig.model_validate(app_args)
@@ -305,6 +318,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="diffusers folder, hub id or exported repository (default: tiny)")
     p.add_argument("--storage", default="./outputs", help="result store: a folder or s3://bucket/prefix")
     p.add_argument("--backend", default="torch", help="engine backend (default: torch)")
+    p.add_argument(
+        "--profile",
+        choices=("split", "colocated"),
+        default=None,
+        help="split: a deployment per stage; colocated: every stage inside the Ingress replica (one process, "
+        "no stage hops: the shape for one GPU or a small machine) (default: split; --config files set their own)",
+    )
     p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     p.add_argument(

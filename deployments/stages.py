@@ -94,10 +94,28 @@ async def _in_batch(load: _Load, n: int, work: Callable[[], T], reply_delay_s: f
         load.finish(n)
 
 
+def set_torch_threads(opts: DeploymentOptions) -> None:
+    """Pin the replica's torch threads (explicit, not whatever the environment held when torch loaded)."""
+    import torch
+
+    torch.set_num_threads(opts.threads_per_replica)
+
+
+def attach_safety_checker(decoder: Decoder, cfg: AppConfig, info: Any) -> None:
+    """Load the policy's image safety checker (if it names one) onto the decoder's device; the
+    split Decoder and the colocated profile both call this, so both withhold the same images."""
+    if cfg.prompt_policy.image_checker:
+        from serve.safety import ImageSafetyChecker, checker_folder
+
+        folder = checker_folder(cfg.prompt_policy.image_checker, info.path)
+        decoder.safety = ImageSafetyChecker.load(folder, device=str(decoder.engine.device))
+
+
 @serve.deployment(name="TextEncoder")
 class TextEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        set_torch_threads(cfg.text_encoder)
         self.metrics = replica_observability("TextEncoder", cfg.log_level)
         self.encoder = TextEncoder.load(cfg.model_info(), **cfg.load_kwargs())
         self.encoder.metrics = self.metrics
@@ -133,8 +151,9 @@ class DenoiserDeployment:
 
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        set_torch_threads(cfg.denoiser)
         self.metrics = replica_observability("Denoiser", cfg.log_level)
-        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs())
+        self.denoiser = Denoiser.load(cfg.model_info(), **cfg.load_kwargs(), step_cache=cfg.step_cache_message())
         self.loop = ContinuousDenoiser(
             self.denoiser,
             max_requests=cfg.denoiser.max_batch_size,
@@ -155,15 +174,12 @@ class DenoiserDeployment:
 class DecoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        set_torch_threads(cfg.decoder)
         self.metrics = replica_observability("Decoder", cfg.log_level)
         info = cfg.model_info()
         self.decoder = Decoder.load(info, **cfg.load_kwargs())
         self.decoder.metrics = self.metrics
-        if cfg.prompt_policy.image_checker:
-            from serve.safety import ImageSafetyChecker, checker_folder
-
-            folder = checker_folder(cfg.prompt_policy.image_checker, info.path)
-            self.decoder.safety = ImageSafetyChecker.load(folder, device=str(self.decoder.engine.device))
+        attach_safety_checker(self.decoder, cfg, info)
         self.store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         self.load = _Load(self.metrics)
         self.reply_delay_s = cfg.debug_reply_delay_s

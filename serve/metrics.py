@@ -169,6 +169,29 @@ class _NoMetrics:
 NO_METRICS: Metrics = _NoMetrics()
 
 
+class _StageMetrics:
+    """Records to ``base`` under another ``stage`` label: the colocated profile's stages share their
+    replica's recorder, yet each keeps its own stage name (as in the split profile)."""
+
+    def __init__(self, base: Metrics, stage: str) -> None:
+        self.base = base
+        self.stage = stage
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        self.base.inc(name, value, **{"stage": self.stage, **labels})
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self.base.set(name, value, **{"stage": self.stage, **labels})
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self.base.observe(name, value, **{"stage": self.stage, **labels})
+
+
+def for_stage(base: Metrics, stage: str) -> Metrics:
+    """``base`` recording under ``stage`` (NO_METRICS stays NO_METRICS)."""
+    return base if base is NO_METRICS else _StageMetrics(base, stage)
+
+
 def check(name: str, kind: str, labels: dict[str, str]) -> MetricSpec:
     """The spec of ``name`` if it is a ``kind`` with exactly the spec's labels (``stage`` optional)."""
     spec = CATALOGUE.get(name)
@@ -239,4 +262,5 @@ __all__ = [
     "Metrics",
     "RecordingMetrics",
     "check",
+    "for_stage",
 ]

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,10 +64,16 @@ class Pipeline:
         device: str | None = None,
         dtype: str | None = None,
         family: str | None = None,
+        torch_options: Any = None,
+        step_cache: Any = None,
     ) -> Pipeline:
+        """``torch_options``: the torch backend's (``serve.engines.torch_options.TorchOptions``);
+        ``step_cache``: the Denoiser's default ``StepCache`` (None: off, the seed contract)."""
         info = read_model_info(source, family)
-        kw = {"backend": backend, "device": device, "dtype": dtype}
-        return cls(TextEncoder.load(info, **kw), Denoiser.load(info, **kw), Decoder.load(info, **kw))
+        kw = {"backend": backend, "device": device, "dtype": dtype, "torch_options": torch_options}
+        return cls(
+            TextEncoder.load(info, **kw), Denoiser.load(info, **kw, step_cache=step_cache), Decoder.load(info, **kw)
+        )
 
     def generate(
         self, params: GenerationParams, progress: Callable[[int, int], None] | None = None

@@ -16,6 +16,8 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +42,25 @@ class ContinuousDenoiser:
     """Admits queued jobs before every step, up to ``max_requests`` in flight at once."""
 
     def __init__(
-        self, denoiser: Denoiser, *, max_requests: int = 8, step_delay_s: float = 0.0, metrics: Metrics = NO_METRICS
+        self,
+        denoiser: Denoiser,
+        *,
+        max_requests: int = 8,
+        step_delay_s: float = 0.0,
+        executor: Executor | None = None,
+        interrupt: Callable[[], bool] | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.denoiser = denoiser
         self.metrics = metrics
         self.max_requests = max_requests
+        # Where steps run (None: asyncio's default thread pool). The colocated profile gives every
+        # stage one model thread, so the encoder, denoiser and decoder never run torch at once
+        # (two calls at once would each start their own OpenMP team on the same cores), and
+        # ``interrupt`` says when another stage waits for that thread: the step loop then hands
+        # it over after the current step instead of running until its batch changes.
+        self.executor = executor
+        self.interrupt = interrupt
         # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
         # a request certainly outlast a timeout whatever the machine's speed.
         self.step_delay_s = step_delay_s
@@ -94,6 +110,8 @@ class ContinuousDenoiser:
                 time.sleep(self.step_delay_s)
             if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):
                 return steps
+            if self.interrupt is not None and self.interrupt():
+                return steps
 
     async def _run(self) -> None:
         active: list[_Entry] = []
@@ -109,7 +127,10 @@ class ContinuousDenoiser:
                 continue
             t0 = time.perf_counter()
             try:
-                steps = await asyncio.to_thread(self._advance, new, active)
+                if self.executor is None:
+                    steps = await asyncio.to_thread(self._advance, new, active)
+                else:
+                    steps = await asyncio.get_running_loop().run_in_executor(self.executor, self._advance, new, active)
             except Exception as exc:  # the batch fails; the loop (and the replica) carry on
                 ids = ",".join(e.job.request_id or "-" for e in active)
                 logger.exception("denoising step failed for %d request(s): %s", len(active), ids)

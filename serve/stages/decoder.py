@@ -47,8 +47,11 @@ class Decoder:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        torch_options: Any = None,
     ) -> Decoder:
-        info, _, engines = load_stage_engines(source, role="decoder", backend=backend, device=device, dtype=dtype)
+        info, _, engines = load_stage_engines(
+            source, role="decoder", backend=backend, device=device, dtype=dtype, torch_options=torch_options
+        )
         return cls(info, engines["vae_decoder"])
 
     def validate(self, latents: np.ndarray) -> None:
@@ -92,16 +95,43 @@ class Decoder:
         t0 = time.perf_counter()
         pixels = self.decode([lat for lat, _ in batch])
         decode_s = time.perf_counter() - t0  # shared by the batch
-        self.metrics.observe("darkroom_batch_size", len(batch))
+        self.observe_batch(len(batch), decode_s)
+        flags = self.check(pixels)
+        return self.store_requests(
+            pixels, [req for _, req in batch], store, decode_s, batch_size=len(batch), flags=flags
+        )
+
+    def observe_batch(self, batch_size: int, decode_s: float) -> None:
+        """Record one VAE pass over ``batch_size`` requests."""
+        self.metrics.observe("darkroom_batch_size", batch_size)
         self.metrics.observe("darkroom_step_seconds", decode_s)
-        flags = self._check(pixels)
+
+    def store_requests(
+        self,
+        pixels: Sequence[np.ndarray],
+        requests: Sequence[DecodeRequest],
+        store: ResultStore,
+        decode_s: float,
+        *,
+        batch_size: int,
+        flags: Sequence[Sequence[bool]] | None = None,
+    ) -> list[StageResult]:
+        """Check (unless ``flags`` already holds the verdicts), encode and store each request's
+        decoded images with its metadata, under its once-only keys. ``decode_s`` is the VAE time
+        of the batch of ``batch_size`` requests they were decoded in.
+
+        The colocated profile runs the check (torch) in its model thread and passes its ``flags``,
+        then runs this outside that thread: encoding and storing are no model work.
+        """
+        if flags is None:
+            flags = self.check(pixels)
         out = []
-        for px, flagged, (_, req) in zip(pixels, flags, batch, strict=True):
+        for px, flagged, req in zip(pixels, flags, requests, strict=True):
             with bound(req.request_id):
-                out.append(self._store_request(px, flagged, req, decode_s, store, len(batch)))
+                out.append(self._store_request(px, flagged, req, decode_s, store, batch_size))
         return out
 
-    def _check(self, pixels: list[np.ndarray]) -> list[list[bool]]:
+    def check(self, pixels: Sequence[np.ndarray]) -> list[list[bool]]:
         """Per request, per image: whether the safety check withholds it (all False without one)."""
         if self.safety is None:
             return [[False] * len(px) for px in pixels]
@@ -115,7 +145,7 @@ class Decoder:
     def _store_request(
         self,
         px: np.ndarray,
-        flagged: list[bool],
+        flagged: Sequence[bool],
         req: DecodeRequest,
         decode_s: float,
         store: ResultStore,

@@ -28,8 +28,9 @@ from serve.engines import Engine
 from serve.errors import InvalidRequestError
 from serve.families import Family, family_of
 from serve.model import ModelInfo
+from serve.schedulers import scheduler_class
 from serve.stages.loading import load_stage_engines
-from serve.stages.messages import DenoiseJob, StageResult
+from serve.stages.messages import DenoiseJob, StageResult, StepCache
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class _State:
     inputs: dict[str, torch.Tensor]  # per-row conditioning: [negative x n, positive x n] with CFG
     i: int = 0
     cancelled: bool = False
+    cache: Any = None  # serve.engines.step_cache.RequestCache when the request runs a step cache
 
     @property
     def done(self) -> bool:
@@ -57,13 +59,18 @@ class _State:
 class Denoiser:
     """Runs batches of ``DenoiseJob``s; returns each job's final latents (n, C, h, w)."""
 
-    def __init__(self, info: ModelInfo, engine: Engine, *, max_batch_samples: int = 32) -> None:
+    def __init__(
+        self, info: ModelInfo, engine: Engine, *, max_batch_samples: int = 32, step_cache: StepCache | None = None
+    ) -> None:
         self.info = info
         self.family: Family = family_of(info)
         self.engine = engine
         self.max_batch_samples = max_batch_samples
+        # The step cache of jobs that do not name one (config; None: off, the seed contract holds).
+        self.step_cache = step_cache
         self.model_calls = 0
         self.last_batch_sizes: list[int] = []  # denoiser batch sizes of the last call, for tests/metrics
+        self.last_cache_stats: list[dict[str, int] | None] = []  # per job of the last denoise(): step-cache use
 
     @classmethod
     def load(
@@ -73,9 +80,13 @@ class Denoiser:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        torch_options: Any = None,
+        step_cache: StepCache | None = None,
     ) -> Denoiser:
-        info, family, engines = load_stage_engines(source, role="denoiser", backend=backend, device=device, dtype=dtype)
-        return cls(info, engines[family.denoiser_component])
+        info, family, engines = load_stage_engines(
+            source, role="denoiser", backend=backend, device=device, dtype=dtype, torch_options=torch_options
+        )
+        return cls(info, engines[family.denoiser_component], step_cache=step_cache)
 
     def validate(self, job: DenoiseJob) -> None:
         """Reject a job before it joins a batch, so one bad job never fails its batch-mates."""
@@ -99,7 +110,13 @@ class Denoiser:
                 if tuple(np.shape(rows[name])) != shape:
                     field = f"conditioning.{side}.{name}"
                     raise InvalidRequestError(field, tuple(np.shape(rows[name])), f"expected {shape}")
-        self.family.new_scheduler(job.scheduler)
+        # The name only: building a scheduler here (from_config introspects its __init__) cost
+        # ~35% of the colocated replica's event-loop time per request (py-spy, c=8); start() builds it.
+        scheduler_class(job.scheduler, self.info.scheduler_class, self.family.schedulers)
+        kind = getattr(self.engine, "step_cache_kind", None)
+        if job.step_cache is not None and job.step_cache.kind != kind:
+            have = f"{kind} only" if kind else "none"
+            raise InvalidRequestError("step_cache", job.step_cache.kind, f"this denoiser's engine runs {have}")
 
     # -- the step-level API used by continuous batching (serve/stages/continuous.py) -------------
     def start(self, job: DenoiseJob, index: int = 0) -> _State:
@@ -119,7 +136,24 @@ class Denoiser:
             timesteps=list(scheduler.timesteps),
             latents=latents,
             inputs=family.request_inputs(job, dev, dtype),
+            cache=self._request_cache(job),
         )
+
+    def _request_cache(self, job: DenoiseJob) -> Any:
+        """The job's own step cache state, when it (or the stage's default) asks for one this engine runs."""
+        config = job.step_cache or self.step_cache
+        if config is None or config.kind != getattr(self.engine, "step_cache_kind", None):
+            return None
+        from serve.engines.step_cache import RequestCache
+
+        return RequestCache(config)
+
+    @staticmethod
+    def cache_stats(state: _State) -> dict[str, int] | None:
+        """Full and cached denoiser steps of a request that ran a step cache (None otherwise)."""
+        if state.cache is None:
+            return None
+        return {"full_steps": state.cache.full_steps, "cached_steps": state.cache.cached_steps}
 
     def step(self, states: Sequence[_State]) -> None:
         """One iteration for every unfinished state: one denoiser call (chunked) per batch key."""
@@ -169,6 +203,7 @@ class Denoiser:
                 done += 1
                 if progress is not None:
                     progress(done, total)
+        self.last_cache_stats = [self.cache_stats(s) for s in states]
         return [None if s.cancelled else self.result(s) for s in states]
 
     def denoise_requests(self, jobs: Sequence[DenoiseJob]) -> list[StageResult]:
@@ -191,16 +226,10 @@ class Denoiser:
         sample = torch.cat(samples)
         tvec = torch.cat(timesteps).to(self.engine.device)
         conditioning = {name: torch.cat([s.inputs[name] for s in active]) for name in active[0].inputs}
-        outs = []
-        chunk = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
-        for lo in range(0, sample.shape[0], chunk):
-            hi = lo + chunk
-            part = {name: x[lo:hi] for name, x in conditioning.items()}
-            inputs = family.step_inputs(sample[lo:hi], tvec[lo:hi], part, active[0].job)
-            outs.append(self.engine.run(**inputs)["noise_pred"])
-            self.model_calls += 1
-            self.last_batch_sizes.append(min(hi, sample.shape[0]) - lo)
-        noise = torch.cat(outs)
+        if any(s.cache is not None for s in active):
+            noise = self._cached_calls(active, samples, sample, tvec, conditioning)
+        else:
+            noise = self._calls(active, sample, tvec, conditioning)
         offset = 0
         for s, x in zip(active, samples, strict=True):
             pred = noise[offset : offset + x.shape[0]]
@@ -211,6 +240,53 @@ class Denoiser:
             t = s.timesteps[s.i]
             s.latents = s.scheduler.step(pred, t, s.latents, **s.kwargs, return_dict=False)[0]
             s.i += 1
+
+    def _calls(self, active, sample, tvec, conditioning) -> torch.Tensor:
+        """The denoiser over the whole batch, in chunks of at most ``max_batch_samples`` rows."""
+        family = self.family
+        outs = []
+        chunk = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
+        for lo in range(0, sample.shape[0], chunk):
+            hi = lo + chunk
+            part = {name: x[lo:hi] for name, x in conditioning.items()}
+            inputs = family.step_inputs(sample[lo:hi], tvec[lo:hi], part, active[0].job)
+            outs.append(self.engine.run(**inputs)["noise_pred"])
+            self.model_calls += 1
+            self.last_batch_sizes.append(min(hi, sample.shape[0]) - lo)
+        return torch.cat(outs)
+
+    def _cached_calls(self, active, samples, sample, tvec, conditioning) -> torch.Tensor:
+        """The denoiser with step caches: chunks hold whole requests (a request's cache covers all
+        its rows), each request's rows a group that its cache runs full or cached this step."""
+        from serve.engines.step_cache import CacheGroup
+
+        limit = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
+        chunks: list[list[int]] = [[]]
+        rows = 0
+        for k, x in enumerate(samples):
+            if chunks[-1] and rows + x.shape[0] > limit:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(k)
+            rows += x.shape[0]
+        starts = [0]
+        for x in samples:
+            starts.append(starts[-1] + x.shape[0])
+        outs = []
+        for chunk in chunks:
+            lo, hi = starts[chunk[0]], starts[chunk[-1] + 1]
+            part = {name: x[lo:hi] for name, x in conditioning.items()}
+            inputs = self.family.step_inputs(sample[lo:hi], tvec[lo:hi], part, active[chunk[0]].job)
+            groups = [
+                CacheGroup(
+                    slice(starts[k] - lo, starts[k + 1] - lo), active[k].cache, active[k].i, len(active[k].timesteps)
+                )
+                for k in chunk
+            ]
+            outs.append(self.engine.run_step_cache(inputs, groups)["noise_pred"])
+            self.model_calls += 1
+            self.last_batch_sizes.append(hi - lo)
+        return torch.cat(outs)
 
 
 __all__ = ["Denoiser"]

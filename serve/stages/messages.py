@@ -29,6 +29,30 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class StepCache:
+    """An opt-in per-request step cache (``serve/engines/step_cache.py``; torch backend).
+
+    ``deepcache`` (UNets): the whole UNet every ``interval`` steps, its shallow branch on the
+    kept deep feature in between. ``teacache`` (transformers): the blocks are skipped while the
+    accumulated change of the first block's modulated input stays under ``threshold``. Either
+    trades image fidelity for speed (bench/gpu.py measures both); without one (None, the
+    default) images meet the seed contract.
+    """
+
+    kind: str  # "deepcache" | "teacache"
+    interval: int = 3
+    threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("deepcache", "teacache"):
+            raise ValueError(f"step cache kind must be deepcache or teacache, got {self.kind!r}")
+        if self.interval < 1:
+            raise ValueError(f"step cache interval must be >= 1, got {self.interval}")
+        if self.threshold < 0:
+            raise ValueError(f"step cache threshold must be >= 0, got {self.threshold}")
+
+
+@dataclass(frozen=True)
 class DenoiseJob:
     """One request's input to the Denoiser: small numpy data only (it crosses processes).
 
@@ -48,6 +72,7 @@ class DenoiseJob:
     scheduler: str | None = None
     cfg_scale: float | None = None
     request_id: str | None = None  # the HTTP request's id, for the stage's log lines (never for keys)
+    step_cache: StepCache | None = None  # opt-in; None (default) keeps the seed contract
 
     @property
     def cfg(self) -> bool:
@@ -101,4 +126,4 @@ class StageClient(Protocol):
     async def ready(self) -> dict[str, str]: ...
 
 
-__all__ = ["Conditioning", "DecodeRequest", "DecodedImage", "DenoiseJob", "StageClient", "StageResult"]
+__all__ = ["Conditioning", "DecodeRequest", "DecodedImage", "DenoiseJob", "StageClient", "StageResult", "StepCache"]

@@ -66,8 +66,11 @@ class TextEncoder:
         backend: str = "torch",
         device: str | None = None,
         dtype: str | None = None,
+        torch_options: Any = None,
     ) -> TextEncoder:
-        info, family, engines = load_stage_engines(source, role="text", backend=backend, device=device, dtype=dtype)
+        info, family, engines = load_stage_engines(
+            source, role="text", backend=backend, device=device, dtype=dtype, torch_options=torch_options
+        )
         return cls(info, engines, family.load_tokenizers())
 
     def encode(self, texts: Sequence[str]) -> list[Row]:
@@ -96,6 +99,17 @@ class TextEncoder:
                 for t in found:
                     self._cache.move_to_end(t)
         return [found[t] for t in texts]
+
+    def cached(self, texts: Sequence[str]) -> list[Row] | None:
+        """Every text's row when all of them are cached (no model call, safe on an event loop), else None."""
+        with self._lock:
+            if not all(t in self._cache for t in texts):
+                return None
+            for t in texts:
+                self._cache.move_to_end(t)
+            rows = [self._cache[t] for t in texts]
+        self.metrics.inc("darkroom_prompt_cache_total", len(texts), result="hit")
+        return rows
 
     def encode_requests(self, batch: Sequence[Sequence[str]]) -> list[StageResult]:
         """Each request's texts (its plan's ``texts``) -> its rows, encoded together in one call."""

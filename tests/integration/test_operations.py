@@ -171,17 +171,46 @@ def test_monolith_enforces_auth_limits_policy_and_the_image_check(ray_cluster, t
     url = f"http://127.0.0.1:{ray_cluster['port']}/mono-sec"
     try:
         wait_ready(url)
-        assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "x"}, timeout=60).status_code == 401
-        assert post(url, {"prompt": "x" * 4000}).status_code == 413
-        r = post(url, {"prompt": "a forbidden thing", **CHEAP})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation"
-        r = post(url, {"prompt": "too many steps", "num_inference_steps": 5})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "num_inference_steps"
-        r = post(url, {"prompt": "allowed, generated, then withheld", **CHEAP})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "moderation_blocked", r.text
-        assert list(Path(storage).rglob("*.png")) == []
+        assert_enforces_auth_limits_policy_and_the_image_check(url, storage)
     finally:
         serve.delete("mono-sec")
+
+
+def test_colocated_enforces_auth_limits_policy_and_the_image_check(ray_cluster, tiny_model, tmp_path_factory):
+    """The colocated profile too: one service-config builder, and its in-replica Decoder loads the
+    policy's image checker as the split Decoder deployment does."""
+    from ray import serve
+
+    from serve.tiny.safety import write_tiny_safety_checker
+
+    storage = tmp_path_factory.mktemp("colo-sec")
+    checker = write_tiny_safety_checker(tmp_path_factory.mktemp("checker"), "flag-all")
+    args = app_args(
+        tiny_model,
+        str(storage),
+        profile="colocated",
+        api_keys=[KEY],
+        max_body_bytes=2048,
+        limits={"max_steps": 4},
+        prompt_policy={"blocklist": ["forbidden"], "image_checker": str(checker)},
+    )
+    url = deploy("colo-sec", "/colo-sec", args, ray_cluster["port"])
+    try:
+        assert_enforces_auth_limits_policy_and_the_image_check(url, storage)
+    finally:
+        serve.delete("colo-sec")
+
+
+def assert_enforces_auth_limits_policy_and_the_image_check(url: str, storage: Path) -> None:
+    assert httpx.post(f"{url}/v1/images/generations", json={"prompt": "x"}, timeout=60).status_code == 401
+    assert post(url, {"prompt": "x" * 4000}).status_code == 413
+    r = post(url, {"prompt": "a forbidden thing", **CHEAP})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation"
+    r = post(url, {"prompt": "too many steps", "num_inference_steps": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "num_inference_steps"
+    r = post(url, {"prompt": "allowed, generated, then withheld", **CHEAP})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "moderation_blocked", r.text
+    assert list(Path(storage).rglob("*.png")) == []
 
 
 def wait_ready(url: str, timeout_s: float = 180) -> None:

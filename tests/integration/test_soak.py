@@ -32,7 +32,7 @@ def test_a_duration_run_reports_minutes_replica_memory_and_the_verdict(local_app
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    soak = next(iter(report["levels"][0]["results"].values()))["soak"]
+    soak = next(iter(report["levels"][0]["results"].values()))["rounds"][0]["soak"]
     assert soak["per_minute"][0]["requests"] >= 10 and soak["per_minute"][0]["errors"] == {}
     memory = soak["memory_mib_per_minute"]
     for stage in ("Ingress", "TextEncoder", "Denoiser", "Decoder"):
