@@ -178,7 +178,8 @@ def test_cli_compare_with_monolith(local_app, mono_url, tmp_path):
     assert offsets["split"] == offsets["monolith"] and offsets["split"][0] == offsets["split"][1]
     summary = (out / "summary.md").read_text()
     assert "Ratios vs `split`" in summary and "| c=2 | monolith | 2 |" in summary
-    assert "| img/s split / monolith at rate=3/s |" in summary  # the goal check, with its spread
+    # The goal checks, with their spreads: img/s in a closed loop, p50 at a Poisson rate (8b08400).
+    assert "| img/s split / monolith at c=2 |" in summary and "| p50 split / monolith at rate=3/s |" in summary
     assert "wrote" in proc.stdout and "[split c=2 round 1]" in proc.stderr  # plain progress lines (no tty)
 
 
