@@ -16,6 +16,8 @@ Examples::
     darkroom bench --url http://127.0.0.1:8000 --rate 2 --duration 10m --steps 20   # a soak
     darkroom bench --serve deployments/configs/colocated.yaml --in-process --rounds 2 \\
         --concurrency 1,8 --requests 40 --steps 20
+    darkroom bench --url http://127.0.0.1:8000 --compare-stream --partial-images 3 --concurrency 16 \\
+        --requests 200 --steps 20 --size 64x64    # streaming vs not, same app, same requests
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise InvalidRequestError("--rounds", args.rounds, "must be >= 1")
     if args.compare and not args.url:
         raise InvalidRequestError("--compare", args.compare, "needs --url (the first target)")
+    if args.compare_stream and not args.url:
+        raise InvalidRequestError("--compare-stream", True, "needs --url (the app to stream from)")
+    if args.compare_stream and (args.compare or args.stream):
+        raise InvalidRequestError(
+            "--compare-stream", True, "compares --url with itself: leave out --compare and --stream"
+        )
+    if not 0 <= args.partial_images <= 3:
+        raise InvalidRequestError("--partial-images", args.partial_images, "must be within 0..3 (OpenAI's range)")
     if args.size is not None and not _SIZE.fullmatch(args.size):
         raise InvalidRequestError("--size", args.size, "must be WIDTHxHEIGHT, e.g. 512x512")
     levels = parse_levels(args.concurrency, "closed", "--concurrency") + parse_levels(args.rate, "open", "--rate")
@@ -85,10 +95,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.requests is not None and args.duration is not None:
         raise InvalidRequestError("--duration", args.duration, "give --requests or --duration, not both")
     targets = []
+    streaming = {"stream": args.stream, "partial_images": args.partial_images if args.stream else 0}
     if args.url:
-        targets.append(TargetSpec(args.label or _label(args.url), url=args.url))
+        targets.append(TargetSpec(args.label or _label(args.url), url=args.url, **streaming))
     if args.compare:
-        targets.append(TargetSpec(args.compare_label or _label(args.compare), url=args.compare))
+        targets.append(TargetSpec(args.compare_label or _label(args.compare), url=args.compare, **streaming))
+    if args.compare_stream:
+        name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
+        targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
     if args.in_process:
         targets.append(TargetSpec("in-process", model=args.model))
     try:
@@ -232,6 +246,20 @@ def add_parser(sub: Any) -> None:
         "--compare", default=None, help="a second app driven with the identical schedule, after --url at each level"
     )
     p.add_argument("--compare-label", default=None, help="name of --compare's target in the report")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="every HTTP request streams (stream: true, --partial-images partial images), read to its last event",
+    )
+    p.add_argument(
+        "--compare-stream",
+        action="store_true",
+        help="compare streaming with not: --url plain, then --url again with every request streaming "
+        "--partial-images partial images (same requests; the ratios are streaming / plain)",
+    )
+    p.add_argument(
+        "--partial-images", type=int, default=3, help="partial images per streamed request, 0..3 (default 3)"
+    )
     p.add_argument(
         "--in-process",
         action="store_true",

@@ -53,11 +53,13 @@ GOALS = {
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """A URL to drive over HTTP, or (``url=None``) the in-process pipeline on ``model``."""
+    """A URL to drive over HTTP (optionally streaming), or (``url=None``) the in-process pipeline on ``model``."""
 
     name: str
     url: str | None = None
     model: str | None = None
+    stream: bool = False  # HTTP targets: every request streams (stream: true) ...
+    partial_images: int = 0  # ... with this many partial images
 
 
 @dataclass(frozen=True)
@@ -315,7 +317,14 @@ def machine_metadata() -> dict[str, Any]:
 
 def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
     if spec.url is not None:
-        return HttpTarget(spec.url, name=spec.name, timeout_s=config.timeout_s, ready_timeout_s=config.ready_timeout_s)
+        return HttpTarget(
+            spec.url,
+            name=spec.name,
+            timeout_s=config.timeout_s,
+            ready_timeout_s=config.ready_timeout_s,
+            stream=spec.stream,
+            partial_images=spec.partial_images,
+        )
     from bench.inprocess import InProcessTarget
 
     return InProcessTarget(

@@ -27,6 +27,7 @@ STAGE_KEYS: tuple[str, ...] = (
     "denoise_queue",
     "decode_queue",
     "total",
+    "first_partial",  # streamed requests: client-side time to the first partial image
 )
 BATCH_KEYS: tuple[str, ...] = ("encode_batch", "denoise_batch", "decode_batch")
 

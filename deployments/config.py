@@ -312,6 +312,14 @@ class AppConfig(BaseModel):
     stage_retries: int = Field(
         5, ge=1, le=20, description="Tries per stage call when a replica dies mid-request (calls are idempotent)."
     )
+    job_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often a running job rewrites its record with its progress and checks the store for a "
+        "cancel sent to another Ingress replica; also how often a job's event stream served by another replica "
+        "polls that record.",
+    )
     torch: TorchConfig = Field(
         default_factory=TorchConfig, description="The torch backend's GPU path: CUDA graphs, compile, tiling."
     )
@@ -404,4 +412,5 @@ class AppConfig(BaseModel):
             rate_limits=self.rate_limits,
             job_lease_s=self.job_lease_s,
             job_attempts=self.job_attempts,
+            job_poll_s=self.job_poll_s,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from serve.api.service import ImageService
 from serve.errors import DarkroomError, OverloadedError
 from serve.metrics import NO_METRICS, Metrics
 from serve.request_context import current
-from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
+from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
 from serve.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,52 @@ class HandleStages:
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
         return await self._call("Decoder", self.decoder.decode, latents, request)
+
+    async def preview_map(self) -> np.ndarray | None:
+        return await self._call("Decoder", self.decoder.preview_map)
+
+    async def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """The Denoiser's streaming method (``handle.options(stream=True)``), with ``_call``'s
+        rules: back-pressure is a 503, a replica that died mid-stream is retried (the job starts
+        over on another replica; steps and partial images already passed on are not repeated),
+        and a consumer that stops iterating (the client left) cancels the call at the replica."""
+        start = time.monotonic()
+        attempt, last_step, sent_partials = 0, -1, set()
+        streaming = self.denoiser.options(stream=True)
+        while True:
+            attempt += 1
+            response = streaming.denoise_stream.remote(job)
+            finished = False
+            try:
+                async for item in response:
+                    if isinstance(item, StageResult):
+                        finished = True
+                        yield item
+                        return
+                    if item.preview is not None and item.partial_index not in sent_partials:
+                        sent_partials.add(item.partial_index)
+                        last_step = max(last_step, item.step)
+                        yield item
+                    elif item.step > last_step:
+                        last_step = item.step
+                        yield DenoiseProgress(item.step, item.total_steps)
+                raise RuntimeError("the Denoiser's stream ended without a result")
+            except BackPressureError as exc:
+                raise OverloadedError("Denoiser is at capacity; retry shortly") from exc
+            except RETRYABLE as exc:
+                wait = self.retry.delay(attempt, time.monotonic(), start + self.deadline_s)
+                if wait is None:
+                    raise OverloadedError(f"Denoiser replicas unavailable after {attempt} tries: {exc}") from exc
+                logger.warning("Denoiser stream failed (%s); retry %d in %.1f s", type(exc).__name__, attempt, wait)
+                self.retries += 1
+                await asyncio.sleep(wait)
+            except RayTaskError as exc:
+                raise unwrap(exc) from None
+            finally:
+                if not finished:
+                    # Cancelled, closed early, or failed: Serve does not stop the replica's
+                    # generator by itself (PITFALLS), and the job would keep its slot.
+                    response.cancel()
 
     async def _controller_view(self) -> dict[str, str]:
         """Stages whose state the controller already decides: failed, or scaled to zero.

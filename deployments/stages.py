@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -25,7 +25,7 @@ from serve.metrics import Metrics
 from serve.request_context import bound
 from serve.stages import Decoder, Denoiser, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
-from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
+from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
 from serve.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,28 @@ class DenoiserDeployment:
             logger.info("denoise %d image(s), %d steps", job.n, job.num_inference_steps)
             return await _counted(self.metrics, self.loop.submit(job))
 
+    async def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """Called through ``handle.options(stream=True)``: progress and partial images, then the
+        result. A cancelled call (the client left) raises CancelledError here, which closes the
+        loop's stream: the job leaves the batch before the next step."""
+        with bound(job.request_id):
+            logger.info("denoise %d image(s), %d steps, streamed", job.n, job.num_inference_steps)
+        status = "error"
+        try:
+            async for item in self.loop.stream(job):
+                if isinstance(item, StageResult):
+                    status = "ok"
+                yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        finally:  # counted like plain calls (``_counted``), however the stream ends
+            self.metrics.inc("darkroom_requests_total", status=status)
+
+    async def stats(self) -> dict[str, int]:
+        """The continuous loop's counters: requests in flight and queued, steps taken (tests, metrics)."""
+        return self.loop.stats()
+
     async def ready(self) -> str:
         return "ok"
 
@@ -184,6 +206,11 @@ class DecoderDeployment:
         self.load = _Load(self.metrics)
         self.reply_delay_s = cfg.debug_reply_delay_s
         _configure(self._decode_batch, cfg.decoder)
+        self.decoder.preview_map()  # fit the partial images' latent -> RGB map now, not on a request
+
+    async def preview_map(self) -> np.ndarray | None:
+        """The latent -> RGB map for partial images (refined from the images decoded so far)."""
+        return await asyncio.to_thread(self.decoder.preview_map)
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
         with bound(request.request_id):

@@ -131,6 +131,14 @@ class IdempotencyConflictError(InvalidRequestError):
     code = "idempotency_key_reused"
 
 
+class JobConflictError(DarkroomError):
+    """A job cannot do what was asked in its state (e.g. cancel a job that already succeeded)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "job_finished"
+
+
 class OverloadedError(DarkroomError):
     """Queues are full: the client should retry after ``Retry-After`` seconds."""
 
@@ -184,6 +192,7 @@ __all__ = [
     "DarkroomError",
     "IdempotencyConflictError",
     "ImagesWithheldError",
+    "JobConflictError",
     "OverloadedError",
     "PayloadTooLargeError",
     "RateLimitError",

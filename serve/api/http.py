@@ -8,19 +8,28 @@ OpenAPI document for clients and fuzzers.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from serve.api.policy import OPEN_PATHS, api_key_ok, bearer_key
+from serve.api.policy import OPEN_PATHS, OPEN_PREFIXES, api_key_ok, bearer_key
 from serve.api.responses import ImagesResponse
 from serve.api.schemas import ImageGenerationRequest
 from serve.api.service import ImageService
+from serve.api.streaming import SSE_HEADERS
 from serve.errors import (
     AuthenticationError,
     ContentPolicyError,
@@ -37,6 +46,11 @@ from serve.request_context import HEADER, bound, new_request_id, request_id_from
 from serve.storage import guess_content_type
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: The playground's files (package data): index.html at ``/``, the rest under ``PLAYGROUND_PREFIX``.
+STATIC = Path(__file__).with_name("static")
+PLAYGROUND_PREFIX = "/playground"
 
 _BODY_DOC = {
     "requestBody": {
@@ -77,6 +91,53 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class EventStreamResponse(StreamingResponse):
+    """``text/event-stream`` that stops its body as soon as the client disconnects, whatever the
+    server's ASGI version (Starlette listens only below ASGI 2.4): the body's generator is
+    cancelled, and with it the stage calls it awaits (the Denoiser drops the job before its next step)."""
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def body() -> None:
+                await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(body)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (uvicorn does not cancel a
+    handler whose client left; Ray Serve's proxy does, and then this is a second, harmless way).
+    The cancelled work cancels its stage calls: the Denoiser drops the request before its next step."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            raise ClientDisconnect()
+        return task.result()
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+@functools.cache
+def playground_html() -> str:
+    return (STATIC / "index.html").read_text(encoding="utf-8")
 
 
 def _darkroom_error_response(exc: DarkroomError) -> JSONResponse:
@@ -137,7 +198,8 @@ def install_routes(
     async def _auth(request: Request, call_next):
         service = get_service()
         keys = service.config.api_keys
-        if keys and _route_path(request) not in OPEN_PATHS:
+        route_path = _route_path(request)
+        if keys and not (route_path in OPEN_PATHS or route_path.startswith(OPEN_PREFIXES)):
             if not api_key_ok(request.headers.get("authorization"), keys):
                 err = AuthenticationError("missing or invalid API key: send 'Authorization: Bearer <key>'")
                 service.metrics.inc("darkroom_rejected_total", reason="unauthenticated")
@@ -209,6 +271,10 @@ def install_routes(
         loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return error_response(400, f"{loc}: {first.get('msg', 'invalid')}", "invalid_request_error", loc, None)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(_: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
@@ -219,12 +285,16 @@ def install_routes(
         openapi_extra=_BODY_DOC,
         responses={200: {"model": ImagesResponse, "description": "The images, each with its seed and index."}},
     )
-    async def generations(request: Request) -> JSONResponse:
+    async def generations(request: Request) -> Response:
         service = get_service()
         raw = await read_body(request, service.config.max_body_bytes)
         key = request.headers.get("idempotency-key")
         api_key = _caller(service, request)
-        body, timings = await service.generate(raw, str(request.base_url), idempotency_key=key, api_key=api_key)
+        events = service.generate_stream(raw, str(request.base_url), idempotency_key=key, api_key=api_key)
+        if events is not None:
+            return EventStreamResponse(events)
+        work = service.generate(raw, str(request.base_url), idempotency_key=key, api_key=api_key)
+        body, timings = await until_disconnected(request, work)
         return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
 
     @app.post("/v1/images/jobs", status_code=202, openapi_extra=_BODY_DOC)
@@ -239,6 +309,15 @@ def install_routes(
     async def get_job(job_id: str, request: Request) -> JSONResponse:
         return JSONResponse(await get_service().get_job(job_id, str(request.base_url)))
 
+    @app.delete("/v1/images/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> JSONResponse:
+        status, record = await get_service().cancel_job(job_id)
+        return JSONResponse(record, status_code=status)
+
+    @app.get("/v1/images/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> Response:
+        return EventStreamResponse(await get_service().job_events(job_id, str(request.base_url)))
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return JSONResponse(get_service().models())
@@ -251,6 +330,15 @@ def install_routes(
     # HEAD as well as GET (FastAPI's get() registers GET only): clients check a file with HEAD.
     # The server sends the headers (Content-Length included) without the body.
     app.add_api_route("/v1/files/{key:path}", files, methods=["HEAD"], include_in_schema=False)
+
+    @app.get("/", include_in_schema=False)
+    async def playground(request: Request) -> Response:
+        # The page names its files and the API from the app's mount point (Serve's route prefix),
+        # so it works at / and under a prefix such as /split alike.
+        root = re.sub(r"[^A-Za-z0-9/_.-]", "", request.scope.get("root_path", "")).rstrip("/")
+        return HTMLResponse(playground_html().replace("{{ROOT}}", root))
+
+    app.mount(PLAYGROUND_PREFIX, StaticFiles(directory=STATIC), name="playground")
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.errors import ContentPolicyError
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes, and the playground's page and files (static, no secrets: the page asks for a key and
+# sends it with its API calls).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+OPEN_PREFIXES = ("/playground/",)
 
 
 def api_key_ok(authorization: str | None, keys: tuple[str, ...]) -> bool:

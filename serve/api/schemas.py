@@ -216,10 +216,17 @@ class ImageGenerationRequest(BaseModel):
         None, description="DALL-E 3's vivid/natural: no model here has styles, so any value but None is a 400."
     )
     stream: StrictBool | None = Field(
-        None, description="Streaming (server-sent events) is not supported yet: true is a 400; false or None."
+        None,
+        description="true: answer text/event-stream with OpenAI's image_generation.partial_image and "
+        "image_generation.completed events (one completed event per image, each event tagged with its "
+        "image_index); false or None: one JSON response. Jobs stream through GET /v1/images/jobs/{id}/events.",
     )
     partial_images: StrictInt | None = Field(
-        None, ge=0, le=3, description="Partial images per image while streaming, 0..3 (used with stream)."
+        None,
+        ge=0,
+        le=3,
+        description="Partial images per image while streaming (and on a job's event stream), 0..3 (None: 0), "
+        "at evenly spaced steps; drawn cheaply from the latents at 1/8 of each side. Ignored without stream.",
     )
     user: StrictStr | None = Field(
         None, description="End-user id, for abuse tracking: stored in each image's metadata, not used otherwise."
@@ -282,13 +289,6 @@ class ImageGenerationRequest(BaseModel):
     def _check_background(cls, value: str | None) -> str | None:
         if value == "transparent":
             raise ValueError("'transparent' is not supported: the model draws opaque images (use auto or opaque)")
-        return value
-
-    @field_validator("stream")
-    @classmethod
-    def _check_stream(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("streaming is not supported yet (send false or leave it out)")
         return value
 
     @model_validator(mode="after")

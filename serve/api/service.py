@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from serve.api.idempotency import IdempotencyGuard
-from serve.api.jobs import INTERNAL_FIELDS, JobRunner, LeasePolicy
+from serve.api.jobs import JobManager
+from serve.api.leases import INTERNAL_FIELDS, LeasePolicy
 from serve.api.limits import KeyLimiter, RateLimits
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
+from serve.api.streaming import COMPLETED, ERROR, PARTIAL, Developed, StreamContext, error_payload, sse
 from serve.errors import (
     ContentPolicyError,
+    DarkroomError,
     ImagesWithheldError,
+    InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
     RequestTimeoutError,
@@ -34,11 +41,23 @@ from serve.metrics import NO_METRICS, Metrics
 from serve.model import ModelInfo
 from serve.params import GenerationParams
 from serve.request_context import current
-from serve.stages.messages import DecodedImage, DecodeRequest, StageClient
+from serve.stages.messages import DecodedImage, DecodeRequest, DenoiseProgress, StageClient, StageResult
 from serve.storage import LocalStore, ResultStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: How long the Ingress reuses the Decoder's preview map before asking again (it improves with traffic).
+PREVIEW_MAP_TTL_S = 30.0
+
+
+async def _until(deadline: float, aw: Awaitable[T], what: str = "request") -> T:
+    """``aw`` bounded by an absolute deadline on the loop's clock (504 past it)."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(aw, max(remaining, 0.0))
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"{what} did not finish in time") from None
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,10 @@ class ServiceConfig:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     job_lease_s: float = 30.0
     job_attempts: int = 3
+    # How often a job's record is rewritten with its progress, and how often a job polls the
+    # store for a cancel asked of another Ingress replica (and a stream of a job running on
+    # another replica polls its record).
+    job_poll_s: float = 1.0
 
 
 def _ms(seconds: float) -> float:
@@ -106,9 +129,9 @@ class ImageService:
         self.idempotency = IdempotencyGuard(store, stale_after_s=config.request_timeout_s + 30)
         self.limiter = KeyLimiter(config.rate_limits)
         policy = LeasePolicy(config.job_lease_s, config.job_attempts, config.request_timeout_s)
-        self.jobs = JobRunner(store, policy, self._execute_job, metrics=metrics)
-        self.jobs.on_finish = self._job_finished
-        self._job_keys: dict[str, tuple[str | None, int]] = {}  # job id -> (API key, images) to release
+        self.jobs = JobManager(self, policy, metrics=metrics)
+        self._preview_map: np.ndarray | None = None
+        self._preview_map_at: float | None = None
 
     def start_background(self) -> None:
         """Start the job sweeper (idempotent; call from the serving event loop)."""
@@ -160,18 +183,36 @@ class ImageService:
         died, a job resumed elsewhere) stores each image once. ``created`` (the request's Unix
         time) dates the keys' folder and the metadata.
         """
-        timings: dict[str, float] = {}
-        request_id = current()
-        wake = getattr(self.stages, "wake", None)
-        if wake is not None:
-            wake()  # start scaled-to-zero stages now, not one after another
+        self._wake()
         plan = self.family.plan(params)
         t0 = time.perf_counter()
         enc = await self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder")
         t1 = time.perf_counter()
-        job = dataclasses.replace(plan.denoise_job(enc.value), request_id=request_id)
+        job = dataclasses.replace(plan.denoise_job(enc.value), request_id=current())
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
+        inline = request.response_format == "b64_json"
+        return await self._decode(params, den, inline, (t0, t1, t2), enc, result_id=result_id, created=created)
+
+    def _wake(self) -> None:
+        wake = getattr(self.stages, "wake", None)
+        if wake is not None:
+            wake()  # start scaled-to-zero stages now, not one after another
+
+    async def _decode(
+        self,
+        params: GenerationParams,
+        den: StageResult,
+        inline: bool,
+        marks: tuple[float, float, float],
+        enc: StageResult,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> tuple[list[DecodedImage], dict]:
+        """The Decoder's part of a request, and the timings (ms) of all three stages."""
+        t0, t1, t2 = marks
+        request_id = current()
         metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
         metadata["created"] = int(created if created is not None else metadata["created"])
         if request_id is not None:
@@ -179,7 +220,7 @@ class ImageService:
         dec_req = DecodeRequest(
             params.output_format,
             metadata,
-            inline=request.response_format == "b64_json",
+            inline=inline,
             output_compression=params.output_compression,
             request_id=request_id,
             result_id=result_id or uuid.uuid4().hex,
@@ -201,6 +242,123 @@ class ImageService:
             "total": _ms(t3 - t0),
         }
         return dec.value, timings
+
+    # -- streaming (serve/api/streaming.py formats the events) --------------------------------
+    async def preview_map(self) -> np.ndarray | None:
+        """The Decoder's latent -> RGB map, cached ``PREVIEW_MAP_TTL_S`` (the Decoder refines it
+        from the images it decodes). None: no previews (the stream carries final images only)."""
+        now = time.monotonic()
+        if self._preview_map_at is not None and now - self._preview_map_at < PREVIEW_MAP_TTL_S:
+            return self._preview_map
+        try:
+            fresh = await asyncio.wait_for(self.stages.preview_map(), self.config.stage_timeout_s)
+        except Exception:  # previews are a nicety: the request goes on without new ones
+            logger.warning("preview map unavailable; keeping the last one", exc_info=True)
+            return self._preview_map
+        self._preview_map, self._preview_map_at = fresh, now
+        return fresh
+
+    async def develop(
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        partial_images: int,
+        deadline: float,
+        progress: bool = False,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> AsyncIterator[DenoiseProgress | Developed]:
+        """The stages streamed: ``DenoiseProgress`` items with the partial images asked for (and
+        after every step with ``progress``), then ``Developed``. ``deadline`` (the loop's clock)
+        bounds the whole request; each stage is bounded as in ``run`` (``result_id`` and
+        ``created`` too). Closing it early cancels the stage call in flight."""
+        self._wake()
+        plan = self.family.plan(params)
+        t0 = time.perf_counter()
+        enc = await _until(deadline, self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder"))
+        t1 = time.perf_counter()
+        job = dataclasses.replace(plan.denoise_job(enc.value), progress=progress, request_id=current())
+        if partial_images:
+            preview_map = await _until(deadline, self.preview_map())
+            job = dataclasses.replace(job, partial_images=partial_images, preview_map=preview_map)
+        den: StageResult | None = None
+        stage_deadline = min(deadline, asyncio.get_running_loop().time() + self.config.stage_timeout_s)
+        async with contextlib.aclosing(self.stages.denoise_stream(job)) as stream:
+            while den is None:
+                try:
+                    item = await _until(stage_deadline, anext(stream), "Denoiser")
+                except StopAsyncIteration:
+                    raise RuntimeError("the Denoiser's stream ended without a result") from None
+                if isinstance(item, StageResult):
+                    den = item
+                else:
+                    yield item
+        t2 = time.perf_counter()
+        decoded = self._decode(params, den, True, (t0, t1, t2), enc, result_id=result_id, created=created)
+        images, timings = await _until(deadline, decoded)
+        yield Developed(images, timings)
+
+    def stream_context(self, request: ImageGenerationRequest, params: GenerationParams) -> StreamContext:
+        return StreamContext.of(
+            width=params.width,
+            height=params.height,
+            quality=request.quality,
+            background=request.background,
+            output_format=params.output_format,
+            seed=params.seed,
+            output_compression=params.output_compression,
+            response_format=request.response_format,
+        )
+
+    def generate_stream(
+        self, body: Any, base_url: str, idempotency_key: str | None = None, api_key: str | None = None
+    ) -> AsyncIterator[bytes] | None:
+        """``POST /v1/images/generations`` with ``stream: true``: the SSE body, or None when the
+        request does not stream. Validation errors (and the key's limits) raise here, before
+        anything is sent; the key's images are held until the stream ends."""
+        request, params = self.parse(body)
+        if not request.stream:
+            return None
+        if idempotency_key is not None:
+            raise InvalidRequestError(
+                "Idempotency-Key", idempotency_key, "is not supported with stream: true (a stream cannot be replayed)"
+            )
+        self.limiter.admit(api_key, params.n)
+        return self._stream(request, params, base_url, api_key)
+
+    async def _stream(
+        self, request: ImageGenerationRequest, params: GenerationParams, base_url: str, api_key: str | None = None
+    ):
+        ctx = self.stream_context(request, params)
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        try:
+            async with contextlib.aclosing(self.develop(request, params, request.partial_images or 0, deadline)) as it:
+                async for item in it:
+                    if isinstance(item, Developed):
+                        self._count_images(item.images)
+                        if item.images and all(im.withheld for im in item.images):
+                            n = len(item.images)
+                            raise ImagesWithheldError(
+                                f"all {n} image(s) were withheld: the image safety check flagged them"
+                            )
+                        for index, image in enumerate(item.images):
+                            if image.withheld:  # its index is missing from the completed events
+                                continue
+                            url = self.url_for(image.key, base_url) if request.response_format == "url" else None
+                            yield sse(COMPLETED, ctx.completed(image.data or b"", index, url))
+                    elif item.preview is not None:
+                        for payload in ctx.partials(item.preview, item.partial_index or 0):
+                            yield sse(PARTIAL, payload)
+        except DarkroomError as exc:
+            # Headers (200) are gone: the error is an event, in OpenAI's error shape.
+            logger.warning("stream failed: %s: %s", type(exc).__name__, exc.message)
+            yield sse(ERROR, error_payload(exc.message, exc.error_type, getattr(exc, "field", None), exc.code))
+        except Exception:
+            logger.exception("stream failed")
+            yield sse(ERROR, error_payload("internal server error", "server_error", None, None))
+        finally:
+            self.limiter.release(api_key, params.n)
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
         """What is stored beside each image (its index is added per image)."""
@@ -314,49 +472,13 @@ class ImageService:
             return f"{base_url.rstrip('/')}/v1/files/{key}"
         return self.store.url(key)
 
-    # -- async jobs (serve/api/jobs.py: leases, resumption) ---------------------------------------
+    # -- async jobs (serve/api/jobs.py; leases: serve/api/leases.py) --------------------------
     async def submit_job(self, body: Any, api_key: str | None = None) -> dict[str, Any]:
         request, params = self.parse(body)
+        if request.stream:
+            raise InvalidRequestError("stream", True, "jobs stream through GET /v1/images/jobs/{id}/events")
         self.limiter.admit(api_key, params.n)
-        job_id = uuid.uuid4().hex
-        # The request as the client sent it, with the resolved seed: another replica resuming
-        # the job makes the same images from it.
-        recorded = {**request.model_dump(mode="json", exclude_unset=True), "seed": params.seed}
-        record = {
-            "id": job_id,
-            "object": "image.job",
-            "status": "queued",
-            "created": int(time.time()),
-            "response_format": request.response_format,
-            "seed": params.seed,
-            "request_id": current(),
-            "request": recorded,
-        }
-        self._job_keys[job_id] = (api_key, params.n)
-        try:
-            record = await self.jobs.submit(record)
-        except BaseException:
-            self._job_finished(record)
-            raise
-        return self.public(record)
-
-    def _job_finished(self, record: dict[str, Any]) -> None:
-        held = self._job_keys.pop(record["id"], None)
-        if held is not None:
-            self.limiter.release(*held)
-
-    async def _execute_job(self, record: dict[str, Any]) -> dict[str, Any]:
-        """One attempt at a job: its recorded request through the stages (``JobRunner`` calls it)."""
-        request, params = self.parse(record["request"])
-        run = self.run(request, params, result_id=record["id"], created=record["created"])
-        try:
-            images, timings = await asyncio.wait_for(run, self.config.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError(f"job took longer than {self.config.request_timeout_s:.0f} s") from None
-        self._count_images(images)
-        if images and all(im.withheld for im in images):
-            raise ImagesWithheldError(f"all {len(images)} image(s) were withheld: the image safety check flagged them")
-        return {"status": "succeeded", "images": image_records(images), "timings": timings}
+        return await self.jobs.submit(request, params, on_end=lambda: self.limiter.release(api_key, params.n))
 
     @staticmethod
     def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -364,22 +486,13 @@ class ImageService:
         return {k: v for k, v in record.items() if k not in INTERNAL_FIELDS}
 
     async def get_job(self, job_id: str, base_url: str) -> dict[str, Any]:
-        record = self.public(await asyncio.to_thread(self.store.get_job, job_id))
-        if record.get("status") != "succeeded":
-            return record
-        images = from_records(record.get("images", []))
-        body = await asyncio.to_thread(
-            self.render,
-            record["created"],
-            record["seed"],
-            images,
-            record.get("response_format", "url"),
-            base_url,
-            record.get("timings", {}),
-        )
-        out = {k: v for k, v in record.items() if k != "images"}
-        out["result"] = body
-        return out
+        return await self.jobs.get(job_id, base_url)
+
+    async def cancel_job(self, job_id: str) -> tuple[int, dict[str, Any]]:
+        return await self.jobs.cancel(job_id)
+
+    async def job_events(self, job_id: str, base_url: str) -> AsyncIterator[bytes]:
+        return await self.jobs.events(job_id, base_url)
 
     # -- models, files, readiness -----------------------------------------------------------
     def models(self) -> dict[str, Any]:

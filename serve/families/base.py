@@ -250,6 +250,25 @@ class Family(ABC):
         """The Denoiser's result as the VAE reads it: (n, C, h, w) latents (Flux unpacks here)."""
         return latents
 
+    # -- previews (partial images; serve/families/preview.py) ---------------------------------------
+    def denoised(
+        self, scheduler: Any, model_input: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The step's estimate of the final latents (x0), from the denoiser's input and output.
+
+        A preview of x0 shows the picture the run is heading for; the current latents are mostly
+        noise until the last steps. Default: the input itself (a family without a formula)."""
+        return model_input
+
+    def preview(self, latents: torch.Tensor, job: DenoiseJob) -> np.ndarray:
+        """A partial image of the request's latents (as the Denoiser holds them: Flux's packed):
+        uint8 (n, h, w, 3) at the latent grid's size, through ``job.preview_map``, never the VAE."""
+        from serve.families.preview import latent_rgb
+
+        if job.preview_map is None:
+            raise ValueError("the job has no preview map")
+        return latent_rgb(self.final_latents(latents, job), job.preview_map)
+
     # -- decoding (Decoder stage) -------------------------------------------------------------------
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents -> what the VAE decodes (``latents / scaling_factor`` for SD)."""

@@ -14,6 +14,7 @@ _EXPORTS = {
     "DecodeRequest": "serve.stages.messages",
     "DecodedImage": "serve.stages.messages",
     "DenoiseJob": "serve.stages.messages",
+    "DenoiseProgress": "serve.stages.messages",
     "StageClient": "serve.stages.messages",
     "StageResult": "serve.stages.messages",
     "StepCache": "serve.stages.messages",

@@ -20,14 +20,15 @@ replica; tests drive it with asyncio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serve.metrics import NO_METRICS, Metrics, for_stage
 from serve.stages.batching import BatchPolicy, BatchQueue, ModelThread
-from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
+from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,6 +133,19 @@ class ColocatedStages:
     async def denoise(self, job: DenoiseJob) -> StageResult:
         await self._stages()
         return await self._denoise_loop.submit(job)
+
+    async def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """Streaming and jobs: progress and partial images, then the result; a consumer that leaves
+        early takes the job out of the batch before its next step (the loop's stream is closed)."""
+        await self._stages()
+        async with contextlib.aclosing(self._denoise_loop.stream(job)) as items:
+            async for item in items:
+                yield item
+
+    async def preview_map(self) -> np.ndarray | None:
+        """The latent -> RGB map for partial images, fitted on the VAE (on the model thread)."""
+        _, _, decoder = await self._stages()
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, decoder.preview_map)
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
         _, _, decoder = await self._stages()

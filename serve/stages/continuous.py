@@ -16,14 +16,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 from serve.metrics import NO_METRICS, Metrics
 from serve.stages.denoiser import Denoiser
-from serve.stages.messages import DenoiseJob, StageResult
+from serve.stages.messages import DenoiseJob, DenoiseProgress, StageResult
+from serve.stages.progress import EventChannel
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +32,31 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Entry:
     job: DenoiseJob
-    future: asyncio.Future
+    future: asyncio.Future | None = None  # submit(): the result; stream(): None
+    channel: EventChannel | None = None  # stream(): progress, partial images and the result
     state: Any = None
     cancelled: bool = False
+    cancelled_at: int | None = None  # the loop's step count when the cancel was seen
+    finished: bool = False
     compute_s: float = 0.0  # wall time of the steps this request took part in
     batch_max: int = 0  # most requests it shared a step with
+
+    def cancel(self, steps: int) -> None:
+        if not self.cancelled:
+            self.cancelled, self.cancelled_at = True, steps
+
+    def finish(self, outcome: StageResult | BaseException) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.channel is not None:
+            self.channel.finish(outcome)
+        elif isinstance(outcome, asyncio.CancelledError):
+            self.future.cancel()  # its caller is gone: nothing to hand back
+        elif isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
 
 
 class ContinuousDenoiser:
@@ -68,21 +89,50 @@ class ContinuousDenoiser:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.peak_requests = 0  # most requests in one step so far (tests, metrics)
-        self.steps = 0
+        self.steps = 0  # denoiser steps taken (counted as they finish, in the stepping thread)
+        self.in_flight = 0  # requests in the running batch
+        self.max_cancel_lag = 0  # most steps a cancelled request stayed in the batch after its cancel
 
-    async def submit(self, job: DenoiseJob) -> StageResult:
-        """Denoise one job; its latents come back when its own steps are done."""
-        self.denoiser.validate(job)  # a bad job fails alone, before it joins anything
-        entry = _Entry(job, asyncio.get_running_loop().create_future())
+    def stats(self) -> dict[str, int]:
+        """What the loop is doing now: for tests and metrics (cheap; no lock needed)."""
+        return {
+            "in_flight": self.in_flight,
+            "queued": len(self._pending),
+            "steps": self.steps,
+            "peak_requests": self.peak_requests,
+            "max_cancel_lag_steps": self.max_cancel_lag,
+        }
+
+    def _enqueue(self, entry: _Entry) -> None:
         self._pending.append(entry)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         self._wakeup.set()
+
+    async def submit(self, job: DenoiseJob) -> StageResult:
+        """Denoise one job; its latents come back when its own steps are done."""
+        self.denoiser.validate(job)  # a bad job fails alone, before it joins anything
+        entry = _Entry(job, future=asyncio.get_running_loop().create_future())
+        self._enqueue(entry)
         try:
             return await asyncio.shield(entry.future)
         except asyncio.CancelledError:
-            entry.cancelled = True  # the loop drops it before the next step
+            entry.cancel(self.steps)  # the loop drops it before the next step
             raise
+
+    async def stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """``submit`` with progress: ``DenoiseProgress`` after admission (step 0) and after steps
+        (coalesced, with the partial images the job asked for), then the ``StageResult``.
+        Closing the iterator early (the client left) takes the job out before the next step."""
+        self.denoiser.validate(job)
+        entry = _Entry(job, channel=EventChannel(asyncio.get_running_loop()))
+        self._enqueue(entry)
+        try:
+            async for item in entry.channel:
+                yield item
+        finally:
+            if not entry.finished:
+                entry.cancel(self.steps)
 
     def _admit(self, active: list[_Entry]) -> list[_Entry]:
         new = []
@@ -97,15 +147,25 @@ class ContinuousDenoiser:
 
         Steps continue in this thread while the batch is unchanged (a hop to the event loop per
         step cost ~4 ms, 40% of a tiny-model step); it returns to admit a newcomer, hand back a
-        finished request or drop a cancelled one. Returns the number of steps taken.
+        finished request or drop a cancelled one. Streamed requests get their progress from here
+        (``EventChannel.push``: no hop). Returns the number of steps taken.
         """
         for entry in new:
             entry.state = self.denoiser.start(entry.job)
+            if entry.channel is not None and entry.job.progress:
+                entry.channel.push(entry.state.progress())
         states = [e.state for e in active]
         steps = 0
         while True:
             self.denoiser.step(states)
             steps += 1
+            self.steps += 1
+            for entry in active:
+                # Only streamed jobs, and then only what they asked for: progress after every
+                # step, or just the steps with a partial image.
+                if entry.channel is not None and not entry.cancelled:
+                    if entry.job.progress or entry.state.preview is not None:
+                        entry.channel.push(entry.state.progress())
             if self.step_delay_s > 0:
                 time.sleep(self.step_delay_s)
             if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):
@@ -120,6 +180,7 @@ class ContinuousDenoiser:
             active += new
             self.metrics.set("darkroom_queue_length", len(self._pending))
             self.metrics.set("darkroom_inflight_requests", len(active))
+            self.in_flight = len(active)
             if not active:
                 self._wakeup.clear()
                 if not self._pending:
@@ -135,12 +196,12 @@ class ContinuousDenoiser:
                 ids = ",".join(e.job.request_id or "-" for e in active)
                 logger.exception("denoising step failed for %d request(s): %s", len(active), ids)
                 for entry in active:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
+                    entry.finish(exc)
                 active = []
+                self.in_flight = 0
                 continue
             dt = time.perf_counter() - t0
-            self.steps += steps
+            # self.steps counts in the stepping thread (_advance); metrics take the stretch here
             self.metrics.inc("darkroom_denoise_steps_total", steps * len(active))
             for _ in range(steps):  # every step of this stretch had the same batch
                 self.metrics.observe("darkroom_step_seconds", dt / steps)
@@ -150,11 +211,16 @@ class ContinuousDenoiser:
             for entry in active:
                 entry.compute_s += dt
                 entry.batch_max = max(entry.batch_max, len(active))
-                if entry.cancelled or entry.future.done():
+                if entry.cancelled:
+                    self.max_cancel_lag = max(self.max_cancel_lag, self.steps - (entry.cancelled_at or 0))
+                    entry.finish(asyncio.CancelledError())
+                    continue
+                if entry.finished:
                     continue
                 if entry.state.done:
                     result = self.denoiser.result(entry.state)
-                    entry.future.set_result(StageResult(result, entry.compute_s, batch_size=entry.batch_max))
+                    entry.finish(StageResult(result, entry.compute_s, batch_size=entry.batch_max))
                 else:
                     still.append(entry)
             active = still
+            self.in_flight = len(active)

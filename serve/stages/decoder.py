@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from serve.engines import Engine
 from serve.families import Family, family_of
+from serve.families.preview import FIT_MAX_PIXELS, FIT_MIN_PIXELS, PreviewFit, fit_latent_rgb
 from serve.imageio import encode_image
 from serve.metrics import NO_METRICS, Metrics
 from serve.model import ModelInfo
@@ -21,6 +23,8 @@ from serve.stages.loading import load_stage_engines
 from serve.stages.messages import DecodedImage, DecodeRequest, StageResult
 from serve.storage import ResultStore
 from serve.storage.base import image_format, result_image_key
+
+logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,10 @@ class Decoder:
         # serve.safety.ImageSafetyChecker when the policy config names one: flagged images are
         # withheld (neither encoded, stored nor returned).
         self.safety: Any = None
+        self._preview_map: np.ndarray | None = None  # fitted on random latents, at first use
+        self._preview_lock = threading.Lock()
+        self._preview_failed = False
+        self._real_fit = PreviewFit(info.latent_channels)  # refitted from the images decoded here
 
     @classmethod
     def load(
@@ -80,7 +88,35 @@ class Decoder:
                 k = latents[i].shape[0]
                 out[i] = pixels[offset : offset + k]
                 offset += k
+            # The preview map learns from the first real images (a pooling and a (C+1)^2 sum; it
+            # stops at FIT_MAX_PIXELS rows, four 1024x1024 images: the map has settled by then).
+            with self._preview_lock:
+                if self._real_fit.rows < FIT_MAX_PIXELS:
+                    self._real_fit.add_image(np.concatenate([latents[i] for i in idxs]), pixels)
         return out  # type: ignore[return-value]
+
+    def preview_map(self) -> np.ndarray | None:
+        """The latent -> RGB map for partial images, fitted once on this VAE (serve/families/preview.py).
+
+        None when the fit fails (an engine whose profiles refuse the fit's size, say): streaming
+        then still works, without partial images."""
+        with self._preview_lock:
+            if self._real_fit.rows >= FIT_MIN_PIXELS:
+                return self._real_fit.solve()
+            if self._preview_map is None and not self._preview_failed:
+                chunk = min(self.max_batch_samples, self.engine.max_batch_samples or self.max_batch_samples)
+                try:
+                    self._preview_map = fit_latent_rgb(
+                        self.family,
+                        lambda latent: self.engine.run(latent=latent)["image"],
+                        device=self.engine.device,
+                        dtype=self.engine.dtype,
+                        max_batch=chunk,
+                    )
+                except Exception:
+                    logger.warning("could not fit the preview map: partial images are off", exc_info=True)
+                    self._preview_failed = True
+            return self._preview_map
 
     def decode_requests(
         self, batch: Sequence[tuple[np.ndarray, DecodeRequest]], store: ResultStore

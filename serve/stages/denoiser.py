@@ -30,7 +30,8 @@ from serve.families import Family, family_of
 from serve.model import ModelInfo
 from serve.schedulers import scheduler_class
 from serve.stages.loading import load_stage_engines
-from serve.stages.messages import DenoiseJob, StageResult, StepCache
+from serve.stages.messages import DenoiseJob, DenoiseProgress, StageResult, StepCache
+from serve.stages.progress import preview_iterations, scaled_step
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,21 @@ class _State:
     inputs: dict[str, torch.Tensor]  # per-row conditioning: [negative x n, positive x n] with CFG
     i: int = 0
     cancelled: bool = False
+    preview_at: tuple[int, ...] = ()  # iterations after which to draw a partial image
+    preview: np.ndarray | None = None  # the partial image drawn by the last iteration, if any
     cache: Any = None  # serve.engines.step_cache.RequestCache when the request runs a step cache
 
     @property
     def done(self) -> bool:
         return self.cancelled or self.i >= len(self.timesteps)
+
+    def progress(self) -> DenoiseProgress:
+        """Where this request stands, with the partial image of the last iteration (if one was due)."""
+        total = self.job.num_inference_steps
+        step = scaled_step(self.i, len(self.timesteps), total)
+        if self.preview is None:
+            return DenoiseProgress(step, total)
+        return DenoiseProgress(step, total, self.preview, self.preview_at.index(self.i))
 
 
 class Denoiser:
@@ -98,6 +109,12 @@ class Denoiser:
             raise InvalidRequestError("num_inference_steps", job.num_inference_steps, "must be at least 1")
         if job.n < 1:
             raise InvalidRequestError("n", job.n, "must be at least 1")
+        if job.partial_images < 0:
+            raise InvalidRequestError("partial_images", job.partial_images, "must be at least 0")
+        if job.partial_images and job.preview_map is not None:
+            shape = (self.info.latent_channels + 1, 3)
+            if tuple(np.shape(job.preview_map)) != shape:
+                raise InvalidRequestError("preview_map", tuple(np.shape(job.preview_map)), f"expected {shape}")
         expected = self.family.conditioning_shapes()
         for side, rows in (("positive", job.conditioning.positive), ("negative", job.conditioning.negative)):
             if rows is None:
@@ -127,15 +144,18 @@ class Denoiser:
         family.set_timesteps(scheduler, job, dev)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         latents = family.initial_latents(job, generator, scheduler, dev, dtype)
+        timesteps = list(scheduler.timesteps)
+        previews = job.partial_images if job.preview_map is not None else 0  # no map: no partial images
         return _State(
             index=index,
             job=job,
             key=family.batch_key(job),
             scheduler=scheduler,
             kwargs=family.step_kwargs(scheduler, generator),
-            timesteps=list(scheduler.timesteps),
+            timesteps=timesteps,
             latents=latents,
             inputs=family.request_inputs(job, dev, dtype),
+            preview_at=preview_iterations(len(timesteps), previews),
             cache=self._request_cache(job),
         )
 
@@ -174,12 +194,15 @@ class Denoiser:
         jobs: Sequence[DenoiseJob],
         progress: Callable[[int, int], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        on_step: Callable[[int, DenoiseProgress], None] | None = None,
     ) -> list[np.ndarray | None]:
         """Final latents for each job, in order, as float32 numpy arrays.
 
         ``progress(done, total)`` is called after each iteration (total = iterations of all groups).
         ``cancelled(i)`` is asked before each iteration: a cancelled job leaves the batch at once
         (its slot in the result is None), so a timed-out request stops costing denoiser time.
+        ``on_step(i, progress)`` is called after each iteration for every job i that took part
+        (with its partial image when one was due).
         """
         for job in jobs:
             self.validate(job)
@@ -201,6 +224,9 @@ class Denoiser:
                     break
                 self._iterate(active)
                 done += 1
+                if on_step is not None:
+                    for s in active:
+                        on_step(s.index, s.progress())
                 if progress is not None:
                     progress(done, total)
         self.last_cache_stats = [self.cache_stats(s) for s in states]
@@ -238,6 +264,12 @@ class Denoiser:
                 uncond, text = pred.chunk(2)
                 pred = uncond + s.job.cfg_scale * (text - uncond)
             t = s.timesteps[s.i]
+            s.preview = None
+            if s.i + 1 in s.preview_at:
+                # Only for requests that asked, at their few chosen steps: an x0 estimate and a
+                # (C x 3) map per latent pixel, no VAE (serve/families/preview.py).
+                rows = s.latents.shape[0]
+                s.preview = family.preview(family.denoised(s.scheduler, x[:rows], pred, t), s.job)
             s.latents = s.scheduler.step(pred, t, s.latents, **s.kwargs, return_dict=False)[0]
             s.i += 1
 

@@ -9,7 +9,7 @@ arrays, whose names are the denoiser's model inputs (``encoder_hidden_states``, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,11 +72,35 @@ class DenoiseJob:
     scheduler: str | None = None
     cfg_scale: float | None = None
     request_id: str | None = None  # the HTTP request's id, for the stage's log lines (never for keys)
+    # Partial images (streaming, jobs): how many, at evenly spaced steps, and the latent -> RGB
+    # map they are drawn with (the Decoder's fit, serve/families/preview.py). 0: none.
+    partial_images: int = 0
+    preview_map: np.ndarray | None = field(default=None, compare=False)
+    # A streamed job's progress after every step (jobs' progress bars); without it a stream
+    # carries only its partial images and result (POST streams: fewer messages across Ray).
+    progress: bool = False
     step_cache: StepCache | None = None  # opt-in; None (default) keeps the seed contract
 
     @property
     def cfg(self) -> bool:
         return self.cfg_scale is not None
+
+
+@dataclass(frozen=True)
+class DenoiseProgress:
+    """How far a streamed ``DenoiseJob`` is: sent after each step it takes part in (coalesced).
+
+    ``step`` of ``total_steps`` counts the request's ``num_inference_steps`` (a scheduler that
+    runs more iterations per step, as Heun's two, is scaled to them); step 0 means admitted to
+    the batch. Sent for every step only when the job asked for ``progress``, else only with
+    its partial images. ``preview`` is a partial image of all n images, uint8 (n, h, w, 3) at the latent
+    grid's size, at the steps chosen for ``partial_images``; ``partial_index`` counts them from 0.
+    """
+
+    step: int
+    total_steps: int
+    preview: np.ndarray | None = None
+    partial_index: int | None = None
 
 
 @dataclass
@@ -121,9 +145,27 @@ class StageClient(Protocol):
 
     async def denoise(self, job: DenoiseJob) -> StageResult: ...
 
+    def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """``denoise`` with its progress: ``DenoiseProgress`` items, then the ``StageResult``.
+        Closing the iterator (or cancelling its consumer) takes the job out of the batch."""
+        ...
+
+    async def preview_map(self) -> np.ndarray | None:
+        """The model's latent -> RGB map for partial images (None: previews unavailable)."""
+        ...
+
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult: ...
 
     async def ready(self) -> dict[str, str]: ...
 
 
-__all__ = ["Conditioning", "DecodeRequest", "DecodedImage", "DenoiseJob", "StageClient", "StageResult", "StepCache"]
+__all__ = [
+    "Conditioning",
+    "DecodeRequest",
+    "DecodedImage",
+    "DenoiseJob",
+    "DenoiseProgress",
+    "StageClient",
+    "StageResult",
+    "StepCache",
+]

@@ -63,7 +63,8 @@ def test_request_id_is_echoed_once_and_every_stage_logs_it(ops):
     def every_stage_logged(line: dict) -> bool:
         if line["request_id"] == rid:
             seen[line["stage"]].append(line["message"])
-        return set(seen) >= set(STAGES)
+        # The Decoder logs when a call arrives and again once its images are stored: wait for both.
+        return set(seen) >= set(STAGES) and any("stored" in m for m in seen["Decoder"])
 
     watch.wait_for(every_stage_logged, timeout_s=30)
     assert any(m.startswith("POST") for m in seen["Ingress"]), seen["Ingress"]  # the access line

@@ -7,6 +7,7 @@ together, the batch policy as a pure function, and the model thread handed over 
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import time
 
@@ -258,3 +259,31 @@ def test_colocated_decode_checks_keys_once_and_records_each_stage(tiny_model, pa
     assert metrics.value("darkroom_prompt_cache_total", stage="TextEncoder", result="miss") >= 1
     assert metrics.value("darkroom_denoise_steps_total", stage="Ingress") == 0  # nothing under the wrong stage
     stages.close()
+
+
+def test_colocated_stages_stream_partial_images_and_the_same_final_image(tiny_model, parts, tmp_path):
+    """The colocated profile streams (partial images drawn in its step loop, the preview map fitted
+    on its model thread), and the streamed image is the one a plain request gets."""
+    from fastapi.testclient import TestClient
+
+    from serve.api.http import create_app
+    from tests.sse import parse_events
+
+    store = open_store(str(tmp_path))
+    stages = ColocatedStages.from_stages(*parts, store, ColocatedOptions())
+    body = {"prompt": "a windmill", "seed": 5, "num_inference_steps": 6, "response_format": "b64_json"}
+    try:
+        with TestClient(create_app(_service(tiny_model, stages, store))) as client:
+            plain = client.post("/v1/images/generations", json=body)
+            assert plain.status_code == 200, plain.text
+            with client.stream(
+                "POST", "/v1/images/generations", json={**body, "stream": True, "partial_images": 2}
+            ) as r:
+                assert r.status_code == 200
+                events = list(parse_events(r.iter_lines()))
+    finally:
+        stages.close()
+    names = [name for name, _ in events]
+    assert names == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    streamed = decode_image(base64.b64decode(events[-1][1]["b64_json"]))
+    assert max_level_diff(streamed, decode_image(base64.b64decode(plain.json()["data"][0]["b64_json"]))) <= 3

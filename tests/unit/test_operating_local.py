@@ -4,6 +4,7 @@ and idempotent image writes, on the HTTP layer over the in-process stages."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,35 @@ def test_inflight_images_per_key(tiny_model, pipeline, tmp_path):
         r = client.post("/v1/images/generations", json={"prompt": "p", **CHEAP, "n": 3})
         assert r.status_code == 429
     assert metrics.value("darkroom_rejected_total", reason="inflight_limited") == 2
+
+
+def test_streams_and_jobs_carry_request_ids_count_and_hold_the_keys_images(tiny_model, pipeline, tmp_path, captured):
+    """A streamed request is a request like the others: its id in its log lines and header, its
+    images counted, and its key's images held until the stream ends (and a job's until it ends)."""
+    limits = RateLimits(default=KeyLimit(max_inflight_images=2))
+    service, metrics = make_app(tiny_model, pipeline, tmp_path, rate_limits=limits)
+    body = {"prompt": "streamed", **CHEAP, "n": 2, "stream": True, "partial_images": 1}
+    with TestClient(create_app(service), headers={"Authorization": "Bearer alice"}) as client:
+        with client.stream("POST", "/v1/images/generations", json=body, headers={"X-Request-Id": "rid-s"}) as r:
+            assert r.status_code == 200 and r.headers["x-request-id"] == "rid-s"
+            assert service.limiter._inflight.get("alice") == 2  # held while it streams
+            over = client.post("/v1/images/generations", json={"prompt": "p", **CHEAP, "stream": True})
+            assert over.status_code == 429 and over.headers["retry-after"]
+            lines = list(r.iter_lines())
+        assert sum(line == "event: image_generation.completed" for line in lines) == 2
+        assert "alice" not in service.limiter._inflight  # released when the stream ended
+        job = client.post("/v1/images/jobs", json={"prompt": "a job", **CHEAP}, headers={"X-Request-Id": "rid-j"})
+        assert job.status_code == 202, job.text
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/images/jobs/{job.json()['id']}").json()["status"] != "succeeded" or service.jobs.live:
+            assert time.monotonic() < deadline, "the job did not finish"  # live: until its record is written
+            time.sleep(0.05)
+        assert "alice" not in service.limiter._inflight
+    assert metrics.value("darkroom_images_total", status="returned") == 3
+    assert metrics.value("darkroom_rejected_total", reason="inflight_limited") == 1
+    assert metrics.value("darkroom_jobs_total", event="succeeded") == 1
+    decoded = [rec for rec in captured if rec.name == "serve.stages.decoder"]
+    assert {"rid-s", "rid-j"} <= {rec.request_id for rec in decoded}, [(r.request_id, r.getMessage()) for r in decoded]
 
 
 # -- the image safety check -----------------------------------------------------------------------

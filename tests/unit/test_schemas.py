@@ -101,7 +101,6 @@ INVALID = [
     ("background-transparent", body(background="transparent"), "background"),
     ("background-unknown", body(background="green"), "background"),
     ("moderation-unknown", body(moderation="none"), "moderation"),
-    ("stream-true", body(stream=True), "stream"),
     ("stream-str", body(stream="yes"), "stream"),
     ("partial-images-4", body(partial_images=4), "partial_images"),
     ("partial-images-negative", body(partial_images=-1), "partial_images"),
