@@ -12,6 +12,8 @@ Examples::
     darkroom bench --url http://127.0.0.1:8000 --concurrency 1,2,4,8 --requests 40 --steps 20
     darkroom bench --url http://127.0.0.1:8000/split --compare http://127.0.0.1:8000/mono \\
         --rate 1,2,4 --duration 60 --arrival gamma --burstiness 0.5 --slo-ms 5000
+    darkroom bench --in-process --concurrency 1,8 --requests 40 --steps 20
+    darkroom bench --url http://127.0.0.1:8000 --rate 2 --duration 10m --steps 20   # a soak
     darkroom bench --serve deployments/configs/colocated.yaml --in-process --rounds 2 \\
         --concurrency 1,8 --requests 40 --steps 20
     darkroom bench --url http://127.0.0.1:8000/mixed --compare http://127.0.0.1:8000/grouped \\
@@ -38,6 +40,16 @@ from urllib.parse import urlsplit
 from serve.errors import InvalidRequestError
 
 _SIZE = re.compile(r"[0-9]+x[0-9]+")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(s|m|h)?")
+_UNIT_S = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"600"``, ``"30s"``, ``"10m"``, ``"1.5h"`` -> seconds (argparse type of ``--duration``)."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 600, 30s, 10m or 1h")
+    return float(match[1]) * _UNIT_S[match[2]]
 
 
 def parse_levels(text: str | None, mode: str, flag: str) -> list[Any]:
@@ -135,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             torch_threads=args.torch_threads or (serve_plan["torch_threads"] if serve_plan else None),
             progress=not args.quiet,
             loras=loras,
+            memory_interval_s=args.memory_interval,
             rounds=args.rounds or (2 if args.serve and args.in_process else 1),
             serve_config=str(args.serve) if args.serve else None,
             torch_options=serve_plan["torch_options"] if serve_plan else None,
@@ -288,7 +301,19 @@ def add_parser(sub: Any) -> None:
     load.add_argument("--concurrency", default=None, help="closed loop: clients, comma-separated sweep, e.g. 1,2,4")
     load.add_argument("--rate", default=None, help="open loop: requests/s, comma-separated sweep, e.g. 0.5,1,2")
     load.add_argument("--requests", type=int, default=None, help="measured requests per level and target (default 20)")
-    load.add_argument("--duration", type=float, default=None, help="seconds of sending per level and target")
+    load.add_argument(
+        "--duration",
+        type=parse_duration,
+        default=None,
+        help="sending time per level and target: seconds, or 30s, 10m, 1h; a duration run also reports "
+        "each minute (errors, latency percentiles) and each local replica's memory, and the soak checks",
+    )
+    load.add_argument(
+        "--memory-interval",
+        type=float,
+        default=10.0,
+        help="with --duration: seconds between samples of each local Serve replica's memory (0: none)",
+    )
     load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per level and target")
     load.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="open-loop arrivals")
     load.add_argument(

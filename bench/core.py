@@ -27,6 +27,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from bench.memory import MemorySampler
 from bench.metrics import Metrics, RequestRecord, Spread, compute_metrics, measurement_window, ratio_spreads, spread
 from bench.runner import HttpTarget, Level, Progress, Target, closed_loop, open_loop, warm_up
 from bench.schedule import Workload, arrival_offsets
@@ -83,6 +84,8 @@ class BenchConfig:
     torch_options: dict[str, Any] | None = None
     step_cache: dict[str, Any] | None = None
     progress: bool = True
+    # Duration runs (soaks): sample each local Serve replica's memory this often (0: never).
+    memory_interval_s: float = 10.0
     rounds: int = 1  # served phase + in-process phase, repeated (A/B/A/B)
     serve_config: str | None = None  # a Serve config the bench starts for each served phase and stops after
     serve_port: int | None = None  # its HTTP port (None: the config's)
@@ -147,6 +150,7 @@ class TargetRun:
     round: int = 1
     #: CPU-ms per image by process (the target's processes and the bench client), when measured.
     cpu_ms_per_image: dict[str, float] | None = None
+    soak: dict[str, Any] | None = None  # duration runs: per minute, replica memory, verdict (bench/soak.py)
 
 
 @dataclass
@@ -243,6 +247,8 @@ class BenchResult:
                         "metrics": run.metrics.to_json(),
                         "cpu_ms_per_image": run.cpu_ms_per_image,
                     }
+                    if run.soak is not None:
+                        entry["soak"] = run.soak
                     if include_records:
                         entry["records"] = [r.to_json() for r in run.records]
                     entries.append(entry)
@@ -356,6 +362,10 @@ async def run_level(
     target.configure(level)
     await warm_up(target, wl, config.warmup, level.concurrency or 1)
     started, load = _now(), _load1()
+    sampler = None
+    if config.duration_s is not None and config.memory_interval_s > 0 and isinstance(target, HttpTarget):
+        sampler = MemorySampler(config.memory_interval_s)
+        sampling = asyncio.create_task(sampler.run())
     pids = [os.getpid(), *watch()] if watch is not None else []
     cpu_before = cpu.snapshot(pids)
     label = f"{target.name} {level.label}" + (f" round {round_no}" if config.rounds > 1 else "")
@@ -382,6 +392,13 @@ async def run_level(
         bodies = [wl.body(i) for i in range(len(offsets))]
         records = await open_loop(target, bodies, offsets, on_record=progress.update)
     progress.close()
+    soak = None
+    if sampler is not None:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+        from bench.soak import soak_report
+
+        soak = soak_report(records, sampler.samples)
     metrics = compute_metrics(records, measurement_window(records), config.slo_ms)
     cpu_ms = cpu.per_image(cpu_before, cpu.snapshot(pids), metrics.images) if watch is not None else None
     m = metrics
@@ -394,7 +411,7 @@ async def run_level(
         m.latency_ms.p50,
         m.latency_ms.p99,
     )
-    return TargetRun(target.name, level, started, metrics, records, load, round_no, cpu_ms)
+    return TargetRun(target.name, level, started, metrics, records, load, round_no, cpu_ms, soak)
 
 
 def _launched_server(config: BenchConfig) -> Any:

@@ -144,6 +144,14 @@ def summary_markdown(result: BenchResult) -> str:
                 lines.append(
                     f"| {lr.level.label} | {name} | {r['throughput']} | {r['goodput']} | {r['p50']} | {r['p99']} |"
                 )
+    for lr in result.levels:
+        for name, runs in lr.runs.items():
+            for run in runs:
+                if run.soak is not None:
+                    from bench.soak import soak_markdown
+
+                    label = name + (f" round {run.round}" if len(runs) > 1 else "")
+                    lines += soak_markdown(label, lr.level.label, run.soak)
     return "\n".join(lines) + "\n"
 
 

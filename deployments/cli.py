@@ -210,7 +210,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise InvalidRequestError("--check", True, "needs --config FILE (the file to validate)")
         return run_check(Path(args.config))
     from deployments.config import AppConfig
-    from deployments.preflight import check_port
+    from deployments.preflight import check_port, port_holder
+    from serve.errors import InvalidRequestError
 
     if args.config and args.loras:
         from serve.errors import InvalidRequestError
@@ -240,6 +241,16 @@ def run_serve(args: argparse.Namespace) -> int:
     if address is None:
         # Before Ray: Serve's proxy would share a busy port (SO_REUSEPORT) or die in a traceback.
         check_port(host, port)
+        if args.metrics_port is not None:
+            holder = port_holder("127.0.0.1", args.metrics_port)
+            if holder is not None:
+                raise InvalidRequestError("--metrics-port", args.metrics_port, f"in use by {holder}")
+    elif args.metrics_port is not None:
+        raise InvalidRequestError(
+            "--metrics-port",
+            args.metrics_port,
+            "applies to the local cluster darkroom serve starts, not to RAY_ADDRESS",
+        )
     _stop_on_signals()
     from deployments.startup import ServeConsole
 
@@ -270,12 +281,18 @@ def _serve(
     started_ray = False
     try:
         if not ray.is_initialized():
-            # "local" starts a new cluster even if another one runs on this machine (never join
-            # one by accident). The dashboard executes code for whoever reaches it
-            # (CVE-2023-48022): off in the cluster we start, which listens on loopback only.
-            local = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"} if address is None else {}
-            console.say("starting a local Ray cluster ..." if address is None else f"joining Ray at {address} ...")
-            ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=args.verbose, **local)
+            # A new local cluster even if another one runs on this machine (never join one by
+            # accident), without the dashboard (it executes code for whoever reaches it,
+            # CVE-2023-48022), every port on loopback (deployments/local_cluster.py).
+            from deployments.local_cluster import start_local_cluster
+
+            quiet = {"logging_level": logging.WARNING, "log_to_driver": args.verbose}
+            if address is None:
+                console.say("starting a local Ray cluster ...")
+                start_local_cluster(metrics_port=args.metrics_port, **quiet)
+            else:
+                console.say(f"joining Ray at {address} ...")
+                ray.init(address=address, **quiet)
             started_ray = address is None
             _stop_on_signals()  # again: ray.init installs its own SIGTERM handler
         console.say(f"deploying (Ray up in {time.monotonic() - t0:.0f} s):")
@@ -294,6 +311,8 @@ def _serve(
         console.say(f"ready in {time.monotonic() - t0:.0f} s")
         for line in banner(url, storage, keys, has_playground(url)):
             console.show(line)
+        if args.metrics_port is not None:
+            console.show(f"  metrics:    http://127.0.0.1:{args.metrics_port}/metrics (Prometheus; docs/operating.md)")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -345,6 +364,13 @@ def add_parser(sub: Any) -> None:
         "and print each deployment's replicas and resources, without starting Ray",
     )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="pin Ray's Prometheus exporter of the local cluster to this port: "
+        "http://127.0.0.1:PORT/metrics serves the darkroom_* series (default: a free port)",
+    )
     p.add_argument(
         "--verbose",
         action="store_true",

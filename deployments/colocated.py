@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppConfig
+from deployments.observability import replica_observability
 from serve.api.http import create_app
 from serve.api.service import ImageService
 from serve.stages.batching import BatchPolicy
@@ -42,11 +43,13 @@ def colocated_options(cfg: AppConfig) -> ColocatedOptions:
 
 
 def stage_loader(cfg: AppConfig, info: Any):
-    """What the model thread runs first: pin torch's threads, then load the three stages."""
+    """What the model thread runs first: pin torch's threads, then load the three stages (and the
+    policy's image safety checker, as the split Decoder does)."""
 
     def load():
         import torch
 
+        from deployments.stages import attach_safety_checker
         from serve.stages import Decoder, Denoiser, TextEncoder
 
         torch.set_num_threads(cfg.ingress.threads_per_replica)
@@ -57,7 +60,9 @@ def stage_loader(cfg: AppConfig, info: Any):
 
             lkw["loras"] = LoraRepository(lkw["loras"])
         denoiser = Denoiser.load(info, **kw, **lkw, step_cache=cfg.step_cache_message())
-        return TextEncoder.load(info, **kw, **lkw), denoiser, Decoder.load(info, **kw)
+        decoder = Decoder.load(info, **kw)
+        attach_safety_checker(decoder, cfg, info)
+        return TextEncoder.load(info, **kw, **lkw), denoiser, decoder
 
     return load
 
@@ -67,17 +72,26 @@ def stage_loader(cfg: AppConfig, info: Any):
 class ColocatedIngress:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        # Logging with request ids and the replica's metrics: the stages inside record under
+        # their own ``stage`` labels (TextEncoder, Denoiser, Decoder), as in the split profile.
+        metrics = replica_observability("Ingress", cfg.log_level)
         info = cfg.model_info()
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         # The stages load in the background (the model thread): /healthz answers at once,
         # /readyz names them "loading" until they are ready, requests wait for them.
-        self.stages = ColocatedStages(stage_loader(cfg, info), store, colocated_options(cfg))
+        self.stages = ColocatedStages(stage_loader(cfg, info), store, colocated_options(cfg), metrics=metrics)
+        # The one service-config builder: auth, limits, policy, per-key limits, job leases.
         self.service = ImageService(
-            cfg.service_config(info.name), info, self.stages, store, loras=cfg.lora_catalog(info)
+            cfg.service_config(info.name), info, self.stages, store, loras=cfg.lora_catalog(info), metrics=metrics
         )
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service)
+        return create_app(self.service, behind_serve_proxy=True)
+
+    async def check_health(self) -> None:
+        # As the split Ingress: starts the job sweeper of a replica that has served no request
+        # yet (a replacement must resume its dead predecessor's jobs).
+        self.service.start_background()
 
 
 def build_colocated_app(cfg: AppConfig, shared: dict[str, Any]) -> Application:

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.api.limits import RateLimits
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import Limits
 
@@ -286,7 +287,28 @@ class AppConfig(BaseModel):
         (), description="Bearer keys every route but /healthz and /readyz needs (plus DARKROOM_API_KEYS); empty = open."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; bigger ones get 413.")
-    prompt_policy: PromptPolicy = Field(default_factory=PromptPolicy, description="Prompts refused with 400.")
+    prompt_policy: PromptPolicy = Field(
+        default_factory=PromptPolicy,
+        description="The content policy: prompts refused with 400, and the optional image safety check.",
+    )
+    rate_limits: RateLimits = Field(
+        default_factory=RateLimits,
+        description="Per API key: requests per minute and images in flight (429 with Retry-After). "
+        "Enforced by each Ingress replica on its own (docs/operating.md says why).",
+    )
+    job_lease_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A running job's lease in the result store, renewed by its Ingress every third of it; a job "
+        "whose lease ran out (its Ingress died) is resumed by another Ingress replica.",
+    )
+    job_attempts: int = Field(
+        3, ge=1, le=10, description="Tries per job (the first and resumptions after a lost lease) before it fails."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of the replicas' own log lines; each names its stage and request id."
+    )
     stage_retries: int = Field(
         5, ge=1, le=20, description="Tries per stage call when a replica dies mid-request (calls are idempotent)."
     )
@@ -332,6 +354,14 @@ class AppConfig(BaseModel):
         "affinity",
         description="With adapters and several Denoiser replicas: affinity sends a request to a replica that "
         "holds its adapters (unless its queue is much longer); plain is Serve's power of two choices.",
+    )
+    debug_reply_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="Fault-injection hook for tests, 0 in production: TextEncoder and Decoder calls wait this long "
+        "after their work (the Decoder after storing) before answering, so a test can kill a replica while "
+        "calls are certainly in flight.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -403,7 +433,8 @@ class AppConfig(BaseModel):
         return self.step_cache.message() if self.step_cache is not None else None
 
     def service_config(self, model_name: str) -> Any:
-        """The request layer's config, for every app (split, monolith): auth, limits, policy, timeouts."""
+        """The request layer's config, for every app (split, monolith): auth, limits, policy, timeouts,
+        per-key limits and job leases: one builder, so no app can serve with less of them."""
         from serve.api.service import ServiceConfig
         from serve.settings import Settings
 
@@ -416,5 +447,8 @@ class AppConfig(BaseModel):
             api_keys=tuple(dict.fromkeys(self.api_keys + Settings.from_env().api_keys)),
             max_body_bytes=self.max_body_bytes,
             backend=self.backend,
+            rate_limits=self.rate_limits,
+            job_lease_s=self.job_lease_s,
+            job_attempts=self.job_attempts,
             job_poll_s=self.job_poll_s,
         )

@@ -15,10 +15,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
+from deployments.observability import replica_observability
 from serve.api.http import create_app
 from serve.api.policy import RetryPolicy
 from serve.api.service import ImageService
 from serve.errors import DarkroomError, OverloadedError
+from serve.metrics import NO_METRICS, Metrics
+from serve.request_context import current
 from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
 from serve.storage import open_store
 
@@ -47,7 +50,9 @@ class HandleStages:
         retry: RetryPolicy | None = None,
         deadline_s: float = 300.0,
         scale_to_zero: frozenset[str] = frozenset(),
+        metrics: Metrics = NO_METRICS,
     ):
+        self.metrics = metrics
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.decoder = decoder
@@ -103,14 +108,15 @@ class HandleStages:
                     raise OverloadedError(f"{stage} replicas unavailable after {attempt} tries: {exc}") from exc
                 logger.warning("%s call failed (%s); retry %d in %.1f s", stage, type(exc).__name__, attempt, wait)
                 self.retries += 1
+                self.metrics.inc("darkroom_stage_retries_total", stage=stage)
                 await asyncio.sleep(wait)
             except RayTaskError as exc:
                 raise unwrap(exc) from None
 
     async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
-        if loras:
-            return await self._call("TextEncoder", self.text_encoder.encode, texts, tuple(loras))
-        return await self._call("TextEncoder", self.text_encoder.encode, texts)
+        # The request id rides along for the TextEncoder's log lines (DenoiseJob and
+        # DecodeRequest carry theirs).
+        return await self._call("TextEncoder", self.text_encoder.encode, texts, tuple(loras), current())
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         return await self._call("Denoiser", self.denoiser.denoise, job)
@@ -215,6 +221,7 @@ class Ingress:
         config: dict[str, Any],
     ) -> None:
         cfg = AppConfig.model_validate(config)
+        metrics = replica_observability("Ingress", cfg.log_level)
         info = cfg.model_info()
         service_cfg = cfg.service_config(info.name)
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
@@ -233,8 +240,14 @@ class Ingress:
                 )
                 if opts.min_replicas == 0
             ),
+            metrics=metrics,
         )
-        self.service = ImageService(service_cfg, info, stages, store, loras=cfg.lora_catalog(info))
+        self.service = ImageService(service_cfg, info, stages, store, loras=cfg.lora_catalog(info), metrics=metrics)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service)
+        return create_app(self.service, behind_serve_proxy=True)
+
+    async def check_health(self) -> None:
+        # Serve calls this every few seconds: it also starts the job sweeper of a replica that
+        # has served no request yet (a replacement must resume its dead predecessor's jobs).
+        self.service.start_background()

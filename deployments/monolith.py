@@ -30,6 +30,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import AppConfig, DeploymentOptions
+from deployments.observability import replica_observability
 from serve.api.http import create_app
 from serve.api.schemas import ImageGenerationRequest
 from serve.api.service import ImageService, ServiceConfig
@@ -52,6 +54,7 @@ from serve.params import GenerationParams
 from serve.stages.messages import Conditioning, DecodedImage, DenoiseJob, DenoiseProgress, StageResult
 from serve.stages.progress import EventChannel, preview_iterations, scaled_step
 from serve.storage import ResultStore, open_store
+from serve.storage.base import image_format, result_image_key
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +218,12 @@ class MonolithStages:
 class MonolithService(ImageService):
     """``ImageService`` whose generation is one ``StableDiffusionPipeline`` call per request."""
 
-    def __init__(self, config: ServiceConfig, info: ModelInfo, runner: DiffusersRunner, store: ResultStore) -> None:
-        super().__init__(config, info, MonolithStages(), store)
+    def __init__(
+        self, config: ServiceConfig, info: ModelInfo, runner: DiffusersRunner, store: ResultStore, metrics=None
+    ) -> None:
+        super().__init__(config, info, MonolithStages(), store, **({"metrics": metrics} if metrics else {}))
         self.runner = runner
+        self.safety: Any = None  # serve.safety.ImageSafetyChecker when the policy names one, as the Decoder's
         # One worker: the pipeline runs one request at a time, in arrival order.
         self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="monolith")
 
@@ -230,19 +236,34 @@ class MonolithService(ImageService):
         images, seconds = self.runner.generate(params, stop, on_step, previews)
         return images, {**seconds, "queue": queued}
 
-    def _store(self, images: np.ndarray, params: GenerationParams, metadata: dict, inline: bool):
+    def _store(self, images: np.ndarray, params: GenerationParams, metadata: dict, inline: bool, result_id: str):
         out, encode_s, store_s = [], 0.0, 0.0
+        extension, _ = image_format(params.output_format)
+        flagged = self.safety.check(images) if self.safety is not None else [False] * len(images)
         for index, img in enumerate(images):
+            if flagged[index]:
+                self.metrics.inc("darkroom_policy_blocks_total", check="image")
+                out.append(DecodedImage("", "", None, withheld=True))
+                continue
             a = time.perf_counter()
             data = encode_image(img, params.output_format, params.output_compression)
             b = time.perf_counter()
-            stored = self.store.save_image(data, params.output_format, {**metadata, "index": index})
+            # Keys from the request's result id, written once: as the split app's Decoder stores.
+            key = result_image_key(result_id, index, extension, metadata["created"])
+            stored = self.store.save_image(data, params.output_format, {**metadata, "index": index}, key=key)
             store_s += time.perf_counter() - b
             encode_s += b - a
             out.append(DecodedImage(stored.key, stored.content_type, data if inline else None))
         return out, encode_s, store_s
 
-    async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
+    async def run(
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> tuple[list[DecodedImage], dict]:
         t0 = time.perf_counter()
         stop = threading.Event()
         work = asyncio.get_running_loop().run_in_executor(self._executor, self._generate, params, t0, stop)
@@ -252,7 +273,8 @@ class MonolithService(ImageService):
         except BaseException:
             stop.set()  # timed out or cancelled (the client left): the run ends after its current step
             raise
-        return await self._stored(request.response_format == "b64_json", images, s, params, t0)
+        inline = request.response_format == "b64_json"
+        return await self._stored(inline, images, s, params, t0, result_id, created)
 
     async def develop(
         self,
@@ -261,6 +283,9 @@ class MonolithService(ImageService):
         partial_images: int,
         deadline: float,
         progress: bool = False,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
     ) -> AsyncIterator[Any]:
         """``ImageService.develop`` on the one pipeline: progress from its step callback."""
         t0 = time.perf_counter()
@@ -293,16 +318,26 @@ class MonolithService(ImageService):
         finally:
             stop.set()  # no-op when the run is done; otherwise it ends after its current step
         images, s = result
-        stored, timings = await self._stored(True, images, s, params, t0)
+        stored, timings = await self._stored(True, images, s, params, t0, result_id, created)
         yield Developed(stored, timings)
 
     async def _stored(
-        self, inline: bool, images: np.ndarray, s: dict[str, float], params: GenerationParams, t0: float
+        self,
+        inline: bool,
+        images: np.ndarray,
+        s: dict[str, float],
+        params: GenerationParams,
+        t0: float,
+        result_id: str | None = None,
+        created: float | None = None,
     ) -> tuple[list[DecodedImage], dict]:
         metadata = self.metadata(
             params, {"encode": _ms(s["encode"]), "denoise": _ms(s["denoise"]), "decode": _ms(s["decode"])}
         )
-        stored, encode_s, store_s = await asyncio.to_thread(self._store, images, params, metadata, inline)
+        if created is not None:
+            metadata["created"] = int(created)
+        result_id = result_id or uuid.uuid4().hex
+        stored, encode_s, store_s = await asyncio.to_thread(self._store, images, params, metadata, inline, result_id)
         timings = {
             "encode": _ms(s["encode"]),
             "denoise": _ms(s["denoise"]),
@@ -324,6 +359,7 @@ class MonolithService(ImageService):
 class Monolith:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
+        metrics = replica_observability(DEPLOYMENT_NAME, cfg.log_level)
         if cfg.backend not in ("torch", "auto"):
             logger.warning("the monolith runs diffusers (torch); ignoring backend=%s", cfg.backend)
         info = cfg.model_info()
@@ -331,10 +367,15 @@ class Monolith:
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         load = cfg.load_kwargs()
         runner = DiffusersRunner(info, device=load["device"], dtype=load["dtype"], step_delay_s=cfg.debug_step_delay_s)
-        self.service = MonolithService(service_cfg, info, runner, store)
+        self.service = MonolithService(service_cfg, info, runner, store, metrics)
+        if cfg.prompt_policy.image_checker:
+            from serve.safety import ImageSafetyChecker, checker_folder
+
+            folder = checker_folder(cfg.prompt_policy.image_checker, info.path)
+            self.service.safety = ImageSafetyChecker.load(folder, device=str(runner.pipe.device))
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service)
+        return create_app(self.service, behind_serve_proxy=True)
 
 
 def monolith_options(cfg: AppConfig, override: dict[str, Any] | DeploymentOptions | None) -> DeploymentOptions:

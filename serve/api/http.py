@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -24,12 +25,24 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from serve.api.policy import OPEN_PATHS, OPEN_PREFIXES, api_key_ok
+from serve.api.policy import OPEN_PATHS, OPEN_PREFIXES, api_key_ok, bearer_key
 from serve.api.responses import ImagesResponse
 from serve.api.schemas import ImageGenerationRequest
 from serve.api.service import ImageService
 from serve.api.streaming import SSE_HEADERS
-from serve.errors import AuthenticationError, DarkroomError, PayloadTooLargeError, StorageError
+from serve.errors import (
+    AuthenticationError,
+    ContentPolicyError,
+    DarkroomError,
+    ImagesWithheldError,
+    InvalidRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    RateLimitError,
+    RequestTimeoutError,
+    StorageError,
+)
+from serve.request_context import HEADER, bound, new_request_id, request_id_from
 from serve.storage import guess_content_type
 
 logger = logging.getLogger(__name__)
@@ -133,31 +146,114 @@ def _darkroom_error_response(exc: DarkroomError) -> JSONResponse:
     # itself: 500, not 503 + Retry-After.
     permanent = isinstance(exc, StorageError) and not exc.transient
     status = 500 if permanent else exc.status_code
-    return error_response(status, exc.message, exc.error_type, getattr(exc, "field", None), exc.code)
+    retry = getattr(exc, "retry_after_s", None)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    return error_response(status, exc.message, exc.error_type, getattr(exc, "field", None), exc.code, headers)
 
 
-def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> FastAPI:
-    """Add every route and error handler to ``app``; ``get_service`` is read per request."""
+def rejection_reason(exc: DarkroomError) -> str | None:
+    """``darkroom_rejected_total``'s reason for an error answered to a client (None: not a refusal)."""
+    if isinstance(exc, RateLimitError):
+        return "inflight_limited" if exc.error_type == "images" else "rate_limited"
+    for cls, reason in (
+        (AuthenticationError, "unauthenticated"),
+        (PayloadTooLargeError, "body_too_large"),
+        (ContentPolicyError, "content_policy"),
+        (ImagesWithheldError, "moderation_blocked"),
+        (InvalidRequestError, "invalid"),
+        (OverloadedError, "overloaded"),
+        (RequestTimeoutError, "timeout"),
+    ):
+        if isinstance(exc, cls):
+            return reason
+    return None
+
+
+GENERATION_PATHS = ("/v1/images/generations", "/v1/images/jobs")
+
+
+def _caller(service: ImageService, request: Request) -> str | None:
+    """Whose limits apply: the API key (checked by _auth); without configured keys, everyone's
+    (one shared identity: a made-up bearer token must not buy a fresh bucket)."""
+    return bearer_key(request.headers.get("authorization")) if service.config.api_keys else None
+
+
+def _route_path(request: Request) -> str:
+    """The route path without the app's prefix (Serve mounts apps under a root_path)."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def install_routes(
+    app: FastAPI, get_service: Callable[[], ImageService], *, behind_serve_proxy: bool = False
+) -> FastAPI:
+    """Add every route and error handler to ``app``; ``get_service`` is read per request.
+
+    Every response carries ``X-Request-Id`` (the client's when usable, else a new one) and every
+    log line of the request names it. ``behind_serve_proxy``: Ray Serve's proxy already does the
+    header (it echoes the client's id or makes one, and hands it to the app): take its id as
+    is, and do not add the header a second time.
+    """
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        keys = get_service().config.api_keys
-        # The route path without the app's prefix (Serve mounts apps under a root_path).
-        path, root = request.scope["path"], request.scope.get("root_path", "")
-        route_path = path[len(root) :] if root and path.startswith(root) else path
-        open_path = route_path in OPEN_PATHS or route_path.startswith(OPEN_PREFIXES)
-        if keys and not open_path:
+        service = get_service()
+        keys = service.config.api_keys
+        route_path = _route_path(request)
+        if keys and not (route_path in OPEN_PATHS or route_path.startswith(OPEN_PREFIXES)):
             if not api_key_ok(request.headers.get("authorization"), keys):
                 err = AuthenticationError("missing or invalid API key: send 'Authorization: Bearer <key>'")
+                service.metrics.inc("darkroom_rejected_total", reason="unauthenticated")
                 response = _darkroom_error_response(err)
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
         return await call_next(request)
 
+    inflight = 0
+
+    # Added after _auth, so it runs first (outermost): 401s get the header and count too.
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        nonlocal inflight
+        service = get_service()
+        service.start_background()  # the job sweeper, on the serving event loop
+        sent = request.headers.get(HEADER)
+        if behind_serve_proxy:
+            request_id = sent or new_request_id()
+        else:
+            request_id = request_id_from(sent)
+        generation = request.method == "POST" and _route_path(request) in GENERATION_PATHS
+        t0 = time.perf_counter()
+        inflight += 1
+        service.metrics.set("darkroom_queue_length", inflight)
+        try:
+            with bound(request_id):
+                response = await call_next(request)
+        finally:
+            inflight -= 1
+            service.metrics.set("darkroom_queue_length", inflight)
+        elapsed = time.perf_counter() - t0
+        service.metrics.inc("darkroom_requests_total", status=str(response.status_code))
+        if generation:
+            outcome = "ok" if response.status_code < 400 else "error"
+            service.metrics.observe("darkroom_request_latency_seconds", elapsed, outcome=outcome)
+        # One access line per request (probes at DEBUG: an orchestrator sends them every few seconds).
+        level = logging.DEBUG if _route_path(request) in OPEN_PATHS else logging.INFO
+        with bound(request_id):
+            logger.log(
+                level, "%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, elapsed * 1e3
+            )
+        if not behind_serve_proxy:
+            response.headers[HEADER] = request_id
+        return response
+
     @app.exception_handler(DarkroomError)
     async def _darkroom_error(_: Request, exc: DarkroomError) -> JSONResponse:
         if exc.status_code >= 500:
             logger.warning("%s: %s", type(exc).__name__, exc.message)
+        reason = rejection_reason(exc)
+        if reason is not None:
+            get_service().metrics.inc("darkroom_rejected_total", reason=reason)
         return _darkroom_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -194,17 +290,19 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
         service = get_service()
         raw = await read_body(request, service.config.max_body_bytes)
         key = request.headers.get("idempotency-key")
-        events = await service.generate_stream(raw, str(request.base_url), idempotency_key=key)
+        api_key = _caller(service, request)
+        events = await service.generate_stream(raw, str(request.base_url), idempotency_key=key, api_key=api_key)
         if events is not None:
             return EventStreamResponse(events)
-        work = service.generate(raw, str(request.base_url), idempotency_key=key)
+        work = service.generate(raw, str(request.base_url), idempotency_key=key, api_key=api_key)
         body, timings = await until_disconnected(request, work)
         return JSONResponse(body, headers={"Server-Timing": server_timing(timings)})
 
     @app.post("/v1/images/jobs", status_code=202, openapi_extra=_BODY_DOC)
     async def submit_job(request: Request) -> JSONResponse:
         service = get_service()
-        record = await service.submit_job(await read_body(request, service.config.max_body_bytes))
+        raw = await read_body(request, service.config.max_body_bytes)
+        record = await service.submit_job(raw, api_key=_caller(service, request))
         location = f"/v1/images/jobs/{record['id']}"
         return JSONResponse(record, status_code=202, headers={"Location": location})
 
@@ -260,7 +358,8 @@ def install_routes(app: FastAPI, get_service: Callable[[], ImageService]) -> Fas
     return app
 
 
-def create_app(service: ImageService) -> FastAPI:
-    """A standalone app (no Ray): e.g. ``uvicorn`` over ``LocalStages``."""
+def create_app(service: ImageService, *, behind_serve_proxy: bool = False) -> FastAPI:
+    """The app over one service: standalone (e.g. ``uvicorn`` over ``LocalStages``), or a Serve
+    replica's (``behind_serve_proxy``: the proxy owns ``X-Request-Id``)."""
     app = FastAPI(title="Darkroom", version="0.1.0")
-    return install_routes(app, lambda: service)
+    return install_routes(app, lambda: service, behind_serve_proxy=behind_serve_proxy)

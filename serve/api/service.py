@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,13 +22,25 @@ import numpy as np
 
 from serve.api.idempotency import IdempotencyGuard
 from serve.api.jobs import JobManager
+from serve.api.leases import INTERNAL_FIELDS, LeasePolicy
+from serve.api.limits import KeyLimiter, RateLimits
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
 from serve.api.streaming import COMPLETED, ERROR, PARTIAL, Developed, StreamContext, error_payload, sse
-from serve.errors import DarkroomError, InvalidRequestError, ModelNotFoundError, NotFoundError, RequestTimeoutError
+from serve.errors import (
+    ContentPolicyError,
+    DarkroomError,
+    ImagesWithheldError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestTimeoutError,
+)
 from serve.families import family_of
+from serve.metrics import NO_METRICS, Metrics
 from serve.model import ModelInfo
 from serve.params import GenerationParams
+from serve.request_context import current
 from serve.stages.messages import DecodedImage, DecodeRequest, DenoiseProgress, StageClient, StageResult
 from serve.storage import LocalStore, ResultStore
 
@@ -58,6 +71,9 @@ class ServiceConfig:
     max_body_bytes: int = 1 << 20
     #: The stages' engine backend: per-request LoRA needs torch (``serve.lora.LORA_BACKENDS``).
     backend: str = "torch"
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    job_lease_s: float = 30.0
+    job_attempts: int = 3
     # How often a job's record is rewritten with its progress, and how often a job polls the
     # store for a cancel asked of another Ingress replica (and a stream of a job running on
     # another replica polls its record).
@@ -73,6 +89,33 @@ def lora_list(loras: tuple[tuple[str, float], ...]) -> list[dict[str, Any]]:
     return [{"name": n, "scale": s} for n, s in loras]
 
 
+def withheld_error(index: int) -> dict[str, Any]:
+    """What the response says about an image the safety check withheld (OpenAI's moderation shape)."""
+    return {
+        "index": index,
+        "error": {
+            "message": f"image {index} was withheld: the image safety check flagged it",
+            "type": "image_generation_user_error",
+            "param": None,
+            "code": "moderation_blocked",
+        },
+    }
+
+
+def image_records(images: list[DecodedImage]) -> list[dict[str, Any]]:
+    """Images as a job or idempotency record keeps them (in order: a withheld one keeps its place)."""
+    return [{"withheld": True} if im.withheld else {"key": im.key, "content_type": im.content_type} for im in images]
+
+
+def from_records(records: list[dict[str, Any]]) -> list[DecodedImage]:
+    return [
+        DecodedImage("", "", None, withheld=True)
+        if im.get("withheld")
+        else DecodedImage(im["key"], im["content_type"], None)
+        for im in records
+    ]
+
+
 class ImageService:
     """Request handling for ``/v1/images/*``, ``/v1/models``, ``/v1/files``, readiness."""
 
@@ -83,6 +126,7 @@ class ImageService:
         stages: StageClient,
         store: ResultStore,
         loras: Any = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.config = config
         self.info = info
@@ -90,10 +134,17 @@ class ImageService:
         self.stages = stages
         self.store = store
         self.loras = loras  # serve.lora.LoraCatalog of the adapter repository, or None
+        self.metrics = metrics
         self.idempotency = IdempotencyGuard(store, stale_after_s=config.request_timeout_s + 30)
-        self.jobs = JobManager(self)
+        self.limiter = KeyLimiter(config.rate_limits)
+        policy = LeasePolicy(config.job_lease_s, config.job_attempts, config.request_timeout_s)
+        self.jobs = JobManager(self, policy, metrics=metrics)
         self._preview_map: np.ndarray | None = None
         self._preview_map_at: float | None = None
+
+    def start_background(self) -> None:
+        """Start the job sweeper (idempotent; call from the serving event loop)."""
+        self.jobs.start_sweeper()
 
     # -- validation -----------------------------------------------------------------------
     def parse(self, body: Any) -> tuple[ImageGenerationRequest, GenerationParams]:
@@ -105,7 +156,11 @@ class ImageService:
         )
         self.family.check(params)
         policy = self.config.prompt_policy
-        policy.check(params.prompt, params.negative_prompt, moderation=request.moderation or "auto")
+        try:
+            policy.check(params.prompt, params.negative_prompt, moderation=request.moderation or "auto")
+        except ContentPolicyError:
+            self.metrics.inc("darkroom_policy_blocks_total", check="prompt")
+            raise
         return request, params
 
     def model_ids(self) -> tuple[str, ...]:
@@ -138,23 +193,40 @@ class ImageService:
 
     # -- generation -------------------------------------------------------------------------
     async def _bounded(self, coro: Awaitable[T], stage: str) -> T:
+        t0 = time.perf_counter()
         try:
             return await asyncio.wait_for(coro, timeout=self.config.stage_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(f"{stage} did not answer within {self.config.stage_timeout_s:.0f} s") from None
+        finally:
+            self.metrics.observe("darkroom_stage_latency_seconds", time.perf_counter() - t0, stage=stage)
 
-    async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
-        """Run one request through the stages; returns its stored images and timings (ms)."""
+    async def run(
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> tuple[list[DecodedImage], dict]:
+        """Run one request through the stages; returns its images (stored, or withheld by the
+        safety check) and timings (ms).
+
+        Its images are stored under keys made of ``result_id`` (a job's id; default: a fresh
+        one) and their index, so every try of the request (a decode retried after a replica
+        died, a job resumed elsewhere) stores each image once. ``created`` (the request's Unix
+        time) dates the keys' folder and the metadata.
+        """
         self._wake()
         plan = self.family.plan(params)
         t0 = time.perf_counter()
         enc = await self._bounded(self._encode(plan, params), "TextEncoder")
         t1 = time.perf_counter()
-        job = plan.denoise_job(enc.value)
+        job = dataclasses.replace(plan.denoise_job(enc.value), request_id=current())
         den = await self._bounded(self.stages.denoise(job), "Denoiser")
         t2 = time.perf_counter()
         inline = request.response_format == "b64_json"
-        return await self._decode(params, den, inline, (t0, t1, t2), enc)
+        return await self._decode(params, den, inline, (t0, t1, t2), enc, result_id=result_id, created=created)
 
     def _encode(self, plan: Any, params: GenerationParams) -> Awaitable[StageResult]:
         """The TextEncoder call; without adapters, the one-argument call every StageClient takes."""
@@ -174,12 +246,24 @@ class ImageService:
         inline: bool,
         marks: tuple[float, float, float],
         enc: StageResult,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
     ) -> tuple[list[DecodedImage], dict]:
         """The Decoder's part of a request, and the timings (ms) of all three stages."""
         t0, t1, t2 = marks
+        request_id = current()
         metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
+        metadata["created"] = int(created if created is not None else metadata["created"])
+        if request_id is not None:
+            metadata["request_id"] = request_id
         dec_req = DecodeRequest(
-            params.output_format, metadata, inline=inline, output_compression=params.output_compression
+            params.output_format,
+            metadata,
+            inline=inline,
+            output_compression=params.output_compression,
+            request_id=request_id,
+            result_id=result_id or uuid.uuid4().hex,
         )
         dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
         t3 = time.perf_counter()
@@ -224,17 +308,20 @@ class ImageService:
         partial_images: int,
         deadline: float,
         progress: bool = False,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
     ) -> AsyncIterator[DenoiseProgress | Developed]:
         """The stages streamed: ``DenoiseProgress`` items with the partial images asked for (and
         after every step with ``progress``), then ``Developed``. ``deadline`` (the loop's clock)
-        bounds the whole request; each stage is bounded as in ``run``. Closing it early cancels
-        the stage call in flight."""
+        bounds the whole request; each stage is bounded as in ``run`` (``result_id`` and
+        ``created`` too). Closing it early cancels the stage call in flight."""
         self._wake()
         plan = self.family.plan(params)
         t0 = time.perf_counter()
         enc = await _until(deadline, self._bounded(self._encode(plan, params), "TextEncoder"))
         t1 = time.perf_counter()
-        job = dataclasses.replace(plan.denoise_job(enc.value), progress=progress)
+        job = dataclasses.replace(plan.denoise_job(enc.value), progress=progress, request_id=current())
         if partial_images:
             preview_map = await _until(deadline, self.preview_map())
             job = dataclasses.replace(job, partial_images=partial_images, preview_map=preview_map)
@@ -251,7 +338,8 @@ class ImageService:
                 else:
                     yield item
         t2 = time.perf_counter()
-        images, timings = await _until(deadline, self._decode(params, den, True, (t0, t1, t2), enc))
+        decoded = self._decode(params, den, True, (t0, t1, t2), enc, result_id=result_id, created=created)
+        images, timings = await _until(deadline, decoded)
         yield Developed(images, timings)
 
     def stream_context(self, request: ImageGenerationRequest, params: GenerationParams) -> StreamContext:
@@ -267,11 +355,11 @@ class ImageService:
         )
 
     async def generate_stream(
-        self, body: Any, base_url: str, idempotency_key: str | None = None
+        self, body: Any, base_url: str, idempotency_key: str | None = None, api_key: str | None = None
     ) -> AsyncIterator[bytes] | None:
         """``POST /v1/images/generations`` with ``stream: true``: the SSE body, or None when the
-        request does not stream. Validation errors (adapters included) raise here, before anything
-        is sent."""
+        request does not stream. Validation errors (adapters included, and the key's limits) raise
+        here, before anything is sent; the key's images are held until the stream ends."""
         request, params = self.parse(body)
         if not request.stream:
             return None
@@ -281,16 +369,27 @@ class ImageService:
             )
         if params.loras:
             await asyncio.to_thread(self.check_loras, params)
-        return self._stream(request, params, base_url)
+        self.limiter.admit(api_key, params.n)
+        return self._stream(request, params, base_url, api_key)
 
-    async def _stream(self, request: ImageGenerationRequest, params: GenerationParams, base_url: str):
+    async def _stream(
+        self, request: ImageGenerationRequest, params: GenerationParams, base_url: str, api_key: str | None = None
+    ):
         ctx = self.stream_context(request, params)
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
         try:
             async with contextlib.aclosing(self.develop(request, params, request.partial_images or 0, deadline)) as it:
                 async for item in it:
                     if isinstance(item, Developed):
+                        self._count_images(item.images)
+                        if item.images and all(im.withheld for im in item.images):
+                            n = len(item.images)
+                            raise ImagesWithheldError(
+                                f"all {n} image(s) were withheld: the image safety check flagged them"
+                            )
                         for index, image in enumerate(item.images):
+                            if image.withheld:  # its index is missing from the completed events
+                                continue
                             url = self.url_for(image.key, base_url) if request.response_format == "url" else None
                             yield sse(COMPLETED, ctx.completed(image.data or b"", index, url))
                     elif item.preview is not None:
@@ -303,6 +402,8 @@ class ImageService:
         except Exception:
             logger.exception("stream failed")
             yield sse(ERROR, error_payload("internal server error", "server_error", None, None))
+        finally:
+            self.limiter.release(api_key, params.n)
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
         """What is stored beside each image (its index is added per image)."""
@@ -330,17 +431,30 @@ class ImageService:
         return meta
 
     async def generate(
-        self, body: Any, base_url: str, idempotency_key: str | None = None
+        self, body: Any, base_url: str, idempotency_key: str | None = None, api_key: str | None = None
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """``POST /v1/images/generations``: the OpenAI response body and the timings."""
+        """``POST /v1/images/generations``: the OpenAI response body and the timings.
+
+        ``api_key`` is the caller's key: its limits (``rate_limits``) apply. A request whose
+        every image the safety check withheld raises :class:`ImagesWithheldError` (400).
+        """
         request, params = self.parse(body)
         if params.loras:
             await asyncio.to_thread(self.check_loras, params)
+        self.limiter.admit(api_key, params.n)
+        try:
+            return await self._generate_admitted(request, params, base_url, idempotency_key)
+        finally:
+            self.limiter.release(api_key, params.n)
 
+    async def _generate_admitted(
+        self, request: ImageGenerationRequest, params: GenerationParams, base_url: str, idempotency_key: str | None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         async def produce() -> dict[str, Any]:
             created = int(time.time())
             try:
-                images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
+                run = self.run(request, params, created=created)
+                images, timings = await asyncio.wait_for(run, self.config.request_timeout_s)
             except asyncio.TimeoutError:
                 raise RequestTimeoutError(f"request took longer than {self.config.request_timeout_s:.0f} s") from None
             return {"created": created, "seed": params.seed, "images": images, "timings": timings}
@@ -353,17 +467,26 @@ class ImageService:
 
             async def produce_record() -> dict[str, Any]:
                 out = await produce()
-                out["images"] = [{"key": im.key, "content_type": im.content_type} for im in out["images"]]
+                out["images"] = image_records(out["images"])
                 return out
 
             out = await self.idempotency.run(idempotency_key, fields, produce_record, self.config.request_timeout_s)
-            images = [DecodedImage(im["key"], im["content_type"], None) for im in out["images"]]
+            images = from_records(out["images"])
+        self._count_images(images)
+        if images and all(im.withheld for im in images):
+            raise ImagesWithheldError(f"all {len(images)} image(s) were withheld: the image safety check flagged them")
         body_out = await asyncio.to_thread(
             self.render, out["created"], out["seed"], images, request.response_format, base_url, out["timings"]
         )
         if params.loras:
             body_out["loras"] = lora_list(params.loras)  # what made these images, beside the seed
         return body_out, out["timings"]
+
+    def _count_images(self, images: list[DecodedImage]) -> None:
+        withheld = sum(im.withheld for im in images)
+        self.metrics.inc("darkroom_images_total", len(images) - withheld, status="returned")
+        if withheld:
+            self.metrics.inc("darkroom_images_total", withheld, status="withheld")
 
     def render(
         self,
@@ -374,11 +497,15 @@ class ImageService:
         base_url: str,
         timings: dict[str, float],
     ) -> dict[str, Any]:
-        data = []
+        data, withheld = [], []
         # Each image carries what reproduces it: the request's seed and its index in the batch of
         # n (image i of seed s and n is image i when sent again with s and n). Fields Darkroom does
-        # not fill (OpenAI's revised_prompt) are absent, never null.
+        # not fill (OpenAI's revised_prompt) are absent, never null; so is ``withheld`` when the
+        # safety check withheld nothing.
         for index, image in enumerate(images):
+            if image.withheld:
+                withheld.append(withheld_error(index))
+                continue
             item: dict[str, Any] = {"seed": seed, "index": index}
             if response_format == "b64_json":
                 raw = image.data if image.data is not None else self.store.get_bytes(image.key)
@@ -386,16 +513,30 @@ class ImageService:
             else:
                 item["url"] = self.url_for(image.key, base_url)
             data.append(item)
-        return {"created": created, "data": data, "timings": timings}
+        out: dict[str, Any] = {"created": created, "data": data, "timings": timings}
+        if withheld:
+            out["withheld"] = withheld
+        return out
 
     def url_for(self, key: str, base_url: str) -> str:
         if isinstance(self.store, LocalStore):
             return f"{base_url.rstrip('/')}/v1/files/{key}"
         return self.store.url(key)
 
-    # -- async jobs (serve/api/jobs.py) --------------------------------------------------------
-    async def submit_job(self, body: Any) -> dict[str, Any]:
-        return await self.jobs.submit(body)
+    # -- async jobs (serve/api/jobs.py; leases: serve/api/leases.py) --------------------------
+    async def submit_job(self, body: Any, api_key: str | None = None) -> dict[str, Any]:
+        request, params = self.parse(body)
+        if request.stream:
+            raise InvalidRequestError("stream", True, "jobs stream through GET /v1/images/jobs/{id}/events")
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
+        self.limiter.admit(api_key, params.n)
+        return await self.jobs.submit(request, params, on_end=lambda: self.limiter.release(api_key, params.n))
+
+    @staticmethod
+    def public(record: dict[str, Any]) -> dict[str, Any]:
+        """A job record as clients see it: without the Ingress's own fields (lease, recorded request)."""
+        return {k: v for k, v in record.items() if k not in INTERNAL_FIELDS}
 
     async def get_job(self, job_id: str, base_url: str) -> dict[str, Any]:
         return await self.jobs.get(job_id, base_url)

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from serve.metrics import NO_METRICS, Metrics, for_stage
 from serve.stages.batching import BatchPolicy, BatchQueue, ModelThread
 from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
 
@@ -61,9 +62,11 @@ class ColocatedStages:
         load: Callable[[], tuple[TextEncoder, Denoiser, Decoder]],
         store: ResultStore,
         options: ColocatedOptions | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.store = store
         self.options = options or ColocatedOptions()
+        self.metrics = metrics  # the replica's; each stage records under its own ``stage`` label
         self.model_thread = ModelThread()
         self._parts = self.model_thread.submit(load)
         self._parts.add_done_callback(self._log_load)
@@ -79,9 +82,10 @@ class ColocatedStages:
         decoder: Decoder,
         store: ResultStore,
         options: ColocatedOptions | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> ColocatedStages:
         """Over stages already loaded (tests, the in-process pipeline's)."""
-        return cls(lambda: (text_encoder, denoiser, decoder), store, options)
+        return cls(lambda: (text_encoder, denoiser, decoder), store, options, metrics)
 
     @staticmethod
     def _log_load(future: Any) -> None:
@@ -98,6 +102,8 @@ class ColocatedStages:
             from serve.stages.continuous import ContinuousDenoiser
 
             opts = self.options
+            text_encoder.metrics = for_stage(self.metrics, "TextEncoder")
+            decoder.metrics = for_stage(self.metrics, "Decoder")
             self._encode_queue = BatchQueue(text_encoder.encode_requests, opts.text_batch, executor=self.model_thread)
             self._vae_queue = BatchQueue(self._vae, opts.decode_batch, executor=self.model_thread)
             self._denoise_loop = ContinuousDenoiser(
@@ -107,6 +113,7 @@ class ColocatedStages:
                 lora_batching=opts.lora_batching,
                 executor=self.model_thread,
                 interrupt=lambda: self.model_thread.queued > 0,
+                metrics=for_stage(self.metrics, "Denoiser"),
             )
         return text_encoder, denoiser, decoder
 
@@ -148,25 +155,28 @@ class ColocatedStages:
         return await asyncio.get_running_loop().run_in_executor(self.model_thread, decoder.preview_map)
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
-        from serve.stages.decoder import Decoder
-
         _, _, decoder = await self._stages()
         decoder.validate(latents)
-        pixels, decode_s, batch_size = await self._vae_queue.submit(latents)  # type: ignore[union-attr]
+        pixels, flags, decode_s, batch_size = await self._vae_queue.submit(latents)  # type: ignore[union-attr]
+        # As the split Decoder's decode_requests: the safety check's verdicts (made in the model
+        # thread), then once-only keys, storage and metrics, here outside the model thread.
         results = await asyncio.to_thread(
-            Decoder.store_requests, [pixels], [request], self.store, decode_s, batch_size=batch_size
+            decoder.store_requests, [pixels], [request], self.store, decode_s, batch_size=batch_size, flags=[flags]
         )
         return results[0]
 
-    def _vae(self, batch: list[np.ndarray]) -> list[tuple[np.ndarray, float, int]]:
-        """Model thread: one VAE pass over the batch; each request's pixels, the pass's seconds, its size."""
+    def _vae(self, batch: list[np.ndarray]) -> list[tuple[np.ndarray, list[bool], float, int]]:
+        """Model thread: one VAE pass over the batch and the safety check (torch too); each request's
+        pixels and verdicts, the pass's seconds, its size."""
         import time
 
         decoder = self._parts.result()[2]
         t0 = time.perf_counter()
         pixels = decoder.decode(batch)
         seconds = time.perf_counter() - t0
-        return [(px, seconds, len(batch)) for px in pixels]
+        decoder.observe_batch(len(batch), seconds)
+        flags = decoder.check(pixels)
+        return [(px, f, seconds, len(batch)) for px, f in zip(pixels, flags, strict=True)]
 
     async def ready(self) -> dict[str, str]:
         if not self._parts.done():

@@ -22,6 +22,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from serve.metrics import NO_METRICS, Metrics
 from serve.stages.denoiser import Denoiser
 from serve.stages.messages import DenoiseJob, DenoiseProgress, StageResult
 from serve.stages.progress import EventChannel
@@ -72,8 +73,10 @@ class ContinuousDenoiser:
         lora_batching: str = "mixed",
         executor: Executor | None = None,
         interrupt: Callable[[], bool] | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.denoiser = denoiser
+        self.metrics = metrics
         self.max_requests = max_requests
         # "mixed": adapters share the batch; "one_group": the baseline, one adapter set at a time
         # (serve/lora/policy.py).
@@ -226,6 +229,8 @@ class ContinuousDenoiser:
         while True:
             new = self._admit(active)
             active += new
+            self.metrics.set("darkroom_queue_length", len(self._pending))
+            self.metrics.set("darkroom_inflight_requests", len(active))
             self.in_flight = len(active)
             if not active:
                 self._wakeup.clear()
@@ -235,17 +240,23 @@ class ContinuousDenoiser:
             t0 = time.perf_counter()
             try:
                 if self.executor is None:
-                    await asyncio.to_thread(self._advance, new, active)
+                    steps = await asyncio.to_thread(self._advance, new, active)
                 else:
-                    await asyncio.get_running_loop().run_in_executor(self.executor, self._advance, new, active)
+                    steps = await asyncio.get_running_loop().run_in_executor(self.executor, self._advance, new, active)
             except Exception as exc:  # the batch fails; the loop (and the replica) carry on
-                logger.exception("denoising step failed for %d request(s)", len(active))
+                ids = ",".join(e.job.request_id or "-" for e in active)
+                logger.exception("denoising step failed for %d request(s): %s", len(active), ids)
                 for entry in active:
                     entry.finish(exc)
                 active = []
                 self.in_flight = 0
                 continue
             dt = time.perf_counter() - t0
+            # self.steps counts in the stepping thread (_advance); metrics take the stretch here
+            self.metrics.inc("darkroom_denoise_steps_total", steps * len(active))
+            for _ in range(steps):  # every step of this stretch had the same batch
+                self.metrics.observe("darkroom_step_seconds", dt / steps)
+                self.metrics.observe("darkroom_batch_size", len(active))
             self.peak_requests = max(self.peak_requests, len(active))
             still = []
             for entry in active:

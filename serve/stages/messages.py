@@ -74,6 +74,7 @@ class DenoiseJob:
     #: LoRA adapters and their scales, ``((name, scale), ...)``: applied to this request's rows
     #: only (negative rows too, as diffusers does); not part of the batch key.
     loras: tuple[tuple[str, float], ...] = ()
+    request_id: str | None = None  # the HTTP request's id, for the stage's log lines (never for keys)
     # Partial images (streaming, jobs): how many, at evenly spaced steps, and the latent -> RGB
     # map they are drawn with (the Decoder's fit, serve/families/preview.py). 0: none.
     partial_images: int = 0
@@ -124,6 +125,11 @@ class DecodeRequest:
     metadata: dict[str, Any]
     inline: bool  # return the encoded bytes too (response_format=b64_json)
     output_compression: int | None = None  # jpeg/webp quality 0..100; None = the encoder's default
+    request_id: str | None = None  # the HTTP request's id, for the stage's log lines (never for keys)
+    # Server-made id of this request's results (a job's id, else a fresh uuid): image i is stored
+    # under a key made of it and i, written only if absent, so a decode call sent again after a
+    # replica died finds the first call's images instead of storing them twice. None: fresh keys.
+    result_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,10 +137,13 @@ class DecodedImage:
     key: str
     content_type: str
     data: bytes | None  # only when DecodeRequest.inline
+    withheld: bool = False  # the image safety check flagged it: neither stored nor returned (key "")
 
 
 class StageClient(Protocol):
-    """How the request layer reaches the stages. Every call is idempotent (safe to retry)."""
+    """How the request layer reaches the stages. Every call is idempotent (safe to retry): decode
+    stores under keys made from ``DecodeRequest.result_id``, written only if absent. The request
+    id for the stages' log lines is ``serve.request_context.current()`` at the call."""
 
     async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult: ...
 

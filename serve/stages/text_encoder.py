@@ -27,6 +27,7 @@ import torch
 from serve.engines import Engine
 from serve.families import Family, family_of
 from serve.lora.catalog import refuse_loras
+from serve.metrics import NO_METRICS, Metrics
 from serve.model import ModelInfo
 from serve.stages.loading import load_stage_engines
 from serve.stages.messages import StageResult
@@ -76,6 +77,7 @@ class TextEncoder:
         self._cache: OrderedDict[Key, Row] = OrderedDict()
         self._lock = threading.Lock()
         self.calls = 0  # model calls made, for tests and metrics
+        self.metrics: Metrics = NO_METRICS  # a deployment sets its replica's recorder
 
     @classmethod
     def load(
@@ -115,7 +117,10 @@ class TextEncoder:
         keys = [k for k, _ in items]
         with self._lock:
             missing = {k: c for k, c in items if k not in self._cache}
+        self.metrics.inc("darkroom_prompt_cache_total", len(keys) - len(missing), result="hit")
+        self.metrics.inc("darkroom_prompt_cache_total", len(missing), result="miss")
         if missing:
+            t0 = time.perf_counter()
             order = list(missing)
             runs = [(1, missing[k]) for k in order]
             rows = self.lora.rows(runs) if self.lora is not None else contextlib.nullcontext()
@@ -123,6 +128,7 @@ class TextEncoder:
                 batch = self.family.encode(self.engines, self.tokenizers, [k[0] for k in order])
             arrays = {name: to_numpy(x) for name, x in batch.items()}
             self.calls += 1
+            self.metrics.observe("darkroom_step_seconds", time.perf_counter() - t0)
             with self._lock:
                 for i, key in enumerate(order):
                     self._cache[key] = {name: a[i] for name, a in arrays.items()}
@@ -146,12 +152,16 @@ class TextEncoder:
                 return None
             for k in keys:
                 self._cache.move_to_end(k)
-            return [self._cache[k] for k in keys]
+            rows = [self._cache[k] for k in keys]
+        self.metrics.inc("darkroom_prompt_cache_total", len(keys), result="hit")
+        return rows
 
     def encode_requests(self, batch: Sequence[Any], *, timed: bool = True) -> list[Any]:
         """Each request's texts (its plan's ``texts``, or ``(texts, loras)``) -> its rows, encoded
         together in one call. Returns ``StageResult``s (``timed=False``: the rows lists)."""
         t0 = time.perf_counter()
+        if timed:
+            self.metrics.observe("darkroom_batch_size", len(batch))
         # A request is its texts (strings; a family's plan may hold them in a tuple) or a pair
         # (texts, loras): a pair's first item is a sequence, never a string.
         requests = [

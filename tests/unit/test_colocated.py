@@ -219,6 +219,48 @@ def test_encoder_waiting_interrupts_the_step_loop(parts, tmp_path):
     stages.close()
 
 
+def test_colocated_decode_checks_keys_once_and_records_each_stage(tiny_model, parts, tmp_path):
+    """The colocated path keeps the split Decoder's contract: once-only keys from the result id,
+    the safety check withholding flagged images, and metrics under each stage's own name."""
+    from serve.metrics import RecordingMetrics
+    from serve.safety import ImageSafetyChecker
+    from serve.stages.messages import DecodeRequest
+    from serve.tiny.safety import write_tiny_safety_checker
+
+    encoder, denoiser, _ = parts
+    decoder = Decoder.load(tiny_model, device="cpu")  # its own: the test sets its safety checker
+    storage = tmp_path / "store"
+    metrics = RecordingMetrics("Ingress")
+    stages = ColocatedStages.from_stages(encoder, denoiser, decoder, open_store(str(storage)), metrics=metrics)
+    service = _service(tiny_model, stages, stages.store)
+    c = decoder.info.latent_channels
+    latents = np.random.default_rng(0).standard_normal((2, c, 8, 8)).astype(np.float32)
+    req = DecodeRequest("png", {"created": 1_700_000_000}, inline=False, result_id="abc123")
+
+    async def main():
+        request, params = service.parse({"prompt": "a metered kite", "seed": 5, "num_inference_steps": 3})
+        await service.run(request, params)
+        first = await stages.decode(latents, req)
+        second = await stages.decode(latents, req)  # a retry: the same keys, nothing stored twice
+        decoder.safety = ImageSafetyChecker.load(write_tiny_safety_checker(tmp_path / "all", "flag-all"))
+        withheld = await stages.decode(latents, DecodeRequest("png", {}, inline=False, result_id="def456"))
+        return first, second, withheld
+
+    first, second, withheld = asyncio.run(main())
+    keys = [im.key for im in first.value]
+    assert keys == [im.key for im in second.value]
+    assert keys == ["images/2023/11/14/abc123-0.png", "images/2023/11/14/abc123-1.png"]
+    assert all(im.withheld and not im.key for im in withheld.value) and len(withheld.value) == 2
+    assert len(list((storage / "images").rglob("*.png"))) == 3  # the request's image and abc123's two
+    assert metrics.value("darkroom_images_total", stage="Decoder", status="withheld") == 2
+    assert metrics.value("darkroom_policy_blocks_total", stage="Decoder", check="image") == 2
+    assert len(metrics.samples("darkroom_batch_size", stage="Decoder")) == 4  # one VAE pass per call
+    assert metrics.value("darkroom_denoise_steps_total", stage="Denoiser") >= 3
+    assert metrics.value("darkroom_prompt_cache_total", stage="TextEncoder", result="miss") >= 1
+    assert metrics.value("darkroom_denoise_steps_total", stage="Ingress") == 0  # nothing under the wrong stage
+    stages.close()
+
+
 def test_colocated_stages_stream_partial_images_and_the_same_final_image(tiny_model, parts, tmp_path):
     """The colocated profile streams (partial images drawn in its step loop, the preview map fitted
     on its model thread), and the streamed image is the one a plain request gets."""
