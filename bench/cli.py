@@ -1,5 +1,11 @@
-"""``darkroom bench``: drive a served app (and optionally a second one, or the in-process
-pipeline) with a seeded workload at several load levels; write report.json, summary.md, plots.
+"""``darkroom bench``: drive a served app (and optionally a second one, and the in-process
+pipeline: its limit) with a seeded workload at several load levels; write report.json, summary.md, plots.
+
+The in-process baseline runs alone: with ``--serve CONFIG`` the bench starts the app for each
+served phase and stops it (its Ray cluster included) before each in-process phase, alternating
+``--rounds`` times (A/B/A/B), and gives the in-process pipeline the torch threads of the app's
+model replicas together; without ``--serve`` it refuses to run the in-process phase while a
+serving cluster is alive on this machine.
 
 Examples::
 
@@ -7,6 +13,17 @@ Examples::
     darkroom bench --url http://127.0.0.1:8000/split --compare http://127.0.0.1:8000/mono \\
         --rate 1,2,4 --duration 60 --arrival gamma --burstiness 0.5 --slo-ms 5000
     darkroom bench --in-process --concurrency 1,8 --requests 40 --steps 20
+    darkroom bench --url http://127.0.0.1:8000 --rate 2 --duration 10m --steps 20   # a soak
+    darkroom bench --serve deployments/configs/colocated.yaml --in-process --rounds 2 \\
+        --concurrency 1,8 --requests 40 --steps 20
+    darkroom bench --url http://127.0.0.1:8000/mixed --compare http://127.0.0.1:8000/grouped \\
+        --loras style0,style1,style2,style3 --concurrency 8 --requests 64 --steps 20
+
+With ``--loras``, every served target runs twice per level: as given, then "+loras" (each
+request with one adapter drawn, seeded, from the list); the summary compares the two and shows
+the Denoiser's adapter-cache hit rate.
+    darkroom bench --url http://127.0.0.1:8000 --compare-stream --partial-images 3 --concurrency 16 \\
+        --requests 200 --steps 20 --size 64x64    # streaming vs not, same app, same requests
 """
 
 from __future__ import annotations
@@ -23,6 +40,16 @@ from urllib.parse import urlsplit
 from serve.errors import InvalidRequestError
 
 _SIZE = re.compile(r"[0-9]+x[0-9]+")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(s|m|h)?")
+_UNIT_S = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"600"``, ``"30s"``, ``"10m"``, ``"1.5h"`` -> seconds (argparse type of ``--duration``)."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 600, 30s, 10m or 1h")
+    return float(match[1]) * _UNIT_S[match[2]]
 
 
 def parse_levels(text: str | None, mode: str, flag: str) -> list[Any]:
@@ -51,10 +78,21 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from bench.core import BenchConfig, TargetSpec
     from bench.schedule import DEFAULT_PROMPTS, Workload, read_prompts
 
+    serve_plan = plan_serve(args) if args.serve else None
     if not args.url and not args.in_process:
-        raise InvalidRequestError("--url", None, "give a URL to benchmark, or --in-process")
+        raise InvalidRequestError("--url", None, "give a URL to benchmark, --serve CONFIG, or --in-process")
+    if args.rounds is not None and args.rounds < 1:
+        raise InvalidRequestError("--rounds", args.rounds, "must be >= 1")
     if args.compare and not args.url:
         raise InvalidRequestError("--compare", args.compare, "needs --url (the first target)")
+    if args.compare_stream and not args.url:
+        raise InvalidRequestError("--compare-stream", True, "needs --url (the app to stream from)")
+    if args.compare_stream and (args.compare or args.stream):
+        raise InvalidRequestError(
+            "--compare-stream", True, "compares --url with itself: leave out --compare and --stream"
+        )
+    if not 0 <= args.partial_images <= 3:
+        raise InvalidRequestError("--partial-images", args.partial_images, "must be within 0..3 (OpenAI's range)")
     if args.size is not None and not _SIZE.fullmatch(args.size):
         raise InvalidRequestError("--size", args.size, "must be WIDTHxHEIGHT, e.g. 512x512")
     levels = parse_levels(args.concurrency, "closed", "--concurrency") + parse_levels(args.rate, "open", "--rate")
@@ -62,11 +100,20 @@ def config_from_args(args: argparse.Namespace) -> Any:
         levels = parse_levels("1", "closed", "--concurrency")
     if args.requests is not None and args.duration is not None:
         raise InvalidRequestError("--duration", args.duration, "give --requests or --duration, not both")
+    loras = tuple(n.strip() for n in (args.loras or "").split(",") if n.strip())
+    if loras and args.in_process:
+        raise InvalidRequestError("--loras", args.loras, "applies to --url/--compare (served apps), not --in-process")
     targets = []
-    if args.url:
-        targets.append(TargetSpec(args.label or _label(args.url), url=args.url))
-    if args.compare:
-        targets.append(TargetSpec(args.compare_label or _label(args.compare), url=args.compare))
+    streaming = {"stream": args.stream, "partial_images": args.partial_images if args.stream else 0}
+    for url, label in ((args.url, args.label), (args.compare, args.compare_label)):
+        if url:
+            name = label or _label(url)
+            targets.append(TargetSpec(name, url=url, **streaming))
+            if loras:  # the same load with adapters, right after the same load without
+                targets.append(TargetSpec(f"{name} +loras", url=url, loras=True, **streaming))
+    if args.compare_stream:
+        name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
+        targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
     if args.in_process:
         targets.append(TargetSpec("in-process", model=args.model))
     try:
@@ -81,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         n=args.n,
         guidance_scale=args.guidance,
         response_format=args.response_format,
+        lora_scale=args.lora_scale,
     )
     try:
         return BenchConfig(
@@ -95,12 +143,59 @@ def config_from_args(args: argparse.Namespace) -> Any:
             burstiness=args.burstiness,
             timeout_s=args.timeout,
             ready_timeout_s=args.ready_timeout,
-            max_batch=args.max_batch,
-            torch_threads=args.torch_threads,
+            max_batch=args.max_batch or (serve_plan["max_batch"] if serve_plan else 8),
+            torch_threads=args.torch_threads or (serve_plan["torch_threads"] if serve_plan else None),
             progress=not args.quiet,
+            loras=loras,
+            memory_interval_s=args.memory_interval,
+            rounds=args.rounds or (2 if args.serve and args.in_process else 1),
+            serve_config=str(args.serve) if args.serve else None,
+            torch_options=serve_plan["torch_options"] if serve_plan else None,
+            step_cache=serve_plan["step_cache"] if serve_plan else None,
+            serve_port=args.serve_port,
+            serve_log=str(args.serve_log) if args.serve_log else None,
         )
     except ValueError as exc:
         raise InvalidRequestError("bench", None, str(exc)) from None
+
+
+def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """For ``--serve CONFIG``: validate the file (no Ray), default ``--url`` to its first app, and
+    size the in-process baseline like the app behind ``--url``: the torch threads of its model
+    replicas together (capped at this machine's cores), its Denoiser's batch limit, its torch
+    backend options and step cache."""
+    import os
+
+    from deployments.cli import load_serve_config
+
+    path = Path(args.serve)
+    try:
+        config, apps = load_serve_config(path)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError("--serve", str(path), exc.reason) from None
+    http = config.http_options
+    host = http.host if http.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
+    port = args.serve_port or http.port
+    urls = {app.name: f"http://{host}:{port}{(app.route_prefix or '/').rstrip('/')}" for app in config.applications}
+    if not urls:
+        raise InvalidRequestError("--serve", str(path), "the config has no application")
+    if not args.url:
+        args.url = next(iter(urls.values()))
+    elif args.url.rstrip("/") not in urls.values():
+        raise InvalidRequestError("--url", args.url, f"the --serve config serves {', '.join(urls.values())}")
+    if args.compare and args.compare.rstrip("/") not in urls.values():
+        raise InvalidRequestError("--compare", args.compare, f"the --serve config serves {', '.join(urls.values())}")
+    by_url = {url: name for name, url in urls.items()}
+    cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg is None:
+        return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None}
+    return {
+        "torch_threads": min(cfg.model_torch_threads(), cores),
+        "max_batch": cfg.denoiser.max_batch_size,
+        "torch_options": cfg.torch.model_dump(mode="json"),
+        "step_cache": cfg.step_cache.model_dump(mode="json") if cfg.step_cache else None,
+    }
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -119,7 +214,7 @@ def run_bench(args: argparse.Namespace) -> int:
         add_cold_start(paths, cold)
     print(summary_markdown(result))
     print(f"wrote {paths['report']}, {paths['summary']}" + "".join(f", {p}" for p in paths["plots"]))
-    failed = sum(run.metrics.failed for lr in result.levels for run in lr.runs.values())
+    failed = sum(run.metrics.failed for lr in result.levels for runs in lr.runs.values() for run in runs)
     if failed:
         print(f"darkroom bench: {failed} request(s) failed (see errors in {paths['summary']})", file=sys.stderr)
     return 0
@@ -165,16 +260,60 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--compare-label", default=None, help="name of --compare's target in the report")
     p.add_argument(
+        "--stream",
+        action="store_true",
+        help="every HTTP request streams (stream: true, --partial-images partial images), read to its last event",
+    )
+    p.add_argument(
+        "--compare-stream",
+        action="store_true",
+        help="compare streaming with not: --url plain, then --url again with every request streaming "
+        "--partial-images partial images (same requests; the ratios are streaming / plain)",
+    )
+    p.add_argument(
+        "--partial-images", type=int, default=3, help="partial images per streamed request, 0..3 (default 3)"
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="also (or only) run the workload on serve.pipeline.Pipeline in this process: the limit",
     )
     p.add_argument("--model", default=None, help="model for --in-process (default: the shipped demo model)")
+    p.add_argument(
+        "--serve",
+        type=Path,
+        default=None,
+        help="a Serve config the bench starts (darkroom serve --config) for each served phase and stops "
+        "after, so that the in-process phase runs with no cluster alive; --url defaults to its first app",
+    )
+    p.add_argument("--serve-port", type=int, default=None, help="with --serve: the HTTP port (default: the config's)")
+    p.add_argument(
+        "--serve-log", type=Path, default=None, help="with --serve: append the server's output here (default: dropped)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="repeat the served phase and the in-process phase this many times (A/B/A/B); ratios are given "
+        "as median and range over the rounds (default: 2 with --serve and --in-process, else 1)",
+    )
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", default=None, help="closed loop: clients, comma-separated sweep, e.g. 1,2,4")
     load.add_argument("--rate", default=None, help="open loop: requests/s, comma-separated sweep, e.g. 0.5,1,2")
     load.add_argument("--requests", type=int, default=None, help="measured requests per level and target (default 20)")
-    load.add_argument("--duration", type=float, default=None, help="seconds of sending per level and target")
+    load.add_argument(
+        "--duration",
+        type=parse_duration,
+        default=None,
+        help="sending time per level and target: seconds, or 30s, 10m, 1h; a duration run also reports "
+        "each minute (errors, latency percentiles) and each local replica's memory, and the soak checks",
+    )
+    load.add_argument(
+        "--memory-interval",
+        type=float,
+        default=10.0,
+        help="with --duration: seconds between samples of each local Serve replica's memory (0: none)",
+    )
     load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per level and target")
     load.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="open-loop arrivals")
     load.add_argument(
@@ -191,6 +330,13 @@ def add_parser(sub: Any) -> None:
     work.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the server's, 7.5)")
     work.add_argument("--seed", type=int, default=0, help="seeds every request body and arrival time")
     work.add_argument(
+        "--loras",
+        default=None,
+        help="comma-separated adapter names: each target also runs the same load with one adapter per "
+        "request, drawn from these (seeded)",
+    )
+    work.add_argument("--lora-scale", type=float, default=1.0, help="scale of the drawn adapters (default 1)")
+    work.add_argument(
         "--response-format",
         choices=("url", "b64_json"),
         default="url",
@@ -198,9 +344,19 @@ def add_parser(sub: Any) -> None:
     )
     inproc = p.add_argument_group("in-process")
     inproc.add_argument(
-        "--max-batch", type=int, default=8, help="in-process batch limit (closed loop: min(C, this)), as the Denoiser's"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="in-process batch limit (closed loop: min(C, this)); default: the --serve app's Denoiser "
+        "max_batch_size, else 8",
     )
-    inproc.add_argument("--torch-threads", type=int, default=None, help="in-process torch threads (default: torch's)")
+    inproc.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="in-process torch threads; default: the --serve app's model replicas' threads together "
+        "(capped at the cores), else torch's default",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>)")
     out.add_argument("--no-records", action="store_true", help="leave per-request records out of report.json")

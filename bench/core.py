@@ -1,10 +1,15 @@
-"""One benchmark run: every level of the sweep against every target, one after the other.
+"""One benchmark run: rounds of phases, each phase every level of the sweep against its targets.
 
-Order (``--compare`` and ``--in-process`` included): for each level, each target in turn runs
-its warm-up and then the level's whole measured schedule; the next target starts when the
-previous one is done. Targets never share the machine at the same moment (on one box,
-interleaving would make each compete with the other for the same cores), and both see the
-identical schedule: the same bodies (prompts, seeds) at the same arrival offsets.
+Order: the served targets (``--url``, ``--compare``) and the in-process baseline never run at the
+same time, nor with the other alive on the machine when the bench controls it. A round is a
+served phase then an in-process phase (A/B); ``--rounds N`` repeats it (A/B/A/B...), and every
+ratio is computed within a round (the two phases ran back to back) and reported as the median
+and range over the rounds. With ``--serve CONFIG`` the bench starts the served app for each
+served phase and stops it (its Ray cluster included) before the in-process phase; without it,
+the in-process phase refuses to run while any serving cluster is alive on this machine (see
+``bench/cluster.py``). Within a phase, at each level every target runs its warm-up and the level's
+whole measured schedule before the next target starts; all targets see the identical schedule:
+the same bodies (prompts, seeds) at the same arrival offsets.
 """
 
 from __future__ import annotations
@@ -16,30 +21,47 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import Metrics, Ratios, RequestRecord, compare, compute_metrics, measurement_window
+from bench.memory import MemorySampler
+from bench.metrics import Metrics, RequestRecord, Spread, compute_metrics, measurement_window, ratio_spreads, spread
 from bench.runner import HttpTarget, Level, Progress, Target, closed_loop, open_loop, warm_up
 from bench.schedule import Workload, arrival_offsets
 
 logger = logging.getLogger(__name__)
 
 ORDER = (
-    "sequential per level: at each level every target runs its warm-up and the full measured "
-    "schedule before the next target starts (same bodies, seeds and arrival offsets for all)"
+    "phases per round: the served targets (each level: every target's warm-up and measured schedule in "
+    "turn), then the in-process baseline alone (no serving cluster alive on the machine); ratios within "
+    "a round, median and range over the rounds (same bodies, seeds and arrival offsets for all)"
 )
+
+#: Issue 14's goals for the served app against its in-process limit, and against a compared app.
+GOALS = {
+    "p50_at_one_client": 1.10,  # served p50 / in-process p50 at c=1: at most
+    "throughput_at_saturation": 0.90,  # served peak img/s / in-process peak img/s (closed loop): at least
+    "throughput_vs_compared": 1.0,  # the first target's img/s / the compared target's, every closed level: at least
+    # Open loop: both targets complete the offered rate until one saturates, so their img/s are equal
+    # within noise (a 0.99 would "fail" a tie); the first target's p50 / the compared target's: at most.
+    "latency_vs_compared": 1.0,
+}
 
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """A URL to drive over HTTP, or (``url=None``) the in-process pipeline on ``model``."""
+    """A URL to drive over HTTP (optionally streaming), or (``url=None``) the in-process pipeline on ``model``."""
 
     name: str
     url: str | None = None
     model: str | None = None
+    #: Send each request with one adapter drawn from the workload's ``loras``.
+    loras: bool = False
+    stream: bool = False  # HTTP targets: every request streams (stream: true) ...
+    partial_images: int = 0  # ... with this many partial images
 
 
 @dataclass(frozen=True)
@@ -57,7 +79,22 @@ class BenchConfig:
     ready_timeout_s: float = 300.0
     max_batch: int = 8  # in-process open-loop batch limit
     torch_threads: int | None = None  # in-process torch threads (None: torch's default)
+    #: The served app's torch backend options and step cache (``AppConfig.torch``/``step_cache`` as
+    #: dicts), so the in-process baseline runs the same engines (None: the defaults).
+    torch_options: dict[str, Any] | None = None
+    step_cache: dict[str, Any] | None = None
     progress: bool = True
+    # Duration runs (soaks): sample each local Serve replica's memory this often (0: never).
+    memory_interval_s: float = 10.0
+    rounds: int = 1  # served phase + in-process phase, repeated (A/B/A/B)
+    serve_config: str | None = None  # a Serve config the bench starts for each served phase and stops after
+    serve_port: int | None = None  # its HTTP port (None: the config's)
+    serve_log: str | None = None  # where the started server's output goes
+    #: Ray sessions alive before the bench that the alone-check ignores (tests running beside their
+    #: own session-wide cluster use it; the CLI never sets it).
+    ignore_sessions: tuple[str, ...] = ()
+    #: Adapters the "+loras" targets' requests draw from (one each, seeded: ``Workload.loras``).
+    loras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -72,6 +109,18 @@ class BenchConfig:
             raise ValueError(f"requests must be >= 1, got {self.requests}")
         if self.duration_s is not None and self.duration_s <= 0:
             raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.serve_config is not None and not any(t.url for t in self.targets):
+            raise ValueError("serve_config needs a served target (a URL on the server it starts)")
+
+    @property
+    def served(self) -> tuple[TargetSpec, ...]:
+        return tuple(t for t in self.targets if t.url is not None)
+
+    @property
+    def in_process(self) -> tuple[TargetSpec, ...]:
+        return tuple(t for t in self.targets if t.url is None)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -81,9 +130,16 @@ class BenchConfig:
         return out
 
 
+def phase_plan(rounds: int, served: bool, in_process: bool) -> list[tuple[int, str]]:
+    """``(round, kind)`` in order: ``phase_plan(2, True, True)`` -> served, in-process, served,
+    in-process (A/B/A/B), rounds numbered from 1."""
+    kinds = (["served"] if served else []) + (["in-process"] if in_process else [])
+    return [(r, kind) for r in range(1, rounds + 1) for kind in kinds]
+
+
 @dataclass
 class TargetRun:
-    """One target at one level."""
+    """One target at one level in one round."""
 
     target: str
     level: Level
@@ -91,13 +147,20 @@ class TargetRun:
     metrics: Metrics
     records: list[RequestRecord]
     host_load: float | None = None  # 1-minute load average when the run started (others' work too)
+    round: int = 1
+    #: CPU-ms per image by process (the target's processes and the bench client), when measured.
+    cpu_ms_per_image: dict[str, float] | None = None
+    soak: dict[str, Any] | None = None  # duration runs: per minute, replica memory, verdict (bench/soak.py)
 
 
 @dataclass
 class LevelResult:
     level: Level
-    runs: dict[str, TargetRun]
-    ratios: dict[str, Ratios]  # other target -> its metrics over the first target's
+    runs: dict[str, list[TargetRun]]  # target -> its run in each round
+    ratios: dict[str, dict[str, Spread]]  # other target -> {throughput, goodput, p50, p99}: other / first
+
+    def run(self, target: str, round_no: int = 1) -> TargetRun:
+        return self.runs[target][round_no - 1]
 
 
 @dataclass
@@ -106,35 +169,105 @@ class BenchResult:
     metadata: dict[str, Any]
     targets: dict[str, dict[str, Any]]
     levels: list[LevelResult]
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def baseline(self) -> str:
         return self.config.targets[0].name
 
+    def goals(self) -> list[dict[str, Any]]:
+        """Issue 14's checks, each with its spread over the rounds: served vs in-process (p50 at one
+        client, peak throughput) and the first target vs each compared one at every level (img/s in a closed
+        loop, p50 in an open one)."""
+        served = [t.name for t in self.config.served if not t.loras]  # "+loras" runs: the report's LoRA section
+        inproc = [t.name for t in self.config.in_process]
+        rounds = range(1, self.config.rounds + 1)
+        out: list[dict[str, Any]] = []
+
+        def check(name: str, values: list[float | None], limit: float, at_most: bool) -> None:
+            s = spread(values)
+            known = [v for v in values if v is not None]
+            ok = (lambda v: v <= limit) if at_most else (lambda v: v >= limit)
+            out.append(
+                {
+                    "check": name,
+                    "goal": f"{'<=' if at_most else '>='} {limit:g}",
+                    "spread": asdict(s),
+                    "median_met": s.median is not None and ok(s.median),
+                    "every_round_met": bool(known) and len(known) == len(values) and all(ok(v) for v in known),
+                }
+            )
+
+        if served and inproc:
+            base, ip = served[0], inproc[0]
+            one = [lr for lr in self.levels if lr.level.mode == "closed" and lr.level.value == 1]
+            if one:
+                lr = one[0]
+                values = []
+                for r in rounds:
+                    a, b = lr.run(base, r).metrics.latency_ms.p50, lr.run(ip, r).metrics.latency_ms.p50
+                    values.append(a / b if b > 0 and a > 0 else None)
+                check(f"p50 {base} / {ip} at c=1", values, GOALS["p50_at_one_client"], at_most=True)
+            closed = [lr for lr in self.levels if lr.level.mode == "closed"]
+            if closed:
+                values = []
+                for r in rounds:
+                    a = max(lr.run(base, r).metrics.throughput_ips for lr in closed)
+                    b = max(lr.run(ip, r).metrics.throughput_ips for lr in closed)
+                    values.append(a / b if b > 0 else None)
+                check(f"peak img/s {base} / {ip} (closed loop)", values, GOALS["throughput_at_saturation"], False)
+        for other in served[1:]:
+            for lr in self.levels:
+                values = []
+                for r in rounds:
+                    ma, mb = lr.run(served[0], r).metrics, lr.run(other, r).metrics
+                    if lr.level.mode == "closed":
+                        a, b = ma.throughput_ips, mb.throughput_ips
+                    else:
+                        a, b = ma.latency_ms.p50, mb.latency_ms.p50
+                    values.append(a / b if b > 0 and a > 0 else None)
+                if lr.level.mode == "closed":
+                    name, limit, at_most = f"img/s {served[0]} / {other}", GOALS["throughput_vs_compared"], False
+                else:
+                    name, limit, at_most = f"p50 {served[0]} / {other}", GOALS["latency_vs_compared"], True
+                check(f"{name} at {lr.level.label}", values, limit, at_most)
+        return out
+
     def to_json(self, include_records: bool = True) -> dict[str, Any]:
         levels = []
         for lr in self.levels:
             results = {}
-            for name, run in lr.runs.items():
-                entry: dict[str, Any] = {
-                    "started_at": run.started_at,
-                    "host_load_1min": run.host_load,
-                    "metrics": run.metrics.to_json(),
-                }
-                if include_records:
-                    entry["records"] = [r.to_json() for r in run.records]
-                results[name] = entry
+            for name, runs in lr.runs.items():
+                entries = []
+                for run in runs:
+                    entry: dict[str, Any] = {
+                        "round": run.round,
+                        "started_at": run.started_at,
+                        "host_load_1min": run.host_load,
+                        "metrics": run.metrics.to_json(),
+                        "cpu_ms_per_image": run.cpu_ms_per_image,
+                    }
+                    if run.soak is not None:
+                        entry["soak"] = run.soak
+                    if include_records:
+                        entry["records"] = [r.to_json() for r in run.records]
+                    entries.append(entry)
+                results[name] = {"rounds": entries}
             levels.append(
                 {
                     "level": {"mode": lr.level.mode, "value": lr.level.value, "label": lr.level.label},
                     "results": results,
-                    "ratios_vs_" + self.baseline: {k: asdict(v) for k, v in lr.ratios.items()},
+                    "ratios_vs_" + self.baseline: {
+                        k: {key: asdict(v) for key, v in spreads.items()} for k, spreads in lr.ratios.items()
+                    },
                 }
             )
         return {
             "config": self.config.to_json(),
             "metadata": self.metadata,
             "targets": self.targets,
+            "phases": self.phases,
+            "goals": self.goals(),
             "levels": levels,
         }
 
@@ -188,21 +321,56 @@ def machine_metadata() -> dict[str, Any]:
 
 def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
     if spec.url is not None:
-        return HttpTarget(spec.url, name=spec.name, timeout_s=config.timeout_s, ready_timeout_s=config.ready_timeout_s)
+        return HttpTarget(
+            spec.url,
+            name=spec.name,
+            timeout_s=config.timeout_s,
+            ready_timeout_s=config.ready_timeout_s,
+            stream=spec.stream,
+            partial_images=spec.partial_images,
+        )
     from bench.inprocess import InProcessTarget
 
-    return InProcessTarget(spec.model, max_batch=config.max_batch, torch_threads=config.torch_threads, name=spec.name)
+    return InProcessTarget(
+        spec.model,
+        max_batch=config.max_batch,
+        torch_threads=config.torch_threads,
+        name=spec.name,
+        torch_options=config.torch_options,
+        step_cache=config.step_cache,
+    )
 
 
-async def run_level(target: Target, level: Level, config: BenchConfig) -> TargetRun:
-    """Warm up, then drive the level's measured schedule, then compute its metrics."""
-    wl = config.workload
+async def run_level(
+    target: Target,
+    level: Level,
+    config: BenchConfig,
+    round_no: int = 1,
+    watch: Callable[[], list[int]] | None = None,
+    *,
+    loras: bool = False,
+) -> TargetRun:
+    """Warm up, then drive the level's measured schedule, then compute its metrics.
+
+    ``watch`` lists the target's processes (besides this one) whose CPU time the run records
+    (``bench/cpu.py``); None: CPU time is not recorded (a server the bench did not start).
+    ``loras``: every request (warm-up too) carries one adapter drawn from ``config.loras``.
+    """
+    from bench import cpu
+
+    wl = replace(config.workload, loras=config.loras if loras else ())
     target.configure(level)
     await warm_up(target, wl, config.warmup, level.concurrency or 1)
     started, load = _now(), _load1()
+    sampler = None
+    if config.duration_s is not None and config.memory_interval_s > 0 and isinstance(target, HttpTarget):
+        sampler = MemorySampler(config.memory_interval_s)
+        sampling = asyncio.create_task(sampler.run())
+    pids = [os.getpid(), *watch()] if watch is not None else []
+    cpu_before = cpu.snapshot(pids)
+    label = f"{target.name} {level.label}" + (f" round {round_no}" if config.rounds > 1 else "")
     if level.mode == "closed":
-        total = config.requests
-        progress = Progress(f"{target.name} {level.label}", total, enabled=config.progress)
+        progress = Progress(label, config.requests, enabled=config.progress)
         records = await closed_loop(
             target,
             wl.body,
@@ -220,48 +388,116 @@ async def run_level(target: Target, level: Level, config: BenchConfig) -> Target
             arrival=config.arrival,
             burstiness=config.burstiness,
         )
-        progress = Progress(f"{target.name} {level.label}", len(offsets), enabled=config.progress)
+        progress = Progress(label, len(offsets), enabled=config.progress)
         bodies = [wl.body(i) for i in range(len(offsets))]
         records = await open_loop(target, bodies, offsets, on_record=progress.update)
     progress.close()
+    soak = None
+    if sampler is not None:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+        from bench.soak import soak_report
+
+        soak = soak_report(records, sampler.samples)
     metrics = compute_metrics(records, measurement_window(records), config.slo_ms)
-    return TargetRun(target.name, level, started, metrics, records, load)
+    cpu_ms = cpu.per_image(cpu_before, cpu.snapshot(pids), metrics.images) if watch is not None else None
+    m = metrics
+    logger.info(
+        "%s: %d/%d ok, %.3f img/s, p50 %.0f ms, p99 %.0f ms",
+        label,
+        m.ok,
+        m.requests,
+        m.throughput_ips,
+        m.latency_ms.p50,
+        m.latency_ms.p99,
+    )
+    return TargetRun(target.name, level, started, metrics, records, load, round_no, cpu_ms, soak)
+
+
+def _launched_server(config: BenchConfig) -> Any:
+    if config.serve_config is None:
+        return None
+    from bench.cluster import LaunchedServer
+
+    return LaunchedServer(
+        Path(config.serve_config),
+        [t.url for t in config.served if t.url],
+        port=config.serve_port,
+        ready_timeout_s=config.ready_timeout_s,
+        log_path=Path(config.serve_log) if config.serve_log else None,
+    )
 
 
 async def arun_benchmark(config: BenchConfig) -> BenchResult:
+    from bench.cluster import require_alone
+
     meta = {**machine_metadata(), "started_at": _now(), "order": ORDER}
-    targets = [make_target(spec, config) for spec in config.targets]
+    if config.in_process:
+        # Before anything runs: a cluster alive now would still be alive at the in-process phase.
+        await asyncio.to_thread(require_alone, config.ignore_sessions)
+    server = _launched_server(config)
+    inproc = [make_target(spec, config) for spec in config.in_process]
+    started: set[str] = set()
+    with_loras = {spec.name: spec.loras for spec in config.targets}
     infos: dict[str, dict[str, Any]] = {}
+    runs: list[dict[str, list[TargetRun]]] = [{t.name: [] for t in config.targets} for _ in config.levels]
+    phases: list[dict[str, Any]] = []
     try:
-        for target in targets:
-            infos[target.name] = await target.start()
-        levels: list[LevelResult] = []
-        for level in config.levels:
-            runs: dict[str, TargetRun] = {}
-            for target in targets:
-                run = await run_level(target, level, config)
-                runs[target.name] = run
-                m = run.metrics
-                logger.info(
-                    "%s %s: %d/%d ok, %.3f img/s, p50 %.0f ms, p99 %.0f ms",
-                    target.name,
-                    level.label,
-                    m.ok,
-                    m.requests,
-                    m.throughput_ips,
-                    m.latency_ms.p50,
-                    m.latency_ms.p99,
-                )
-            base = runs[targets[0].name].metrics
-            ratios = {t.name: compare(base, runs[t.name].metrics) for t in targets[1:]}
-            levels.append(LevelResult(level, runs, ratios))
+        for round_no, kind in phase_plan(config.rounds, bool(config.served), bool(inproc)):
+            phase: dict[str, Any] = {"round": round_no, "kind": kind, "started_at": _now()}
+            phases.append(phase)
+            if kind == "served":
+                if server is not None:
+                    phase["server"] = {
+                        "config": config.serve_config,
+                        "start_s": round(await asyncio.to_thread(server.start), 1),
+                    }
+                targets = [make_target(spec, config) for spec in config.served]
+                try:
+                    for target in targets:
+                        info = await target.start()
+                        infos.setdefault(target.name, info)
+                    watch = server.processes if server is not None else None
+                    for i, level in enumerate(config.levels):
+                        for target in targets:
+                            run = await run_level(target, level, config, round_no, watch, loras=with_loras[target.name])
+                            runs[i][target.name].append(run)
+                finally:
+                    for target in targets:
+                        await target.close()
+                    if server is not None:
+                        await asyncio.to_thread(server.stop)
+                        phase["server"]["stopped"] = True
+            else:
+                await asyncio.to_thread(require_alone, config.ignore_sessions)
+                phase["alone"] = "no serving cluster alive on this machine (checked before the phase)"
+                for target in inproc:
+                    if target.name not in started:
+                        infos[target.name] = await target.start()
+                        started.add(target.name)
+                for i, level in enumerate(config.levels):
+                    for target in inproc:
+                        runs[i][target.name].append(await run_level(target, level, config, round_no, list))
+            phase["finished_at"] = _now()
     finally:
-        for target in targets:
+        for target in inproc:
             await target.close()
+        if server is not None:
+            await asyncio.to_thread(server.stop)
     meta["finished_at"] = _now()
-    return BenchResult(config, meta, infos, levels)
+    base = config.targets[0].name
+    levels = []
+    for level, by_target in zip(config.levels, runs, strict=True):
+        base_metrics = [run.metrics for run in by_target[base]]
+        ratios = {
+            name: ratio_spreads(base_metrics, [run.metrics for run in target_runs])
+            for name, target_runs in by_target.items()
+            if name != base
+        }
+        levels.append(LevelResult(level, by_target, ratios))
+    return BenchResult(config, meta, infos, levels, phases)
 
 
 def run_benchmark(config: BenchConfig) -> BenchResult:
-    """Run the whole sweep (blocking); write it out with ``bench.report.write_report``."""
+    """Run every round (blocking); write it out with ``bench.report.write_report``."""
     return asyncio.run(arun_benchmark(config))

@@ -36,6 +36,8 @@ class InProcessTarget:
         backend: str = "torch",
         device: str | None = None,
         name: str | None = None,
+        torch_options: dict[str, Any] | None = None,
+        step_cache: dict[str, Any] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -44,6 +46,8 @@ class InProcessTarget:
         self.torch_threads = torch_threads
         self.backend = backend
         self.device = device
+        self.torch_options = torch_options
+        self.step_cache = step_cache
         if name:
             self.name = name
         self.batch_limit = max_batch
@@ -62,8 +66,14 @@ class InProcessTarget:
 
             if self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
+            from deployments.config import StepCacheConfig, TorchConfig
+
+            options = TorchConfig.model_validate(self.torch_options).options() if self.torch_options else None
+            cache = StepCacheConfig.model_validate(self.step_cache).message() if self.step_cache else None
             source = resolve_source(self.model)
-            pipe = Pipeline.load(source, backend=self.backend, device=self.device)
+            pipe = Pipeline.load(
+                source, backend=self.backend, device=self.device, torch_options=options, step_cache=cache
+            )
             return pipe, read_model_info(source), torch.get_num_threads()
 
         t0 = time.perf_counter()
@@ -75,6 +85,8 @@ class InProcessTarget:
             "model": str(self._info.path),
             "backend": self.backend,
             "torch_threads": threads,
+            "torch_options": self.torch_options,
+            "step_cache": self.step_cache,
             "max_batch_open_loop": self.max_batch,
             "load_s": round(time.perf_counter() - t0, 3),
         }

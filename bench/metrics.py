@@ -27,6 +27,7 @@ STAGE_KEYS: tuple[str, ...] = (
     "denoise_queue",
     "decode_queue",
     "total",
+    "first_partial",  # streamed requests: client-side time to the first partial image
 )
 BATCH_KEYS: tuple[str, ...] = ("encode_batch", "denoise_batch", "decode_batch")
 
@@ -117,6 +118,10 @@ class Metrics:
     stages_ms: dict[str, Distribution]  # server timings (ms) of successful requests
     batch_sizes: dict[str, Distribution]
     client_overhead_ms: Distribution  # latency - server "total": HTTP, proxy, (de)serialisation
+    #: The Denoiser's adapter cache over successful requests with adapters: hits / (hits + misses),
+    #: and the loads (misses); None when no request used adapters.
+    lora_cache_hit_rate: float | None = None
+    lora_loads: int = 0
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -170,6 +175,8 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo_ms:
     stages = {k: distribution(r.timings[k] for r in ok if k in r.timings) for k in STAGE_KEYS}
     batches = {k: distribution(r.timings[k] for r in ok if k in r.timings) for k in BATCH_KEYS}
     overhead = distribution(r.latency * 1000.0 - r.timings["total"] for r in ok if "total" in r.timings)
+    hits = sum(r.timings.get("lora_hits", 0.0) for r in ok)
+    misses = sum(r.timings.get("lora_misses", 0.0) for r in ok)
     return Metrics(
         duration_s=duration_s,
         requests=len(records),
@@ -187,6 +194,8 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, slo_ms:
         stages_ms={k: v for k, v in stages.items() if v.count},
         batch_sizes={k: v for k, v in batches.items() if v.count},
         client_overhead_ms=overhead,
+        lora_cache_hit_rate=hits / (hits + misses) if hits + misses else None,
+        lora_loads=int(misses),
     )
 
 
@@ -218,3 +227,44 @@ def compare(a: Metrics, b: Metrics) -> Ratios:
         p50=_ratio(b.latency_ms.p50, a.latency_ms.p50),
         p99=_ratio(b.latency_ms.p99, a.latency_ms.p99),
     )
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One quantity measured once per round (A/B/A/B): its median and its range over the rounds.
+
+    ``values`` keeps every round's value (None where it could not be computed, e.g. a ratio over
+    a target that served nothing); median, min and max are over the others (None when none).
+    """
+
+    median: float | None
+    min: float | None
+    max: float | None
+    values: tuple[float | None, ...]
+
+    def __str__(self) -> str:
+        if self.median is None:
+            return "—"
+        if len([v for v in self.values if v is not None]) < 2:
+            return f"{self.median:.2f}x"
+        return f"{self.median:.2f}x ({self.min:.2f}–{self.max:.2f})"
+
+
+def spread(values: Sequence[float | None]) -> Spread:
+    """``spread([1.0, 1.2, None, 0.9])`` -> median 1.0, min 0.9, max 1.2 (the None is kept, not counted)."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return Spread(None, None, None, tuple(values))
+    return Spread(percentile(known, 50), known[0], known[-1], tuple(values))
+
+
+RATIO_KEYS: tuple[str, ...] = ("throughput", "goodput", "p50", "p99")
+
+
+def ratio_spreads(base: Sequence[Metrics], other: Sequence[Metrics]) -> dict[str, Spread]:
+    """Each ratio of ``other`` over ``base`` (``compare``), computed within each round (the two ran
+    back to back there), then summarised over the rounds: ``{"throughput": Spread, ...}``."""
+    if len(base) != len(other):
+        raise ValueError(f"{len(base)} baseline rounds for {len(other)} rounds of the other target")
+    per_round = [compare(a, b) for a, b in zip(base, other, strict=True)]
+    return {key: spread([getattr(r, key) for r in per_round]) for key in RATIO_KEYS}

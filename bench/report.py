@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.core import BenchResult
-from bench.metrics import Metrics
+from bench.metrics import Metrics, Spread, spread
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ def _errors(m: Metrics) -> str:
     return ", ".join(f"{k}: {v}" for k, v in m.errors_by_status.items()) or "0"
 
 
+def _median(values: list[float]) -> float:
+    return spread(values).median or 0.0
+
+
 def summary_markdown(result: BenchResult) -> str:
     cfg, meta = result.config, result.metadata
     wl = cfg.workload
@@ -44,41 +48,56 @@ def summary_markdown(result: BenchResult) -> str:
         f"- started {meta.get('started_at')}, finished {meta.get('finished_at')}",
         f"- machine: {machine.get('cpu_count')} CPUs, {machine.get('platform')}, Python {machine.get('python')}",
         f"- commit: {git.get('commit') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}",
-        "- targets: " + ", ".join(f"`{n}` ({i.get('url') or i.get('kind')})" for n, i in result.targets.items()),
+        "- targets: " + ", ".join(f"`{n}` ({_describe(i)})" for n, i in result.targets.items()),
         f"- workload: size {wl.size or 'native'}, steps {wl.steps or 'server default'}, n {wl.n}, "
         f"seed {wl.seed}, {len(wl.prompts)} prompts, response_format {wl.response_format}",
         f"- per level and target: {cfg.warmup} warm-up + {amount}; arrivals {cfg.arrival}"
         + (f" (burstiness {cfg.burstiness:g})" if cfg.arrival == "gamma" else "")
         + f"; SLO {_f(cfg.slo_ms, 0) + ' ms' if cfg.slo_ms else 'none'}",
+        f"- rounds: {cfg.rounds}; phases: "
+        + ", ".join(f"{p['round']}:{p['kind']}" for p in result.phases)
+        + (f"; served app started and stopped by the bench from `{cfg.serve_config}`" if cfg.serve_config else ""),
         f"- order: {meta.get('order')}",
         "- host load: the 1-minute load average when each run started (it includes any other work on the "
         "machine; above the CPU count means the run shared its CPUs)",
+    ]
+    goals = result.goals()
+    if goals:
+        lines += ["", "## Goals (issue 14), median (range) over the rounds", "", "| check | value | goal | met |"]
+        lines.append("|---|---|---|---|")
+        for g in goals:
+            s = g["spread"]
+            value = Spread(s["median"], s["min"], s["max"], tuple(s["values"]))
+            met = "yes" if g["every_round_met"] else ("median only" if g["median_met"] else "no")
+            lines.append(f"| {g['check']} | {value} | {g['goal']} | {met} |")
+    lines += [
         "",
         "## Throughput and latency",
         "",
-        "| level | target | ok/sent | errors | req/s | img/s | goodput req/s | p50 ms | p90 ms | p99 ms "
+        "| level | target | round | ok/sent | errors | req/s | img/s | goodput req/s | p50 ms | p90 ms | p99 ms "
         "| mean ms | max ms | host load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lr in result.levels:
-        for name, run in lr.runs.items():
-            m, lat = run.metrics, run.metrics.latency_ms
-            lines.append(
-                f"| {lr.level.label} | {name} | {m.ok}/{m.requests} | {_errors(m)} | {m.throughput_rps:.3f} "
-                f"| {m.throughput_ips:.3f} | {m.goodput_rps:.3f} | {lat.p50:.0f} | {lat.p90:.0f} | {lat.p99:.0f} "
-                f"| {lat.mean:.0f} | {lat.max:.0f} | {_f(run.host_load, 2)} |"
-            )
+        for name, runs in lr.runs.items():
+            for run in runs:
+                m, lat = run.metrics, run.metrics.latency_ms
+                lines.append(
+                    f"| {lr.level.label} | {name} | {run.round} | {m.ok}/{m.requests} | {_errors(m)} "
+                    f"| {m.throughput_rps:.3f} | {m.throughput_ips:.3f} | {m.goodput_rps:.3f} | {lat.p50:.0f} "
+                    f"| {lat.p90:.0f} | {lat.p99:.0f} | {lat.mean:.0f} | {lat.max:.0f} | {_f(run.host_load, 2)} |"
+                )
     lines += [
         "",
-        "## Where the time goes (server timings, ms: mean / p99)",
+        "## Where the time goes (server timings, ms: mean / p99; the median round)",
         "",
         "| level | target | " + " | ".join(STAGES) + " | " + " | ".join(QUEUES) + " | denoise batch mean/max "
         "| client overhead mean |",
         "|---|---|" + "---|" * (len(STAGES) + len(QUEUES) + 2),
     ]
     for lr in result.levels:
-        for name, run in lr.runs.items():
-            m = run.metrics
+        for name, runs in lr.runs.items():
+            m = _median_run(runs).metrics
             cells = []
             for key in STAGES + QUEUES:
                 d = m.stages_ms.get(key)
@@ -87,11 +106,35 @@ def summary_markdown(result: BenchResult) -> str:
             batch = f"{b.mean:.2f} / {b.max:.0f}" if b else "—"
             overhead = _f(m.client_overhead_ms.mean) if m.client_overhead_ms.count else "—"
             lines.append(f"| {lr.level.label} | {name} | " + " | ".join(cells) + f" | {batch} | {overhead} |")
+    cpu_rows = []
+    for lr in result.levels:
+        for name, runs in lr.runs.items():
+            measured = [r.cpu_ms_per_image for r in runs if r.cpu_ms_per_image]
+            if not measured:
+                continue
+            totals = spread([m["total"] for m in measured])
+            top = _median_run(runs).cpu_ms_per_image or measured[0]
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in top.items() if k != "total" and v >= 0.5)
+            cpu_rows.append(
+                f"| {lr.level.label} | {name} | {totals.median:.1f} ({totals.min:.1f}–{totals.max:.1f}) | {parts} |"
+            )
+    if cpu_rows:
+        lines += [
+            "",
+            "## CPU per image (ms, every process of the target and the bench client; median (range) over the "
+            "rounds; by process: the median round)",
+            "",
+            "| level | target | total | by process |",
+            "|---|---|---|---|",
+            *cpu_rows,
+        ]
+    lines += lora_section(result)
     if len(result.config.targets) > 1:
         base = result.baseline
         lines += [
             "",
-            f"## Ratios vs `{base}` (other / {base}; throughput > 1 and latency < 1 favour the other)",
+            f"## Ratios vs `{base}` (other / {base}, within each round; median (range) over the rounds; "
+            "throughput > 1 and latency < 1 favour the other)",
             "",
             "| level | target | throughput (img/s) | goodput | p50 | p99 |",
             "|---|---|---|---|---|---|",
@@ -99,9 +142,75 @@ def summary_markdown(result: BenchResult) -> str:
         for lr in result.levels:
             for name, r in lr.ratios.items():
                 lines.append(
-                    f"| {lr.level.label} | {name} | {_x(r.throughput)} | {_x(r.goodput)} | {_x(r.p50)} | {_x(r.p99)} |"
+                    f"| {lr.level.label} | {name} | {r['throughput']} | {r['goodput']} | {r['p50']} | {r['p99']} |"
                 )
+    for lr in result.levels:
+        for name, runs in lr.runs.items():
+            for run in runs:
+                if run.soak is not None:
+                    from bench.soak import soak_markdown
+
+                    label = name + (f" round {run.round}" if len(runs) > 1 else "")
+                    lines += soak_markdown(label, lr.level.label, run.soak)
     return "\n".join(lines) + "\n"
+
+
+def lora_section(result: BenchResult) -> list[str]:
+    """With ``--loras``: each app with adapters next to itself without, the adapter-cache hit rate,
+    and (two apps) the first app's "+loras" over the second's (e.g. mixed batches / one group); the
+    median round of each."""
+    specs = [t for t in result.config.targets if t.loras]
+    if not specs:
+        return []
+    plain = {t.url: t.name for t in result.config.targets if not t.loras}
+    lines = [
+        "",
+        f"## LoRA adapters (+loras: one of {', '.join(result.config.loras)} per request, seeded)",
+        "",
+        "| level | target | img/s | p50 ms | p99 ms | adapter-cache hit rate | adapter loads | img/s vs without |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lr in result.levels:
+        for spec in specs:
+            m = _median_run(lr.runs[spec.name]).metrics
+            without_runs = lr.runs.get(plain.get(spec.url, ""))
+            without = _median_run(without_runs) if without_runs else None
+            ratio = (
+                m.throughput_ips / without.metrics.throughput_ips
+                if without and without.metrics.throughput_ips
+                else None
+            )
+            hit = "—" if m.lora_cache_hit_rate is None else f"{m.lora_cache_hit_rate:.2f}"
+            lines.append(
+                f"| {lr.level.label} | {spec.name} | {m.throughput_ips:.3f} | {m.latency_ms.p50:.0f} "
+                f"| {m.latency_ms.p99:.0f} | {hit} | {m.lora_loads} | {_x(ratio)} |"
+            )
+    if len(specs) > 1:
+        first, second = specs[0].name, specs[1].name
+        cells = []
+        for lr in result.levels:
+            a = _median_run(lr.runs[first]).metrics.throughput_ips
+            b = _median_run(lr.runs[second]).metrics.throughput_ips
+            cells.append(f"{lr.level.label} {_x(_div(a, b))}")
+        lines += ["", f"`{first}` over `{second}` (img/s): " + ", ".join(cells)]
+    return lines
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _describe(info: dict[str, Any]) -> str:
+    if info.get("url"):
+        return info["url"]
+    threads = info.get("torch_threads")
+    return f"{info.get('kind')}, {threads} torch thread(s)" if threads else str(info.get("kind"))
+
+
+def _median_run(runs: list[Any]) -> Any:
+    """The round whose throughput is the median one (the first of the two middle ones)."""
+    ordered = sorted(runs, key=lambda r: r.metrics.throughput_ips)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
@@ -121,7 +230,7 @@ def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for li, lr in enumerate(result.levels):
         for ti, name in enumerate(names):
-            lat = sorted(r.latency * 1000 for r in lr.runs[name].records if r.ok)
+            lat = sorted(r.latency * 1000 for run in lr.runs[name] for r in run.records if r.ok)
             if not lat:
                 continue
             ys = [(i + 1) / len(lat) for i in range(len(lat))]
@@ -135,7 +244,7 @@ def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
             )
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("fraction of successful requests")
-    ax.set_title("Latency CDF per load level and target")
+    ax.set_title("Latency CDF per load level and target (every round)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -153,13 +262,13 @@ def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
             idx = [i for i, lr in enumerate(result.levels) if lr.level.mode == mode]
             if not idx:
                 continue
-            thr = [result.levels[i].runs[name].metrics.throughput_ips for i in idx]
-            p99 = [result.levels[i].runs[name].metrics.latency_ms.p99 for i in idx]
+            thr = [_median([r.metrics.throughput_ips for r in result.levels[i].runs[name]]) for i in idx]
+            p99 = [_median([r.metrics.latency_ms.p99 for r in result.levels[i].runs[name]]) for i in idx]
             label = name if mode == "closed" or not any(lr.level.mode == "closed" for lr in result.levels) else None
             style = dict(marker="o", color=color, linestyle=styles[ti % len(styles)], label=label)
             a1.plot(idx, thr, **style)
             a2.plot(idx, p99, **style)
-    for ax, title, unit in ((a1, "Throughput vs load", "images/s"), (a2, "p99 latency vs load", "ms")):
+    for ax, title, unit in ((a1, "Throughput vs load (median round)", "images/s"), (a2, "p99 latency vs load", "ms")):
         ax.set_xticks(xs, labels, rotation=30 if len(xs) > 4 else 0)
         ax.set_xlabel("load level")
         ax.set_ylabel(unit)
@@ -185,9 +294,12 @@ def dump_report(data: dict[str, Any]) -> str:
     for level in data.get("levels", []):
         results = {}
         for name, entry in level["results"].items():
-            if "records" in entry:
-                entry = {**entry, "records": [placeholder(r) for r in entry["records"]]}
-            results[name] = entry
+            rounds = []
+            for run in entry["rounds"]:
+                if "records" in run:
+                    run = {**run, "records": [placeholder(r) for r in run["records"]]}
+                rounds.append(run)
+            results[name] = {**entry, "rounds": rounds}
         shallow["levels"].append({**level, "results": results})
     text = json.dumps(shallow, indent=1)
     for i, line in enumerate(compact):

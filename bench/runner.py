@@ -90,13 +90,29 @@ def parse_server_timing(header: str) -> dict[str, float]:
 
 
 class HttpTarget:
-    """The OpenAI-compatible images API at ``url`` (the part before ``/v1``)."""
+    """The OpenAI-compatible images API at ``url`` (the part before ``/v1``).
 
-    def __init__(self, url: str, *, name: str | None = None, timeout_s: float = 600.0, ready_timeout_s: float = 300.0):
+    ``stream``: every request is sent with ``stream: true`` and ``partial_images`` (the same
+    bodies otherwise) and read as server-sent events to the end: its images are the completed
+    events, and ``first_partial`` (ms) the client-side time to the first partial image.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        timeout_s: float = 600.0,
+        ready_timeout_s: float = 300.0,
+        stream: bool = False,
+        partial_images: int = 0,
+    ):
         self.url = url.rstrip("/")
         self.name = name or self.url
         self.timeout_s = timeout_s
         self.ready_timeout_s = ready_timeout_s
+        self.stream = stream
+        self.partial_images = partial_images
         self._client: Any = None
 
     async def start(self) -> dict[str, Any]:
@@ -133,6 +149,8 @@ class HttpTarget:
     async def send(self, body: dict[str, Any]) -> Response:
         import httpx
 
+        if self.stream:
+            return await self._send_stream({**body, "stream": True, "partial_images": self.partial_images})
         try:
             r = await self._client.post(f"{self.url}{GENERATIONS}", json=body)
         except httpx.TimeoutException as exc:
@@ -151,6 +169,43 @@ class HttpTarget:
             return Response(r.status_code, error="response is not JSON")
         timings = payload.get("timings") or parse_server_timing(r.headers.get("server-timing", ""))
         return Response(200, images=len(payload.get("data") or []), timings=dict(timings))
+
+    async def _send_stream(self, body: dict[str, Any]) -> Response:
+        import httpx
+
+        t0 = time.perf_counter()
+        images, partials, first_partial, error = 0, 0, None, None
+        try:
+            async with self._client.stream("POST", f"{self.url}{GENERATIONS}", json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    try:
+                        message = r.json()["error"]["message"]
+                    except Exception:
+                        message = r.text
+                    return Response(r.status_code, error=str(message)[:300])
+                event = None
+                async for line in r.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event == "image_generation.partial_image":
+                        partials += 1
+                        if first_partial is None:
+                            first_partial = (time.perf_counter() - t0) * 1000.0
+                    elif line.startswith("data:") and event == "image_generation.completed":
+                        images += 1
+                    elif line.startswith("data:") and event == "error":
+                        error = line[5:].strip()[:300]
+        except httpx.TimeoutException as exc:
+            return Response(0, error=f"timeout: {type(exc).__name__}")
+        except httpx.HTTPError as exc:
+            return Response(0, error=f"{type(exc).__name__}: {exc}"[:300])
+        timings = {"partials": float(partials)}
+        if first_partial is not None:
+            timings["first_partial"] = round(first_partial, 3)
+        if error is None and images == 0:
+            error = "the stream ended without a completed image"
+        return Response(200, images=images, error=error, timings=timings)
 
     async def close(self) -> None:
         if self._client is not None:

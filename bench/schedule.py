@@ -54,13 +54,20 @@ class Workload:
     n: int = 1
     guidance_scale: float | None = None
     response_format: str = "url"
+    #: LoRA adapters: each request carries one, drawn from these, at ``lora_scale`` (none when empty).
+    loras: tuple[str, ...] = ()
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("the workload needs at least one prompt")
 
     def body(self, index: int, stream: str = "measure") -> dict[str, Any]:
-        """The JSON body of request ``index`` (``stream="warmup"`` for warm-up requests)."""
+        """The JSON body of request ``index`` (``stream="warmup"`` for warm-up requests).
+
+        With ``loras``, the same request plus one adapter drawn from them (its own seeded stream:
+        prompts and seeds are those of the same workload without adapters).
+        """
         rng = _rng(self.seed, stream, index)
         body: dict[str, Any] = {
             "prompt": rng.choice(self.prompts),
@@ -74,6 +81,9 @@ class Workload:
             body["num_inference_steps"] = self.steps
         if self.guidance_scale is not None:
             body["guidance_scale"] = self.guidance_scale
+        if self.loras:
+            name = _rng(self.seed, f"{stream}:lora", index).choice(self.loras)
+            body["loras"] = [{"name": name, "scale": self.lora_scale}]
         return body
 
 

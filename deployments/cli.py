@@ -105,6 +105,9 @@ def describe_app(cfg: Any) -> list[str]:
     lines = []
     for name in DEPLOYMENT_NAMES:
         opts = getattr(cfg, OPTIONS_FIELD[name])
+        if cfg.profile == "colocated" and name != "Ingress":
+            lines.append(f"  {name}: inside each Ingress replica (colocated), max_batch_size {opts.max_batch_size}")
+            continue
         if opts.autoscaling:
             auto = opts.autoscaling_config or {}
             hi = auto.get("max_replicas", 100 if opts.num_replicas == "auto" else 1)
@@ -123,7 +126,9 @@ def run_check(path: Path) -> int:
         print(f"{app.name} at {app.route_prefix or '/'} ({app.import_path})")
         if app.name in apps:
             cfg = apps[app.name]
-            print(f"  model {cfg.model or '(tiny)'}, backend {cfg.backend}, storage {cfg.storage}")
+            print(
+                f"  model {cfg.model or '(tiny)'}, backend {cfg.backend}, storage {cfg.storage}, profile {cfg.profile}"
+            )
             for line in describe_app(cfg):
                 print(line)
         else:
@@ -185,6 +190,18 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def _lora_uri(value: str) -> str:
+    """``--loras``: an s3:// URI as is; a folder made absolute and checked before Ray starts."""
+    if value.startswith("s3://"):
+        return value
+    path = Path(value[len("file://") :] if value.startswith("file://") else value).expanduser().resolve()
+    if not path.is_dir():
+        from serve.errors import InvalidRequestError
+
+        raise InvalidRequestError("--loras", value, "is not a folder (nor an s3://bucket/prefix)")
+    return str(path)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     if args.check:
         if not args.config:
@@ -193,22 +210,47 @@ def run_serve(args: argparse.Namespace) -> int:
             raise InvalidRequestError("--check", True, "needs --config FILE (the file to validate)")
         return run_check(Path(args.config))
     from deployments.config import AppConfig
-    from deployments.preflight import check_port
+    from deployments.preflight import check_port, port_holder
+    from serve.errors import InvalidRequestError
 
+    if args.config and args.loras:
+        from serve.errors import InvalidRequestError
+
+        raise InvalidRequestError("--loras", args.loras, "with --config, set lora_repository in the app's args")
+    if args.config and args.profile:
+        from serve.errors import InvalidRequestError
+
+        raise InvalidRequestError("--profile", args.profile, "a --config file sets profile in its args")
     if args.config:
         _, apps = load_serve_config(Path(args.config))  # fail on a bad file before starting Ray
         raw, host, port = _http_of(Path(args.config), args.host, args.port)
         cfg = next(iter(apps.values()), None)
     else:
         raw, host, port = None, args.host or "127.0.0.1", args.port or 8000
-        app_args: dict[str, Any] = {"storage": args.storage, "backend": args.backend}
+        app_args: dict[str, Any] = {
+            "storage": args.storage,
+            "backend": args.backend,
+            "profile": args.profile or "split",
+        }
         if args.model:
             app_args["model"] = args.model
+        if args.loras:
+            app_args["lora_repository"] = _lora_uri(args.loras)
         cfg = AppConfig.model_validate(app_args)
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:
         # Before Ray: Serve's proxy would share a busy port (SO_REUSEPORT) or die in a traceback.
         check_port(host, port)
+        if args.metrics_port is not None:
+            holder = port_holder("127.0.0.1", args.metrics_port)
+            if holder is not None:
+                raise InvalidRequestError("--metrics-port", args.metrics_port, f"in use by {holder}")
+    elif args.metrics_port is not None:
+        raise InvalidRequestError(
+            "--metrics-port",
+            args.metrics_port,
+            "applies to the local cluster darkroom serve starts, not to RAY_ADDRESS",
+        )
     _stop_on_signals()
     from deployments.startup import ServeConsole
 
@@ -239,12 +281,18 @@ def _serve(
     started_ray = False
     try:
         if not ray.is_initialized():
-            # "local" starts a new cluster even if another one runs on this machine (never join
-            # one by accident). The dashboard executes code for whoever reaches it
-            # (CVE-2023-48022): off in the cluster we start, which listens on loopback only.
-            local = {"include_dashboard": False, "_node_ip_address": "127.0.0.1"} if address is None else {}
-            console.say("starting a local Ray cluster ..." if address is None else f"joining Ray at {address} ...")
-            ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=args.verbose, **local)
+            # A new local cluster even if another one runs on this machine (never join one by
+            # accident), without the dashboard (it executes code for whoever reaches it,
+            # CVE-2023-48022), every port on loopback (deployments/local_cluster.py).
+            from deployments.local_cluster import start_local_cluster
+
+            quiet = {"logging_level": logging.WARNING, "log_to_driver": args.verbose}
+            if address is None:
+                console.say("starting a local Ray cluster ...")
+                start_local_cluster(metrics_port=args.metrics_port, **quiet)
+            else:
+                console.say(f"joining Ray at {address} ...")
+                ray.init(address=address, **quiet)
             started_ray = address is None
             _stop_on_signals()  # again: ray.init installs its own SIGTERM handler
         console.say(f"deploying (Ray up in {time.monotonic() - t0:.0f} s):")
@@ -263,6 +311,8 @@ def _serve(
         console.say(f"ready in {time.monotonic() - t0:.0f} s")
         for line in banner(url, storage, keys, has_playground(url)):
             console.show(line)
+        if args.metrics_port is not None:
+            console.show(f"  metrics:    http://127.0.0.1:{args.metrics_port}/metrics (Prometheus; docs/operating.md)")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -286,6 +336,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="diffusers folder, hub id or exported repository (default: tiny)")
     p.add_argument("--storage", default="./outputs", help="result store: a folder or s3://bucket/prefix")
     p.add_argument("--backend", default="torch", help="engine backend (default: torch)")
+    p.add_argument(
+        "--loras",
+        default=None,
+        help='LoRA adapter repository requests may choose from ("loras": [{name, scale}]): a folder or '
+        "s3://bucket/prefix of NAME.safetensors files (diffusers or kohya keys); new files need no restart",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("split", "colocated"),
+        default=None,
+        help="split: a deployment per stage; colocated: every stage inside the Ingress replica (one process, "
+        "no stage hops: the shape for one GPU or a small machine) (default: split; --config files set their own)",
+    )
     p.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     p.add_argument(
@@ -301,6 +364,13 @@ def add_parser(sub: Any) -> None:
         "and print each deployment's replicas and resources, without starting Ray",
     )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for /readyz")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="pin Ray's Prometheus exporter of the local cluster to this port: "
+        "http://127.0.0.1:PORT/metrics serves the darkroom_* series (default: a free port)",
+    )
     p.add_argument(
         "--verbose",
         action="store_true",

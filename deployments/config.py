@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.api.limits import RateLimits
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import Limits
 
@@ -113,6 +114,13 @@ class DeploymentOptions(BaseModel):
         description="How long a partial batch waits for more requests (TextEncoder, Decoder). 0 still batches "
         "under load: requests queue while a batch runs. The Denoiser ignores it: it batches continuously.",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads in each replica (torch.set_num_threads); None = what Ray gives a "
+        "replica (OMP_NUM_THREADS = its num_cpus rounded down, at least 1). The in-process baseline of "
+        "`darkroom bench --serve` gets the model replicas' total.",
+    )
     graceful_shutdown_timeout_s: float | None = Field(
         None,
         ge=0,
@@ -152,6 +160,23 @@ class DeploymentOptions(BaseModel):
             )
         return self
 
+    @property
+    def threads_per_replica(self) -> int:
+        """Torch threads each replica runs with: ``torch_threads``, else Ray's OMP_NUM_THREADS rule
+        (``num_cpus`` rounded down, at least 1: a 0.1-CPU replica gets 1 thread)."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, int(float(self.ray_actor_options.get("num_cpus", 1) or 0)))
+
+    @property
+    def max_replica_count(self) -> int:
+        """The most replicas this deployment may run (its fixed count, or autoscaling's maximum)."""
+        if self.autoscaling_config:
+            return int(self.autoscaling_config.get("max_replicas", 1))
+        if self.num_replicas == "auto":
+            return 100
+        return self.num_replicas if self.num_replicas is not None else 1
+
     def serve_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         opts: dict[str, Any] = {
@@ -174,6 +199,63 @@ class DeploymentOptions(BaseModel):
         return opts
 
 
+class TorchConfig(BaseModel):
+    """The torch backend's GPU path (serve/engines/torch_options.py). Defaults: eager PyTorch as
+    published (channels_last on CUDA); graphs, compile and tiling are opt-in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channels_last: bool | None = Field(
+        None, description="channels_last memory format for the UNet and VAE; None = on CUDA, off on CPU."
+    )
+    cuda_graphs: bool = Field(
+        False, description="Capture the denoiser as CUDA graphs per (batch bucket, input shapes) and replay them."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the denoiser (the first call per bucket and size compiles)."
+    )
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode when compile is on.")
+    batch_buckets: tuple[int, ...] = Field(
+        (1, 2, 4, 8, 16, 32, 64),
+        description="With cuda_graphs or compile: denoiser batches (rows, CFG doubled) are padded up to the next "
+        "of these sizes, so one graph serves every batch that fits it.",
+    )
+    max_graphs: int = Field(
+        24, ge=1, description="Captured CUDA graphs kept per replica (least recently used dropped)."
+    )
+    vae_tiling_min_side: int | None = Field(
+        None,
+        ge=64,
+        description="Decode in tiles when an image side exceeds this many pixels (bounded memory; tiles blend at "
+        "their seams, outside the seed contract); None = never.",
+    )
+
+    def options(self) -> Any:
+        from serve.engines.torch_options import TorchOptions
+
+        return TorchOptions(**self.model_dump())
+
+
+class StepCacheConfig(BaseModel):
+    """The opt-in step cache every request gets (serve/engines/step_cache.py): faster, at a measured
+    cost in fidelity (bench/gpu.py); images then differ from diffusers' beyond the seed contract."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["deepcache", "teacache"] = Field(
+        ..., description="deepcache for UNet models (SD, SDXL), teacache for transformers (Flux)."
+    )
+    interval: int = Field(3, ge=1, description="deepcache: a full UNet pass every this many steps.")
+    threshold: float = Field(
+        0.2, ge=0, description="teacache: accumulated rescaled change of the first block's input before it runs again."
+    )
+
+    def message(self) -> Any:
+        from serve.stages.messages import StepCache
+
+        return StepCache(self.kind, self.interval, self.threshold)
+
+
 class AppConfig(BaseModel):
     """Everything ``build_app`` needs. Omitted fields give the embedded local default."""
 
@@ -189,6 +271,13 @@ class AppConfig(BaseModel):
     dtype: str | None = Field(
         None, description="float32, float16, bfloat16; None = DARKROOM_DTYPE, else fp16 on CUDA, fp32 on CPU."
     )
+    profile: Literal["split", "colocated"] = Field(
+        "split",
+        description="split: a deployment per stage (Ingress, TextEncoder, Denoiser, Decoder), each scaling apart. "
+        "colocated: every stage inside each Ingress replica (one replica per GPU, the same batching, no stage "
+        "hops); `ingress` then sets the replicas and resources, and text_encoder/denoiser/decoder only their "
+        "batching (max_batch_size, batch_wait_timeout_s).",
+    )
     storage: str = Field("./outputs", description="Result store URI: a folder, file://..., or s3://bucket/prefix.")
     url_expiry_s: int = Field(3600, ge=1, le=604800, description="Lifetime of presigned S3 URLs.")
     limits: Limits = Field(default_factory=Limits, description="Request limits enforced at the Ingress.")
@@ -198,9 +287,44 @@ class AppConfig(BaseModel):
         (), description="Bearer keys every route but /healthz and /readyz needs (plus DARKROOM_API_KEYS); empty = open."
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; bigger ones get 413.")
-    prompt_policy: PromptPolicy = Field(default_factory=PromptPolicy, description="Prompts refused with 400.")
+    prompt_policy: PromptPolicy = Field(
+        default_factory=PromptPolicy,
+        description="The content policy: prompts refused with 400, and the optional image safety check.",
+    )
+    rate_limits: RateLimits = Field(
+        default_factory=RateLimits,
+        description="Per API key: requests per minute and images in flight (429 with Retry-After). "
+        "Enforced by each Ingress replica on its own (docs/operating.md says why).",
+    )
+    job_lease_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A running job's lease in the result store, renewed by its Ingress every third of it; a job "
+        "whose lease ran out (its Ingress died) is resumed by another Ingress replica.",
+    )
+    job_attempts: int = Field(
+        3, ge=1, le=10, description="Tries per job (the first and resumptions after a lost lease) before it fails."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of the replicas' own log lines; each names its stage and request id."
+    )
     stage_retries: int = Field(
         5, ge=1, le=20, description="Tries per stage call when a replica dies mid-request (calls are idempotent)."
+    )
+    job_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="How often a running job rewrites its record with its progress and checks the store for a "
+        "cancel sent to another Ingress replica; also how often a job's event stream served by another replica "
+        "polls that record.",
+    )
+    torch: TorchConfig = Field(
+        default_factory=TorchConfig, description="The torch backend's GPU path: CUDA graphs, compile, tiling."
+    )
+    step_cache: StepCacheConfig | None = Field(
+        None, description="Opt-in step cache for every request (off: images meet the seed contract)."
     )
     debug_step_delay_s: float = Field(
         0.0,
@@ -208,6 +332,36 @@ class AppConfig(BaseModel):
         le=10,
         description="Fault-injection hook for tests, 0 in production: the Denoiser sleeps this long after "
         "every UNet step, so a test can make a request certainly outlast a timeout on any machine.",
+    )
+    lora_repository: str | None = Field(
+        None,
+        description="LoRA adapters requests may choose (`loras`): a folder or s3://bucket/prefix of "
+        "<name>.safetensors files (diffusers/peft or kohya keys); a file added is usable without a restart. "
+        "None: requests with loras get a 400.",
+    )
+    lora_cache_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="Bytes of adapter weights each TextEncoder and Denoiser replica keeps loaded (LRU; adapters "
+        "of requests in flight are never evicted).",
+    )
+    lora_batching: Literal["mixed", "one_group"] = Field(
+        "mixed",
+        description="mixed: requests with different adapters share each denoiser step. one_group: the benchmark "
+        "baseline, one adapter set in the batch at a time (as a server that merges adapters into its weights).",
+    )
+    lora_routing: Literal["affinity", "plain"] = Field(
+        "affinity",
+        description="With adapters and several Denoiser replicas: affinity sends a request to a replica that "
+        "holds its adapters (unless its queue is much longer); plain is Serve's power of two choices.",
+    )
+    debug_reply_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="Fault-injection hook for tests, 0 in production: TextEncoder and Decoder calls wait this long "
+        "after their work (the Decoder after storing) before answering, so a test can kill a replica while "
+        "calls are certainly in flight.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -230,6 +384,32 @@ class AppConfig(BaseModel):
         description="Options of the Decoder deployment.",
     )
 
+    def lora_kwargs(self) -> dict[str, Any]:
+        """How the TextEncoder and Denoiser load adapters (nothing when there is no repository)."""
+        if self.lora_repository is None:
+            return {}
+        return {"loras": self.lora_repository, "lora_cache_bytes": self.lora_cache_bytes}
+
+    def lora_catalog(self, info: Any) -> Any:
+        """The Ingress's torch-free view of the adapter repository (None without one)."""
+        if self.lora_repository is None:
+            return None
+        from serve.families import family_of
+        from serve.lora import LoraCatalog, LoraRepository
+
+        return LoraCatalog(LoraRepository(self.lora_repository), family_of(info))
+
+    def model_deployments(self) -> dict[str, DeploymentOptions]:
+        """The deployments that run models, by name: the three stages (split), or the Ingress (colocated)."""
+        if self.profile == "colocated":
+            return {"Ingress": self.ingress}
+        return {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "Decoder": self.decoder}
+
+    def model_torch_threads(self) -> int:
+        """Torch threads of every model replica together, at their most replicas: what the
+        in-process baseline of this app gets (``darkroom bench --serve``, capped at the machine's cores)."""
+        return sum(o.threads_per_replica * max(1, o.max_replica_count) for o in self.model_deployments().values())
+
     def model_info(self) -> Any:
         """The configured model (the embedded default when none) of the configured family."""
         from serve.model import read_model_info, resolve_source
@@ -245,10 +425,16 @@ class AppConfig(BaseModel):
             "backend": self.backend,
             "device": self.device or settings.device,
             "dtype": self.dtype or settings.dtype,
+            "torch_options": self.torch.options(),
         }
 
+    def step_cache_message(self) -> Any:
+        """The Denoiser's default step cache (None: off)."""
+        return self.step_cache.message() if self.step_cache is not None else None
+
     def service_config(self, model_name: str) -> Any:
-        """The request layer's config, for every app (split, monolith): auth, limits, policy, timeouts."""
+        """The request layer's config, for every app (split, monolith): auth, limits, policy, timeouts,
+        per-key limits and job leases: one builder, so no app can serve with less of them."""
         from serve.api.service import ServiceConfig
         from serve.settings import Settings
 
@@ -260,4 +446,9 @@ class AppConfig(BaseModel):
             prompt_policy=self.prompt_policy,
             api_keys=tuple(dict.fromkeys(self.api_keys + Settings.from_env().api_keys)),
             max_body_bytes=self.max_body_bytes,
+            backend=self.backend,
+            rate_limits=self.rate_limits,
+            job_lease_s=self.job_lease_s,
+            job_attempts=self.job_attempts,
+            job_poll_s=self.job_poll_s,
         )

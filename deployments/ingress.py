@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
+from deployments.observability import replica_observability
 from serve.api.http import create_app
 from serve.api.policy import RetryPolicy
 from serve.api.service import ImageService
 from serve.errors import DarkroomError, OverloadedError
-from serve.stages.messages import DecodeRequest, DenoiseJob, StageResult
+from serve.metrics import NO_METRICS, Metrics
+from serve.request_context import current
+from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
 from serve.storage import open_store
 
 logger = logging.getLogger(__name__)
@@ -46,7 +50,9 @@ class HandleStages:
         retry: RetryPolicy | None = None,
         deadline_s: float = 300.0,
         scale_to_zero: frozenset[str] = frozenset(),
+        metrics: Metrics = NO_METRICS,
     ):
+        self.metrics = metrics
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.decoder = decoder
@@ -102,18 +108,67 @@ class HandleStages:
                     raise OverloadedError(f"{stage} replicas unavailable after {attempt} tries: {exc}") from exc
                 logger.warning("%s call failed (%s); retry %d in %.1f s", stage, type(exc).__name__, attempt, wait)
                 self.retries += 1
+                self.metrics.inc("darkroom_stage_retries_total", stage=stage)
                 await asyncio.sleep(wait)
             except RayTaskError as exc:
                 raise unwrap(exc) from None
 
-    async def encode(self, texts: list[str]) -> StageResult:
-        return await self._call("TextEncoder", self.text_encoder.encode, texts)
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
+        # The request id rides along for the TextEncoder's log lines (DenoiseJob and
+        # DecodeRequest carry theirs).
+        return await self._call("TextEncoder", self.text_encoder.encode, texts, tuple(loras), current())
 
     async def denoise(self, job: DenoiseJob) -> StageResult:
         return await self._call("Denoiser", self.denoiser.denoise, job)
 
     async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
         return await self._call("Decoder", self.decoder.decode, latents, request)
+
+    async def preview_map(self) -> np.ndarray | None:
+        return await self._call("Decoder", self.decoder.preview_map)
+
+    async def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """The Denoiser's streaming method (``handle.options(stream=True)``), with ``_call``'s
+        rules: back-pressure is a 503, a replica that died mid-stream is retried (the job starts
+        over on another replica; steps and partial images already passed on are not repeated),
+        and a consumer that stops iterating (the client left) cancels the call at the replica."""
+        start = time.monotonic()
+        attempt, last_step, sent_partials = 0, -1, set()
+        streaming = self.denoiser.options(stream=True)
+        while True:
+            attempt += 1
+            response = streaming.denoise_stream.remote(job)
+            finished = False
+            try:
+                async for item in response:
+                    if isinstance(item, StageResult):
+                        finished = True
+                        yield item
+                        return
+                    if item.preview is not None and item.partial_index not in sent_partials:
+                        sent_partials.add(item.partial_index)
+                        last_step = max(last_step, item.step)
+                        yield item
+                    elif item.step > last_step:
+                        last_step = item.step
+                        yield DenoiseProgress(item.step, item.total_steps)
+                raise RuntimeError("the Denoiser's stream ended without a result")
+            except BackPressureError as exc:
+                raise OverloadedError("Denoiser is at capacity; retry shortly") from exc
+            except RETRYABLE as exc:
+                wait = self.retry.delay(attempt, time.monotonic(), start + self.deadline_s)
+                if wait is None:
+                    raise OverloadedError(f"Denoiser replicas unavailable after {attempt} tries: {exc}") from exc
+                logger.warning("Denoiser stream failed (%s); retry %d in %.1f s", type(exc).__name__, attempt, wait)
+                self.retries += 1
+                await asyncio.sleep(wait)
+            except RayTaskError as exc:
+                raise unwrap(exc) from None
+            finally:
+                if not finished:
+                    # Cancelled, closed early, or failed: Serve does not stop the replica's
+                    # generator by itself (PITFALLS), and the job would keep its slot.
+                    response.cancel()
 
     async def _controller_view(self) -> dict[str, str]:
         """Stages whose state the controller already decides: failed, or scaled to zero.
@@ -166,6 +221,7 @@ class Ingress:
         config: dict[str, Any],
     ) -> None:
         cfg = AppConfig.model_validate(config)
+        metrics = replica_observability("Ingress", cfg.log_level)
         info = cfg.model_info()
         service_cfg = cfg.service_config(info.name)
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
@@ -184,8 +240,14 @@ class Ingress:
                 )
                 if opts.min_replicas == 0
             ),
+            metrics=metrics,
         )
-        self.service = ImageService(service_cfg, info, stages, store)
+        self.service = ImageService(service_cfg, info, stages, store, loras=cfg.lora_catalog(info), metrics=metrics)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service)
+        return create_app(self.service, behind_serve_proxy=True)
+
+    async def check_health(self) -> None:
+        # Serve calls this every few seconds: it also starts the job sweeper of a replica that
+        # has served no request yet (a replacement must resume its dead predecessor's jobs).
+        self.service.start_background()

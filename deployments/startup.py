@@ -170,7 +170,7 @@ def wait_ready(url: str, timeout_s: float) -> None:
 
 
 def has_playground(url: str) -> bool:
-    """Whether the app serves a page at its root (the playground, once the app has one)."""
+    """Whether the app serves a page at its root (the playground)."""
     import httpx
 
     try:

@@ -39,6 +39,7 @@ _FLAG_FOR_FIELD = {
     "family": "--family",
     "true_cfg_scale": "--true-cfg",
     "variant": "--variant",
+    "loras": "--lora",
 }
 _FORMAT_FOR_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -72,7 +73,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "n": args.n,
         "output_format": _FORMAT_FOR_SUFFIX[suffix],
         "true_cfg_scale": args.true_cfg,
+        "loras": parse_lora_flags(args.lora) or None,
     }
+    if body["loras"] and args.lora_dir is None:
+        raise InvalidRequestError("--lora", args.lora[0], "needs --lora-dir DIR (the folder of NAME.safetensors)")
     request = parse_generation_request({k: v for k, v in body.items() if v is not None}, Limits())
 
     from serve.families import family_of
@@ -95,11 +99,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device or settings.device,
         dtype=args.dtype or settings.dtype,
         family=args.family,
+        loras=args.lora_dir,
     )
+    if params.loras:
+        from serve.lora import LoraCatalog
+
+        LoraCatalog(pipe.denoiser.lora_repository, family).check(params.loras)  # names and fit, by flag
     load_s = time.perf_counter() - t0
+    adapters = "".join(f", lora {n} {s:g}" for n, s in params.loras)
     _say(
         f"generating {params.n} image(s) {params.width}x{params.height}, {params.num_inference_steps} steps, "
-        f"scheduler {family.scheduler_label(params.scheduler)}, seed {params.seed} ..."
+        f"scheduler {family.scheduler_label(params.scheduler)}, seed {params.seed}{adapters} ..."
     )
     result = pipe.generate(params, progress=_progress_bar(params.num_inference_steps))
     paths = output_paths(args.output, params.n)
@@ -109,8 +119,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(path)
     timings = {"load": load_s, **result.timings}
     print(f"seed: {params.seed}")
+    if params.loras:
+        print("loras: " + ", ".join(f"{n} {s:g}" for n, s in params.loras))
     print("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     return 0
+
+
+def parse_lora_flags(values: Sequence[str] | None) -> list[dict[str, object]]:
+    """``--lora watercolor:0.8 --lora ink`` -> ``[{"name": "watercolor", "scale": 0.8}, {"name": "ink"}]``."""
+    out: list[dict[str, object]] = []
+    for value in values or ():
+        name, sep, scale = value.rpartition(":") if ":" in value else (value, "", "")
+        item: dict[str, object] = {"name": name}
+        if sep:
+            try:
+                item["scale"] = float(scale)
+            except ValueError:
+                raise InvalidRequestError("--lora", value, "must be NAME or NAME:SCALE, e.g. watercolor:0.8") from None
+        out.append(item)
+    return out
 
 
 def _progress_bar(total: int) -> Callable[[int, int], None] | None:
@@ -140,6 +167,35 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     kind = args.family + (f" ({args.variant})" if args.variant else "")
     print(f"wrote tiny {kind} model to {path} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_tiny_loras(args: argparse.Namespace) -> int:
+    from serve.lora.random import write_random_lora
+    from serve.model import resolve_source
+
+    route_library_logs()
+    if args.count < 1 or args.count > 64:
+        raise InvalidRequestError("--count", args.count, "must be 1..64")
+    model = resolve_source(args.model)
+    from serve.families import family_of
+    from serve.model import read_model_info
+
+    family = family_of(read_model_info(model))
+    components = [family.denoiser_component] + (["text_encoder"] if args.text_encoder else [])
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for i in range(args.count):
+        path = args.dir / f"{args.prefix}{i}.safetensors"
+        write_random_lora(
+            path,
+            model,
+            components=components,
+            layout=args.layout,
+            rank=args.rank,
+            seed=args.seed + i,
+            attention_only=args.targets == "attention",
+        )
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {args.layout}, {', '.join(components)})")
     return 0
 
 
@@ -341,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Flux only: guidance with --negative-prompt, as FluxPipeline's true_cfg_scale (> 1 turns it on)",
     )
     gen.add_argument(
+        "--lora-dir",
+        default=None,
+        help="folder (or s3://bucket/prefix) of LoRA adapters, NAME.safetensors in diffusers or kohya layout",
+    )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="NAME[:SCALE]",
+        help="apply adapter NAME from --lora-dir at SCALE (-4..4, default 1); repeat for up to 4",
+    )
+    gen.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N (default: DARKROOM_DEVICE, else CUDA when present)"
     )
     gen.add_argument(
@@ -368,6 +436,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=cmd_tiny_model)
+
+    tl = sub.add_parser(
+        "tiny-loras", help="write random-weight LoRA adapters for a model (an adapter repository for tests, bench)"
+    )
+    tl.add_argument("dir", type=Path, help="folder to write NAME.safetensors files into")
+    tl.add_argument("--model", default=None, help="the model they are for (default: the embedded tiny model)")
+    tl.add_argument("--count", type=int, default=4, help="how many adapters (default 4)")
+    tl.add_argument("--prefix", default="style", help="names are PREFIX0, PREFIX1, ... (default style)")
+    tl.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    tl.add_argument(
+        "--layout", default="diffusers", choices=("diffusers", "kohya"), help="key layout (default diffusers)"
+    )
+    tl.add_argument("--text-encoder", action="store_true", help="also adapt the (first) text encoder")
+    tl.add_argument(
+        "--targets",
+        default="attention",
+        choices=("attention", "all"),
+        help="denoiser layers: attention projections (to_q/k/v/out, as diffusers' LoRA training scripts) or "
+        "all of attention, feed-forward and projections (default attention)",
+    )
+    tl.add_argument("--seed", type=int, default=0, help="seed of the first adapter's weights (default 0)")
+    tl.set_defaults(func=cmd_tiny_loras)
 
     exp = sub.add_parser("export", help="export a model to ONNX (and TensorRT) engines with a manifest")
     exp.add_argument(
@@ -461,6 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except InvalidRequestError as exc:
         flag = _FLAG_FOR_FIELD.get(exc.field, exc.field)
+        if exc.field.startswith("loras["):  # e.g. loras[1].scale: the second --lora
+            flag = f"--lora ({exc.field})"
         print(f"darkroom: error: {flag}: {exc.reason} (got {exc.value!r})", file=sys.stderr)
         return 2
     except DarkroomError as exc:

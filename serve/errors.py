@@ -131,11 +131,46 @@ class IdempotencyConflictError(InvalidRequestError):
     code = "idempotency_key_reused"
 
 
+class JobConflictError(DarkroomError):
+    """A job cannot do what was asked in its state (e.g. cancel a job that already succeeded)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "job_finished"
+
+
 class OverloadedError(DarkroomError):
     """Queues are full: the client should retry after ``Retry-After`` seconds."""
 
     status_code = 503
     code = "overloaded"
+
+
+class RateLimitError(DarkroomError):
+    """A key is over its limit (requests per minute, or images in flight): 429 with ``Retry-After``.
+
+    OpenAI's shape: ``type`` names what ran out (``requests`` or ``images``), ``code`` is
+    ``rate_limit_exceeded``.
+    """
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str = "requests", retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.error_type = kind
+        self.retry_after_s = retry_after_s
+
+
+class ImagesWithheldError(DarkroomError):
+    """Every image of a request was flagged by the image safety check: none is stored or returned.
+
+    OpenAI's moderation refusal: 400, ``type: image_generation_user_error``, ``code: moderation_blocked``.
+    """
+
+    status_code = 400
+    error_type = "image_generation_user_error"
+    code = "moderation_blocked"
 
 
 class RequestTimeoutError(DarkroomError):
@@ -156,8 +191,11 @@ __all__ = [
     "ContentPolicyError",
     "DarkroomError",
     "IdempotencyConflictError",
+    "ImagesWithheldError",
+    "JobConflictError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "RateLimitError",
     "RequestTimeoutError",
     "EngineError",
     "InvalidRequestError",

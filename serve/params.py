@@ -62,6 +62,8 @@ class GenerationParams:
     output_compression: int | None = None
     #: The client's end-user id (OpenAI's ``user``), stored with the images; not used otherwise.
     user: str | None = None
+    #: LoRA adapters and their scales, ``((name, scale), ...)``, as ``set_adapters(names, scales)``.
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -93,6 +95,11 @@ class GenerationParams:
             not _is_int(self.output_compression) or not 0 <= self.output_compression <= 100
         ):
             raise InvalidRequestError("output_compression", self.output_compression, "must be an integer in 0..100")
+        if self.loras:
+            from serve.lora.catalog import MAX_LORAS, MAX_SCALE
+            from serve.lora.files import check_choices
+
+            object.__setattr__(self, "loras", check_choices(self.loras, max_loras=MAX_LORAS, max_scale=MAX_SCALE))
         if self.output_format not in OUTPUT_FORMATS:
             raise InvalidRequestError(
                 "output_format", self.output_format, f"must be one of {', '.join(OUTPUT_FORMATS)}"

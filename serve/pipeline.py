@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +40,9 @@ class GenerationResult:
 
 
 def make_jobs(encoder: TextEncoder, plans: Sequence[Plan]) -> list[DenoiseJob]:
-    """Encode every plan's texts in one TextEncoder call, then build each Denoiser job."""
-    results = encoder.encode_requests([plan.texts for plan in plans])
+    """Encode every plan's texts (with its text-encoder adapters) in one TextEncoder call, then
+    build each Denoiser job."""
+    results = encoder.encode_requests([(plan.texts, plan.params.loras) for plan in plans])
     return [plan.denoise_job(r.value) for plan, r in zip(plans, results, strict=True)]
 
 
@@ -63,10 +65,29 @@ class Pipeline:
         device: str | None = None,
         dtype: str | None = None,
         family: str | None = None,
+        torch_options: Any = None,
+        step_cache: Any = None,
+        loras: Any = None,
+        lora_cache_bytes: int | None = None,
     ) -> Pipeline:
+        """``torch_options``: the torch backend's (``serve.engines.torch_options.TorchOptions``);
+        ``step_cache``: the Denoiser's default ``StepCache`` (None: off, the seed contract);
+        ``loras``: an adapter repository (folder, ``s3://bucket/prefix`` or a ``LoraRepository``)
+        for requests' ``loras``."""
         info = read_model_info(source, family)
-        kw = {"backend": backend, "device": device, "dtype": dtype}
-        return cls(TextEncoder.load(info, **kw), Denoiser.load(info, **kw), Decoder.load(info, **kw))
+        kw = {"backend": backend, "device": device, "dtype": dtype, "torch_options": torch_options}
+        if loras is not None:
+            from serve.lora import LoraRepository
+
+            repo = loras if isinstance(loras, LoraRepository) else LoraRepository(str(loras))  # one for both
+            lkw = {"loras": repo, "lora_cache_bytes": lora_cache_bytes}
+        else:
+            lkw = {}
+        return cls(
+            TextEncoder.load(info, **kw, **lkw),
+            Denoiser.load(info, **kw, **lkw, step_cache=step_cache),
+            Decoder.load(info, **kw),
+        )
 
     def generate(
         self, params: GenerationParams, progress: Callable[[int, int], None] | None = None

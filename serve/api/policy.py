@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.errors import ContentPolicyError
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes, and the playground's page and files (static, no secrets: the page asks for a key and
+# sends it with its API calls).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+OPEN_PREFIXES = ("/playground/",)
 
 
 def api_key_ok(authorization: str | None, keys: tuple[str, ...]) -> bool:
@@ -34,6 +37,13 @@ def api_key_ok(authorization: str | None, keys: tuple[str, ...]) -> bool:
     return any(matches)
 
 
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of ``Authorization: Bearer <key>``, else None (the caller's identity for limits)."""
+    if not authorization or not authorization.startswith("Bearer "):
+        return None
+    return authorization[len("Bearer ") :].strip() or None
+
+
 class PromptPolicy(BaseModel):
     """What prompts the Ingress refuses with 400 ``content_policy_violation``.
 
@@ -46,6 +56,11 @@ class PromptPolicy(BaseModel):
     default) applies all three; ``low`` skips the checker. The blocklist and the patterns are the
     operator's fixed rules and always apply; a classifier's verdict is a judgement call, which
     ``low`` relaxes (OpenAI: "less restrictive filtering").
+
+    ``image_checker`` turns on the image safety check (``serve/safety.py``; off by default): it
+    applies to every request whatever its ``moderation``, since an operator turns it on for safe
+    output. Prompt refusals and withheld images count in one metric,
+    ``darkroom_policy_blocks_total{check="prompt"|"image"}``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,6 +68,12 @@ class PromptPolicy(BaseModel):
     blocklist: tuple[str, ...] = Field((), description="Phrases refused anywhere in a prompt (case-insensitive).")
     patterns: tuple[str, ...] = Field((), description="Regular expressions refused in a prompt (ignore case).")
     checker: str | None = Field(None, description='"module:function" returning a refusal reason or None.')
+    image_checker: str | None = Field(
+        None,
+        description="The image safety check, run by the Decoder on every image before it is stored or returned: "
+        "a folder with diffusers' safety_checker/ and feature_extractor/, or 'model' for the served model's own "
+        "folder; a flagged image is withheld. None = images are not checked.",
+    )
 
     @cached_property
     def _regexes(self) -> list[re.Pattern[str]]:

@@ -31,6 +31,8 @@ from pydantic import (
 )
 
 from serve.errors import InvalidRequestError
+from serve.lora.catalog import MAX_LORAS, MAX_SCALE
+from serve.lora.files import check_name
 from serve.params import MAX_SEED, SCHEDULER_NAMES, GenerationParams, random_seed
 
 #: The most images OpenAI's API lets one request ask for.
@@ -158,6 +160,32 @@ def parse_size(value: str, limits: Limits, field: str = "size") -> tuple[int, in
     return width, height
 
 
+class LoraChoice(BaseModel):
+    """One adapter of a request's ``loras``: its name in the server's adapter repository and scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(
+        ..., description="The adapter's name: its file's name without .safetensors (see GET /v1/loras)."
+    )
+    scale: StrictFloat = Field(
+        1.0,
+        ge=-MAX_SCALE,
+        le=MAX_SCALE,
+        allow_inf_nan=False,
+        description=f"How strongly it applies, -{MAX_SCALE:g}..{MAX_SCALE:g}, as diffusers' set_adapters weights "
+        "(1 = as trained, 0 = off, negative = away from the style).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        try:
+            return check_name(value, "name")
+        except InvalidRequestError as exc:
+            raise ValueError(exc.reason) from None
+
+
 class ImageGenerationRequest(BaseModel):
     """Body of ``POST /v1/images/generations``: OpenAI's fields, then Darkroom's extensions.
 
@@ -216,10 +244,17 @@ class ImageGenerationRequest(BaseModel):
         None, description="DALL-E 3's vivid/natural: no model here has styles, so any value but None is a 400."
     )
     stream: StrictBool | None = Field(
-        None, description="Streaming (server-sent events) is not supported yet: true is a 400; false or None."
+        None,
+        description="true: answer text/event-stream with OpenAI's image_generation.partial_image and "
+        "image_generation.completed events (one completed event per image, each event tagged with its "
+        "image_index); false or None: one JSON response. Jobs stream through GET /v1/images/jobs/{id}/events.",
     )
     partial_images: StrictInt | None = Field(
-        None, ge=0, le=3, description="Partial images per image while streaming, 0..3 (used with stream)."
+        None,
+        ge=0,
+        le=3,
+        description="Partial images per image while streaming (and on a job's event stream), 0..3 (None: 0), "
+        "at evenly spaced steps; drawn cheaply from the latents at 1/8 of each side. Ignored without stream.",
     )
     user: StrictStr | None = Field(
         None, description="End-user id, for abuse tracking: stored in each image's metadata, not used otherwise."
@@ -257,6 +292,14 @@ class ImageGenerationRequest(BaseModel):
         "(> 1 turns it on and needs a negative_prompt; 1 = off). Other families refuse it.",
     )
 
+    loras: list[LoraChoice] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description=f"LoRA adapters (fine-tuned styles) from the server's repository, up to {MAX_LORAS}, each with "
+        "a scale: the image is diffusers' after load_lora_weights + set_adapters(names, scales). Requests with "
+        "different adapters share the denoiser's batch. Torch backend only (ONNX/TensorRT deployments refuse it).",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
@@ -284,12 +327,14 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError("'transparent' is not supported: the model draws opaque images (use auto or opaque)")
         return value
 
-    @field_validator("stream")
-    @classmethod
-    def _check_stream(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("streaming is not supported yet (send false or leave it out)")
-        return value
+    @model_validator(mode="after")
+    def _check_loras_unique(self) -> ImageGenerationRequest:
+        seen: set[str] = set()
+        for i, choice in enumerate(self.loras or ()):
+            if choice.name in seen:
+                raise InvalidRequestError(f"loras[{i}].name", choice.name, "is listed twice; give each adapter once")
+            seen.add(choice.name)
+        return self
 
     @model_validator(mode="after")
     def _check_compression(self) -> ImageGenerationRequest:
@@ -424,6 +469,7 @@ class ImageGenerationRequest(BaseModel):
             true_cfg_scale=float(self.true_cfg_scale),
             output_compression=self.output_compression,
             user=self.user,
+            loras=tuple((c.name, float(c.scale)) for c in self.loras or ()),
         )
 
 
@@ -466,6 +512,8 @@ def _reason(error: Mapping[str, Any]) -> str:
         return f"must be at least {ctx['ge']}"
     if kind == "less_than_equal":
         return f"must be at most {ctx['le']}"
+    if kind == "too_long":
+        return f"at most {ctx.get('max_length')} items"
     if kind == "literal_error":
         return f"must be {ctx['expected']}"
     if kind == "value_error" and "error" in ctx:
@@ -473,6 +521,14 @@ def _reason(error: Mapping[str, Any]) -> str:
         return cause.reason if isinstance(cause, InvalidRequestError) else str(cause)
     message = str(error.get("msg", "is invalid"))
     return message[:1].lower() + message[1:]
+
+
+def _dotted(loc: Any) -> str:
+    """``("loras", 0, "scale")`` -> ``loras[0].scale``: list items as JSON paths name them."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
@@ -486,7 +542,7 @@ def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidRequestError) and not first["loc"]:
         return cause  # a check across fields (model validator) names its own field
-    field = ".".join(str(part) for part in first["loc"]) or "body"
+    field = _dotted(first["loc"]) or "body"
     value = None if first["type"] == "missing" else first.get("input")
     return InvalidRequestError(field, value, _reason(first))
 
@@ -531,6 +587,7 @@ __all__ = [
     "ImageGenerationRequest",
     "ImagesResponse",
     "Limits",
+    "LoraChoice",
     "invalid_request_from",
     "parse_generation_request",
     "parse_size",

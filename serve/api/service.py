@@ -9,25 +9,55 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
+
 from serve.api.idempotency import IdempotencyGuard
+from serve.api.jobs import JobManager
+from serve.api.leases import INTERNAL_FIELDS, LeasePolicy
+from serve.api.limits import KeyLimiter, RateLimits
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
-from serve.errors import DarkroomError, ModelNotFoundError, NotFoundError, RequestTimeoutError
+from serve.api.streaming import COMPLETED, ERROR, PARTIAL, Developed, StreamContext, error_payload, sse
+from serve.errors import (
+    ContentPolicyError,
+    DarkroomError,
+    ImagesWithheldError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestTimeoutError,
+)
 from serve.families import family_of
+from serve.metrics import NO_METRICS, Metrics
 from serve.model import ModelInfo
 from serve.params import GenerationParams
-from serve.stages.messages import DecodedImage, DecodeRequest, StageClient
+from serve.request_context import current
+from serve.stages.messages import DecodedImage, DecodeRequest, DenoiseProgress, StageClient, StageResult
 from serve.storage import LocalStore, ResultStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: How long the Ingress reuses the Decoder's preview map before asking again (it improves with traffic).
+PREVIEW_MAP_TTL_S = 30.0
+
+
+async def _until(deadline: float, aw: Awaitable[T], what: str = "request") -> T:
+    """``aw`` bounded by an absolute deadline on the loop's clock (504 past it)."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(aw, max(remaining, 0.0))
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"{what} did not finish in time") from None
 
 
 @dataclass(frozen=True)
@@ -39,23 +69,82 @@ class ServiceConfig:
     prompt_policy: PromptPolicy = field(default_factory=PromptPolicy)
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
+    #: The stages' engine backend: per-request LoRA needs torch (``serve.lora.LORA_BACKENDS``).
+    backend: str = "torch"
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    job_lease_s: float = 30.0
+    job_attempts: int = 3
+    # How often a job's record is rewritten with its progress, and how often a job polls the
+    # store for a cancel asked of another Ingress replica (and a stream of a job running on
+    # another replica polls its record).
+    job_poll_s: float = 1.0
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def lora_list(loras: tuple[tuple[str, float], ...]) -> list[dict[str, Any]]:
+    """``(("ink", 0.8),)`` -> ``[{"name": "ink", "scale": 0.8}]``: as the request sends them."""
+    return [{"name": n, "scale": s} for n, s in loras]
+
+
+def withheld_error(index: int) -> dict[str, Any]:
+    """What the response says about an image the safety check withheld (OpenAI's moderation shape)."""
+    return {
+        "index": index,
+        "error": {
+            "message": f"image {index} was withheld: the image safety check flagged it",
+            "type": "image_generation_user_error",
+            "param": None,
+            "code": "moderation_blocked",
+        },
+    }
+
+
+def image_records(images: list[DecodedImage]) -> list[dict[str, Any]]:
+    """Images as a job or idempotency record keeps them (in order: a withheld one keeps its place)."""
+    return [{"withheld": True} if im.withheld else {"key": im.key, "content_type": im.content_type} for im in images]
+
+
+def from_records(records: list[dict[str, Any]]) -> list[DecodedImage]:
+    return [
+        DecodedImage("", "", None, withheld=True)
+        if im.get("withheld")
+        else DecodedImage(im["key"], im["content_type"], None)
+        for im in records
+    ]
+
+
 class ImageService:
     """Request handling for ``/v1/images/*``, ``/v1/models``, ``/v1/files``, readiness."""
 
-    def __init__(self, config: ServiceConfig, info: ModelInfo, stages: StageClient, store: ResultStore) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        info: ModelInfo,
+        stages: StageClient,
+        store: ResultStore,
+        loras: Any = None,
+        metrics: Metrics = NO_METRICS,
+    ) -> None:
         self.config = config
         self.info = info
         self.family = family_of(info)
         self.stages = stages
         self.store = store
-        self._jobs: set[asyncio.Task] = set()  # strong refs: the loop only keeps weak ones
+        self.loras = loras  # serve.lora.LoraCatalog of the adapter repository, or None
+        self.metrics = metrics
         self.idempotency = IdempotencyGuard(store, stale_after_s=config.request_timeout_s + 30)
+        self.limiter = KeyLimiter(config.rate_limits)
+        policy = LeasePolicy(config.job_lease_s, config.job_attempts, config.request_timeout_s)
+        self.jobs = JobManager(self, policy, metrics=metrics)
+        self._preview_map: np.ndarray | None = None
+        self._preview_map_at: float | None = None
+
+    def start_background(self) -> None:
+        """Start the job sweeper (idempotent; call from the serving event loop)."""
+        self.jobs.start_sweeper()
 
     # -- validation -----------------------------------------------------------------------
     def parse(self, body: Any) -> tuple[ImageGenerationRequest, GenerationParams]:
@@ -67,38 +156,114 @@ class ImageService:
         )
         self.family.check(params)
         policy = self.config.prompt_policy
-        policy.check(params.prompt, params.negative_prompt, moderation=request.moderation or "auto")
+        try:
+            policy.check(params.prompt, params.negative_prompt, moderation=request.moderation or "auto")
+        except ContentPolicyError:
+            self.metrics.inc("darkroom_policy_blocks_total", check="prompt")
+            raise
         return request, params
 
     def model_ids(self) -> tuple[str, ...]:
         return (self.config.model_name, "darkroom")
 
+    def check_loras(self, params: GenerationParams) -> None:
+        """Refuse adapters this server cannot apply, naming ``loras`` / ``loras[i].name`` (400).
+
+        Blocking (lists the repository, reads headers): call it in a worker thread.
+        """
+        if not params.loras:
+            return
+        names = [n for n, _ in params.loras]
+        if self.loras is None:
+            raise InvalidRequestError("loras", names, "this server has no adapter repository (serve --loras DIR)")
+        from serve.lora import LORA_BACKENDS
+
+        if self.config.backend not in (*LORA_BACKENDS, "auto"):
+            raise InvalidRequestError(
+                "loras",
+                names,
+                f"per-request LoRA runs on the torch backend; this server runs {self.config.backend}",
+            )
+        self.loras.check(params.loras)
+
+    def lora_listing(self) -> dict[str, Any]:
+        """``GET /v1/loras``: the adapters of the repository and whether each fits this model."""
+        data = self.loras.listing() if self.loras is not None else []
+        return {"object": "list", "data": data}
+
     # -- generation -------------------------------------------------------------------------
     async def _bounded(self, coro: Awaitable[T], stage: str) -> T:
+        t0 = time.perf_counter()
         try:
             return await asyncio.wait_for(coro, timeout=self.config.stage_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(f"{stage} did not answer within {self.config.stage_timeout_s:.0f} s") from None
+        finally:
+            self.metrics.observe("darkroom_stage_latency_seconds", time.perf_counter() - t0, stage=stage)
 
-    async def run(self, request: ImageGenerationRequest, params: GenerationParams) -> tuple[list[DecodedImage], dict]:
-        """Run one request through the stages; returns its stored images and timings (ms)."""
-        timings: dict[str, float] = {}
+    async def run(
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> tuple[list[DecodedImage], dict]:
+        """Run one request through the stages; returns its images (stored, or withheld by the
+        safety check) and timings (ms).
+
+        Its images are stored under keys made of ``result_id`` (a job's id; default: a fresh
+        one) and their index, so every try of the request (a decode retried after a replica
+        died, a job resumed elsewhere) stores each image once. ``created`` (the request's Unix
+        time) dates the keys' folder and the metadata.
+        """
+        self._wake()
+        plan = self.family.plan(params)
+        t0 = time.perf_counter()
+        enc = await self._bounded(self._encode(plan, params), "TextEncoder")
+        t1 = time.perf_counter()
+        job = dataclasses.replace(plan.denoise_job(enc.value), request_id=current())
+        den = await self._bounded(self.stages.denoise(job), "Denoiser")
+        t2 = time.perf_counter()
+        inline = request.response_format == "b64_json"
+        return await self._decode(params, den, inline, (t0, t1, t2), enc, result_id=result_id, created=created)
+
+    def _encode(self, plan: Any, params: GenerationParams) -> Awaitable[StageResult]:
+        """The TextEncoder call; without adapters, the one-argument call every StageClient takes."""
+        if params.loras:
+            return self.stages.encode(list(plan.texts), params.loras)
+        return self.stages.encode(list(plan.texts))
+
+    def _wake(self) -> None:
         wake = getattr(self.stages, "wake", None)
         if wake is not None:
             wake()  # start scaled-to-zero stages now, not one after another
-        plan = self.family.plan(params)
-        t0 = time.perf_counter()
-        enc = await self._bounded(self.stages.encode(list(plan.texts)), "TextEncoder")
-        t1 = time.perf_counter()
-        job = plan.denoise_job(enc.value)
-        den = await self._bounded(self.stages.denoise(job), "Denoiser")
-        t2 = time.perf_counter()
+
+    async def _decode(
+        self,
+        params: GenerationParams,
+        den: StageResult,
+        inline: bool,
+        marks: tuple[float, float, float],
+        enc: StageResult,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> tuple[list[DecodedImage], dict]:
+        """The Decoder's part of a request, and the timings (ms) of all three stages."""
+        t0, t1, t2 = marks
+        request_id = current()
         metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
+        metadata["created"] = int(created if created is not None else metadata["created"])
+        if request_id is not None:
+            metadata["request_id"] = request_id
         dec_req = DecodeRequest(
             params.output_format,
             metadata,
-            inline=request.response_format == "b64_json",
+            inline=inline,
             output_compression=params.output_compression,
+            request_id=request_id,
+            result_id=result_id or uuid.uuid4().hex,
         )
         dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
         t3 = time.perf_counter()
@@ -116,7 +281,129 @@ class ImageService:
             "decode_batch": float(dec.batch_size),
             "total": _ms(t3 - t0),
         }
+        for key in ("lora_hits", "lora_misses"):  # the Denoiser's adapter cache, for the bench
+            if key in den.extra:
+                timings[key] = float(den.extra[key])
         return dec.value, timings
+
+    # -- streaming (serve/api/streaming.py formats the events) --------------------------------
+    async def preview_map(self) -> np.ndarray | None:
+        """The Decoder's latent -> RGB map, cached ``PREVIEW_MAP_TTL_S`` (the Decoder refines it
+        from the images it decodes). None: no previews (the stream carries final images only)."""
+        now = time.monotonic()
+        if self._preview_map_at is not None and now - self._preview_map_at < PREVIEW_MAP_TTL_S:
+            return self._preview_map
+        try:
+            fresh = await asyncio.wait_for(self.stages.preview_map(), self.config.stage_timeout_s)
+        except Exception:  # previews are a nicety: the request goes on without new ones
+            logger.warning("preview map unavailable; keeping the last one", exc_info=True)
+            return self._preview_map
+        self._preview_map, self._preview_map_at = fresh, now
+        return fresh
+
+    async def develop(
+        self,
+        request: ImageGenerationRequest,
+        params: GenerationParams,
+        partial_images: int,
+        deadline: float,
+        progress: bool = False,
+        *,
+        result_id: str | None = None,
+        created: float | None = None,
+    ) -> AsyncIterator[DenoiseProgress | Developed]:
+        """The stages streamed: ``DenoiseProgress`` items with the partial images asked for (and
+        after every step with ``progress``), then ``Developed``. ``deadline`` (the loop's clock)
+        bounds the whole request; each stage is bounded as in ``run`` (``result_id`` and
+        ``created`` too). Closing it early cancels the stage call in flight."""
+        self._wake()
+        plan = self.family.plan(params)
+        t0 = time.perf_counter()
+        enc = await _until(deadline, self._bounded(self._encode(plan, params), "TextEncoder"))
+        t1 = time.perf_counter()
+        job = dataclasses.replace(plan.denoise_job(enc.value), progress=progress, request_id=current())
+        if partial_images:
+            preview_map = await _until(deadline, self.preview_map())
+            job = dataclasses.replace(job, partial_images=partial_images, preview_map=preview_map)
+        den: StageResult | None = None
+        stage_deadline = min(deadline, asyncio.get_running_loop().time() + self.config.stage_timeout_s)
+        async with contextlib.aclosing(self.stages.denoise_stream(job)) as stream:
+            while den is None:
+                try:
+                    item = await _until(stage_deadline, anext(stream), "Denoiser")
+                except StopAsyncIteration:
+                    raise RuntimeError("the Denoiser's stream ended without a result") from None
+                if isinstance(item, StageResult):
+                    den = item
+                else:
+                    yield item
+        t2 = time.perf_counter()
+        decoded = self._decode(params, den, True, (t0, t1, t2), enc, result_id=result_id, created=created)
+        images, timings = await _until(deadline, decoded)
+        yield Developed(images, timings)
+
+    def stream_context(self, request: ImageGenerationRequest, params: GenerationParams) -> StreamContext:
+        return StreamContext.of(
+            width=params.width,
+            height=params.height,
+            quality=request.quality,
+            background=request.background,
+            output_format=params.output_format,
+            seed=params.seed,
+            output_compression=params.output_compression,
+            response_format=request.response_format,
+        )
+
+    async def generate_stream(
+        self, body: Any, base_url: str, idempotency_key: str | None = None, api_key: str | None = None
+    ) -> AsyncIterator[bytes] | None:
+        """``POST /v1/images/generations`` with ``stream: true``: the SSE body, or None when the
+        request does not stream. Validation errors (adapters included, and the key's limits) raise
+        here, before anything is sent; the key's images are held until the stream ends."""
+        request, params = self.parse(body)
+        if not request.stream:
+            return None
+        if idempotency_key is not None:
+            raise InvalidRequestError(
+                "Idempotency-Key", idempotency_key, "is not supported with stream: true (a stream cannot be replayed)"
+            )
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
+        self.limiter.admit(api_key, params.n)
+        return self._stream(request, params, base_url, api_key)
+
+    async def _stream(
+        self, request: ImageGenerationRequest, params: GenerationParams, base_url: str, api_key: str | None = None
+    ):
+        ctx = self.stream_context(request, params)
+        deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        try:
+            async with contextlib.aclosing(self.develop(request, params, request.partial_images or 0, deadline)) as it:
+                async for item in it:
+                    if isinstance(item, Developed):
+                        self._count_images(item.images)
+                        if item.images and all(im.withheld for im in item.images):
+                            n = len(item.images)
+                            raise ImagesWithheldError(
+                                f"all {n} image(s) were withheld: the image safety check flagged them"
+                            )
+                        for index, image in enumerate(item.images):
+                            if image.withheld:  # its index is missing from the completed events
+                                continue
+                            url = self.url_for(image.key, base_url) if request.response_format == "url" else None
+                            yield sse(COMPLETED, ctx.completed(image.data or b"", index, url))
+                    elif item.preview is not None:
+                        for payload in ctx.partials(item.preview, item.partial_index or 0):
+                            yield sse(PARTIAL, payload)
+        except DarkroomError as exc:
+            # Headers (200) are gone: the error is an event, in OpenAI's error shape.
+            logger.warning("stream failed: %s: %s", type(exc).__name__, exc.message)
+            yield sse(ERROR, error_payload(exc.message, exc.error_type, getattr(exc, "field", None), exc.code))
+        except Exception:
+            logger.exception("stream failed")
+            yield sse(ERROR, error_payload("internal server error", "server_error", None, None))
+        finally:
+            self.limiter.release(api_key, params.n)
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
         """What is stored beside each image (its index is added per image)."""
@@ -139,18 +426,35 @@ class ImageService:
             meta["output_compression"] = params.output_compression
         if params.user is not None:
             meta["user"] = params.user  # OpenAI's end-user id: recorded for abuse tracking
+        if params.loras:
+            meta["loras"] = lora_list(params.loras)
         return meta
 
     async def generate(
-        self, body: Any, base_url: str, idempotency_key: str | None = None
+        self, body: Any, base_url: str, idempotency_key: str | None = None, api_key: str | None = None
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """``POST /v1/images/generations``: the OpenAI response body and the timings."""
-        request, params = self.parse(body)
+        """``POST /v1/images/generations``: the OpenAI response body and the timings.
 
+        ``api_key`` is the caller's key: its limits (``rate_limits``) apply. A request whose
+        every image the safety check withheld raises :class:`ImagesWithheldError` (400).
+        """
+        request, params = self.parse(body)
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
+        self.limiter.admit(api_key, params.n)
+        try:
+            return await self._generate_admitted(request, params, base_url, idempotency_key)
+        finally:
+            self.limiter.release(api_key, params.n)
+
+    async def _generate_admitted(
+        self, request: ImageGenerationRequest, params: GenerationParams, base_url: str, idempotency_key: str | None
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         async def produce() -> dict[str, Any]:
             created = int(time.time())
             try:
-                images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
+                run = self.run(request, params, created=created)
+                images, timings = await asyncio.wait_for(run, self.config.request_timeout_s)
             except asyncio.TimeoutError:
                 raise RequestTimeoutError(f"request took longer than {self.config.request_timeout_s:.0f} s") from None
             return {"created": created, "seed": params.seed, "images": images, "timings": timings}
@@ -163,15 +467,26 @@ class ImageService:
 
             async def produce_record() -> dict[str, Any]:
                 out = await produce()
-                out["images"] = [{"key": im.key, "content_type": im.content_type} for im in out["images"]]
+                out["images"] = image_records(out["images"])
                 return out
 
             out = await self.idempotency.run(idempotency_key, fields, produce_record, self.config.request_timeout_s)
-            images = [DecodedImage(im["key"], im["content_type"], None) for im in out["images"]]
+            images = from_records(out["images"])
+        self._count_images(images)
+        if images and all(im.withheld for im in images):
+            raise ImagesWithheldError(f"all {len(images)} image(s) were withheld: the image safety check flagged them")
         body_out = await asyncio.to_thread(
             self.render, out["created"], out["seed"], images, request.response_format, base_url, out["timings"]
         )
+        if params.loras:
+            body_out["loras"] = lora_list(params.loras)  # what made these images, beside the seed
         return body_out, out["timings"]
+
+    def _count_images(self, images: list[DecodedImage]) -> None:
+        withheld = sum(im.withheld for im in images)
+        self.metrics.inc("darkroom_images_total", len(images) - withheld, status="returned")
+        if withheld:
+            self.metrics.inc("darkroom_images_total", withheld, status="withheld")
 
     def render(
         self,
@@ -182,11 +497,15 @@ class ImageService:
         base_url: str,
         timings: dict[str, float],
     ) -> dict[str, Any]:
-        data = []
+        data, withheld = [], []
         # Each image carries what reproduces it: the request's seed and its index in the batch of
         # n (image i of seed s and n is image i when sent again with s and n). Fields Darkroom does
-        # not fill (OpenAI's revised_prompt) are absent, never null.
+        # not fill (OpenAI's revised_prompt) are absent, never null; so is ``withheld`` when the
+        # safety check withheld nothing.
         for index, image in enumerate(images):
+            if image.withheld:
+                withheld.append(withheld_error(index))
+                continue
             item: dict[str, Any] = {"seed": seed, "index": index}
             if response_format == "b64_json":
                 raw = image.data if image.data is not None else self.store.get_bytes(image.key)
@@ -194,69 +513,39 @@ class ImageService:
             else:
                 item["url"] = self.url_for(image.key, base_url)
             data.append(item)
-        return {"created": created, "data": data, "timings": timings}
+        out: dict[str, Any] = {"created": created, "data": data, "timings": timings}
+        if withheld:
+            out["withheld"] = withheld
+        return out
 
     def url_for(self, key: str, base_url: str) -> str:
         if isinstance(self.store, LocalStore):
             return f"{base_url.rstrip('/')}/v1/files/{key}"
         return self.store.url(key)
 
-    # -- async jobs ---------------------------------------------------------------------------
-    async def submit_job(self, body: Any) -> dict[str, Any]:
+    # -- async jobs (serve/api/jobs.py; leases: serve/api/leases.py) --------------------------
+    async def submit_job(self, body: Any, api_key: str | None = None) -> dict[str, Any]:
         request, params = self.parse(body)
-        job_id = uuid.uuid4().hex
-        record = {
-            "id": job_id,
-            "object": "image.job",
-            "status": "queued",
-            "created": int(time.time()),
-            "response_format": request.response_format,
-            "seed": params.seed,
-        }
-        await asyncio.to_thread(self.store.put_job, job_id, record)
-        task = asyncio.create_task(self._run_job(record, request, params))
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-        return record
+        if request.stream:
+            raise InvalidRequestError("stream", True, "jobs stream through GET /v1/images/jobs/{id}/events")
+        if params.loras:
+            await asyncio.to_thread(self.check_loras, params)
+        self.limiter.admit(api_key, params.n)
+        return await self.jobs.submit(request, params, on_end=lambda: self.limiter.release(api_key, params.n))
 
-    async def _run_job(self, record: dict, request: ImageGenerationRequest, params: GenerationParams) -> None:
-        job_id = record["id"]
-        try:
-            await asyncio.to_thread(self.store.put_job, job_id, {**record, "status": "running"})
-            images, timings = await asyncio.wait_for(self.run(request, params), self.config.request_timeout_s)
-            done = {
-                **record,
-                "status": "succeeded",
-                "finished": int(time.time()),
-                "images": [{"key": im.key, "content_type": im.content_type} for im in images],
-                "timings": timings,
-            }
-        except Exception as exc:  # the job records any failure; the server carries on
-            logger.exception("job %s failed", job_id)
-            err = exc if isinstance(exc, DarkroomError) else DarkroomError(f"generation failed: {exc}")
-            done = {**record, "status": "failed", "finished": int(time.time()), **err.to_openai()}
-        try:
-            await asyncio.to_thread(self.store.put_job, job_id, done)
-        except Exception:
-            logger.exception("could not record the end of job %s", job_id)
+    @staticmethod
+    def public(record: dict[str, Any]) -> dict[str, Any]:
+        """A job record as clients see it: without the Ingress's own fields (lease, recorded request)."""
+        return {k: v for k, v in record.items() if k not in INTERNAL_FIELDS}
 
     async def get_job(self, job_id: str, base_url: str) -> dict[str, Any]:
-        record = await asyncio.to_thread(self.store.get_job, job_id)
-        if record.get("status") != "succeeded":
-            return record
-        images = [DecodedImage(im["key"], im["content_type"], None) for im in record.get("images", [])]
-        body = await asyncio.to_thread(
-            self.render,
-            record["created"],
-            record["seed"],
-            images,
-            record.get("response_format", "url"),
-            base_url,
-            record.get("timings", {}),
-        )
-        out = {k: v for k, v in record.items() if k != "images"}
-        out["result"] = body
-        return out
+        return await self.jobs.get(job_id, base_url)
+
+    async def cancel_job(self, job_id: str) -> tuple[int, dict[str, Any]]:
+        return await self.jobs.cancel(job_id)
+
+    async def job_events(self, job_id: str, base_url: str) -> AsyncIterator[bytes]:
+        return await self.jobs.events(job_id, base_url)
 
     # -- models, files, readiness -----------------------------------------------------------
     def models(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from serve.engines.manifest import is_exported_repository
 from serve.errors import EngineError, InvalidRequestError
 
 if TYPE_CHECKING:
+    from serve.engines.torch_options import TorchOptions
     from serve.model import ModelInfo
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
@@ -49,8 +50,16 @@ def resolve_backend(backend: str, model_path: Path, component: str, device: torc
     return "onnxruntime"
 
 
-def load_engine(backend: str, info: ModelInfo, component: str, device: torch.device, dtype: torch.dtype) -> Engine:
-    """Load one of the model's components with the named backend (or ``auto``)."""
+def load_engine(
+    backend: str,
+    info: ModelInfo,
+    component: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    options: TorchOptions | None = None,
+) -> Engine:
+    """Load one of the model's components with the named backend (or ``auto``); ``options`` are
+    the torch backend's (``serve/engines/torch_options.py``), ignored by the others."""
     model_path = info.path
     name = resolve_backend(backend, model_path, component, device, dtype)
     if name == "torch":
@@ -61,7 +70,7 @@ def load_engine(backend: str, info: ModelInfo, component: str, device: torch.dev
             )
         from serve.engines.torch_backend import TorchEngine
 
-        engine: Engine = TorchEngine(info, component, device, dtype)
+        engine: Engine = TorchEngine(info, component, device, dtype, options)
     elif name == "onnxruntime":
         from serve.engines.onnxruntime_backend import OnnxRuntimeEngine
 

@@ -81,6 +81,7 @@ class Plan:
             n=p.n,
             scheduler=p.scheduler,
             cfg_scale=self.cfg_scale,
+            loras=p.loras,
         )
 
 
@@ -99,6 +100,9 @@ class Family(ABC):
     schedulers: ClassVar[Mapping[str, str]] = UNET_SCHEDULERS
     #: Latent patch side: Flux packs 2x2 latent patches, so its sides are multiples of 2x the VAE's.
     latent_patch: ClassVar[int] = 1
+    #: Components LoRA adapters may touch, as the family's diffusers pipeline loads them
+    #: (its ``_lora_loadable_modules``: Flux's T5 takes none).
+    lora_components: ClassVar[tuple[str, ...]] = ("text_encoder", "unet")
 
     def __init__(self, info: ModelInfo) -> None:
         self.info = info
@@ -249,6 +253,25 @@ class Family(ABC):
     def final_latents(self, latents: torch.Tensor, job: DenoiseJob) -> torch.Tensor:
         """The Denoiser's result as the VAE reads it: (n, C, h, w) latents (Flux unpacks here)."""
         return latents
+
+    # -- previews (partial images; serve/families/preview.py) ---------------------------------------
+    def denoised(
+        self, scheduler: Any, model_input: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """The step's estimate of the final latents (x0), from the denoiser's input and output.
+
+        A preview of x0 shows the picture the run is heading for; the current latents are mostly
+        noise until the last steps. Default: the input itself (a family without a formula)."""
+        return model_input
+
+    def preview(self, latents: torch.Tensor, job: DenoiseJob) -> np.ndarray:
+        """A partial image of the request's latents (as the Denoiser holds them: Flux's packed):
+        uint8 (n, h, w, 3) at the latent grid's size, through ``job.preview_map``, never the VAE."""
+        from serve.families.preview import latent_rgb
+
+        if job.preview_map is None:
+            raise ValueError("the job has no preview map")
+        return latent_rgb(self.final_latents(latents, job), job.preview_map)
 
     # -- decoding (Decoder stage) -------------------------------------------------------------------
     def vae_input(self, latents: torch.Tensor) -> torch.Tensor:

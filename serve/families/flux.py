@@ -42,6 +42,7 @@ class FluxFamily(Family):
     name = "flux"
     pipeline_class = "FluxPipeline"
     text_components = ("text_encoder", "text_encoder_2")
+    lora_components = ("text_encoder", "transformer")
     default_guidance = 3.5
     default_steps = 28
     denoiser_component = "transformer"
@@ -195,6 +196,13 @@ class FluxFamily(Family):
         img_ids = ids.reshape(h * w, 3).to(device=sample.device, dtype=sample.dtype)
         txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3, device=sample.device, dtype=sample.dtype)
         return {"hidden_states": sample, "timestep": timestep, "img_ids": img_ids, "txt_ids": txt_ids, **conditioning}
+
+    def denoised(self, scheduler, model_input, noise_pred, t) -> torch.Tensor:
+        """x0 under flow matching: x_t = (1 - s) x0 + s noise and the transformer predicts
+        v = noise - x0, so x0 = x_t - s v, with s = t / num_train_timesteps (the scheduler's
+        timesteps are its shifted sigmas times that number)."""
+        sigma = float(t) / float(scheduler.config.get("num_train_timesteps", 1000))
+        return model_input.float() - sigma * noise_pred.float()
 
     def final_latents(self, latents: torch.Tensor, job: DenoiseJob) -> torch.Tensor:
         # FluxPipeline._unpack_latents: the sequence of 2x2 patches back to (n, c, h, w).

@@ -60,6 +60,28 @@ class UNetFamily(Family):
         shape = self.info.latent_shape(job.n, job.width, job.height)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
+    def denoised(self, scheduler, model_input, noise_pred, t) -> torch.Tensor:
+        """x0 from the UNet's prediction. ``model_input`` is the scaled sample the UNet saw, which is
+        x_t = sqrt(a) x0 + sqrt(1 - a) eps for every scheduler here (``scale_model_input`` maps the
+        sigma-space latents of Euler, LMS and Heun into that form), a = alphas_cumprod at t
+        (interpolated: Euler's timesteps can fall between integers). Worked example, t = 500 of SD's
+        schedule: a = 0.28, so x0 = (x_t - 0.85 eps) / 0.53."""
+        import torch
+
+        table = scheduler.alphas_cumprod.to(torch.float32)
+        pos = float(t) if float(t) < len(table) - 1 else float(len(table) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(table) - 1)
+        alpha = float(table[lo] + (table[hi] - table[lo]) * (pos - lo))
+        a, b = alpha**0.5, (1 - alpha) ** 0.5
+        x, pred = model_input.float(), noise_pred.float()
+        kind = scheduler.config.get("prediction_type", "epsilon")
+        if kind == "v_prediction":
+            return a * x - b * pred
+        if kind == "sample":
+            return pred
+        return (x - b * pred) / a
+
     def unet_module(self, dtype: torch.dtype) -> torch.nn.Module:
         from serve.families.modules import UNetWrapper, load_pretrained
 

@@ -31,6 +31,7 @@ class SDXLFamily(UNetFamily):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     text_components = ("text_encoder", "text_encoder_2")
+    lora_components = ("text_encoder", "text_encoder_2", "unet")
     default_guidance = 5.0
 
     @property

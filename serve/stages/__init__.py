@@ -14,13 +14,20 @@ _EXPORTS = {
     "DecodeRequest": "serve.stages.messages",
     "DecodedImage": "serve.stages.messages",
     "DenoiseJob": "serve.stages.messages",
+    "DenoiseProgress": "serve.stages.messages",
     "StageClient": "serve.stages.messages",
     "StageResult": "serve.stages.messages",
+    "StepCache": "serve.stages.messages",
     "TextEncoder": "serve.stages.text_encoder",
     "Denoiser": "serve.stages.denoiser",
     "Decoder": "serve.stages.decoder",
     "to_uint8": "serve.stages.decoder",
     "ContinuousDenoiser": "serve.stages.continuous",
+    "BatchPolicy": "serve.stages.batching",
+    "BatchQueue": "serve.stages.batching",
+    "ModelThread": "serve.stages.batching",
+    "ColocatedOptions": "serve.stages.colocated",
+    "ColocatedStages": "serve.stages.colocated",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,14 +13,19 @@ Ray-free: the Denoiser deployment runs one of these per replica; tests drive it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from serve.metrics import NO_METRICS, Metrics
 from serve.stages.denoiser import Denoiser
-from serve.stages.messages import DenoiseJob, StageResult
+from serve.stages.messages import DenoiseJob, DenoiseProgress, StageResult
+from serve.stages.progress import EventChannel
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +33,63 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Entry:
     job: DenoiseJob
-    future: asyncio.Future
+    future: asyncio.Future | None = None  # submit(): the result; stream(): None
+    channel: EventChannel | None = None  # stream(): progress, partial images and the result
     state: Any = None
     cancelled: bool = False
+    cancelled_at: int | None = None  # the loop's step count when the cancel was seen
+    finished: bool = False
     compute_s: float = 0.0  # wall time of the steps this request took part in
     batch_max: int = 0  # most requests it shared a step with
+    lora: dict[str, float] | None = None  # adapter-cache hits/misses of its admission
+
+    def cancel(self, steps: int) -> None:
+        if not self.cancelled:
+            self.cancelled, self.cancelled_at = True, steps
+
+    def finish(self, outcome: StageResult | BaseException) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.channel is not None:
+            self.channel.finish(outcome)
+        elif isinstance(outcome, asyncio.CancelledError):
+            self.future.cancel()  # its caller is gone: nothing to hand back
+        elif isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
 
 
 class ContinuousDenoiser:
     """Admits queued jobs before every step, up to ``max_requests`` in flight at once."""
 
-    def __init__(self, denoiser: Denoiser, *, max_requests: int = 8, step_delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        *,
+        max_requests: int = 8,
+        step_delay_s: float = 0.0,
+        lora_batching: str = "mixed",
+        executor: Executor | None = None,
+        interrupt: Callable[[], bool] | None = None,
+        metrics: Metrics = NO_METRICS,
+    ) -> None:
         self.denoiser = denoiser
+        self.metrics = metrics
         self.max_requests = max_requests
+        # "mixed": adapters share the batch; "one_group": the baseline, one adapter set at a time
+        # (serve/lora/policy.py).
+        self.lora_batching = lora_batching
+        # Where steps run (None: asyncio's default thread pool). The colocated profile gives every
+        # stage one model thread, so the encoder, denoiser and decoder never run torch at once
+        # (two calls at once would each start their own OpenMP team on the same cores), and
+        # ``interrupt`` says when another stage waits for that thread: the step loop then hands
+        # it over after the current step instead of running until its batch changes. Adapter
+        # loads (``_pin_loras``) never run there: they stay on asyncio's default pool, so a load
+        # never holds up another request's steps.
+        self.executor = executor
+        self.interrupt = interrupt
         # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
         # a request certainly outlast a timeout whatever the machine's speed.
         self.step_delay_s = step_delay_s
@@ -48,23 +97,85 @@ class ContinuousDenoiser:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.peak_requests = 0  # most requests in one step so far (tests, metrics)
-        self.steps = 0
+        self.steps = 0  # denoiser steps taken (counted as they finish, in the stepping thread)
+        self.in_flight = 0  # requests in the running batch
+        self.max_cancel_lag = 0  # most steps a cancelled request stayed in the batch after its cancel
 
-    async def submit(self, job: DenoiseJob) -> StageResult:
-        """Denoise one job; its latents come back when its own steps are done."""
-        self.denoiser.validate(job)  # a bad job fails alone, before it joins anything
-        entry = _Entry(job, asyncio.get_running_loop().create_future())
+    def stats(self) -> dict[str, int]:
+        """What the loop is doing now: for tests and metrics (cheap; no lock needed)."""
+        return {
+            "in_flight": self.in_flight,
+            "queued": len(self._pending),
+            "steps": self.steps,
+            "peak_requests": self.peak_requests,
+            "max_cancel_lag_steps": self.max_cancel_lag,
+        }
+
+    def _enqueue(self, entry: _Entry) -> None:
         self._pending.append(entry)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         self._wakeup.set()
+
+    async def _load_loras(self, job: DenoiseJob) -> tuple[contextlib.ExitStack, dict[str, float] | None]:
+        """The job's adapters, loaded in a worker thread (asyncio's default pool, never the
+        executor that runs steps) before it joins: steps of the running batch never wait for a
+        load. They stay pinned in the cache until the caller closes the returned stack."""
+        loading = asyncio.ensure_future(asyncio.to_thread(self._pin_loras, job))
         try:
-            return await asyncio.shield(entry.future)
-        except asyncio.CancelledError:
-            entry.cancelled = True  # the loop drops it before the next step
+            return await asyncio.shield(loading)
+        except asyncio.CancelledError:  # the load finishes anyway: unpin what it pinned
+            loading.add_done_callback(lambda f: f.exception() is None and f.result()[0].close())
             raise
 
+    async def submit(self, job: DenoiseJob) -> StageResult:
+        """Denoise one job; its latents come back when its own steps are done."""
+        self.denoiser.validate(job)  # a bad job fails alone, before it joins anything
+        pins, lora = await self._load_loras(job)
+        try:
+            entry = _Entry(job, future=asyncio.get_running_loop().create_future(), lora=lora)
+            self._enqueue(entry)
+            try:
+                return await asyncio.shield(entry.future)
+            except asyncio.CancelledError:
+                entry.cancel(self.steps)  # the loop drops it before the next step
+                raise
+        finally:
+            pins.close()
+
+    def _pin_loras(self, job: DenoiseJob) -> tuple[contextlib.ExitStack, dict[str, float] | None]:
+        stack = contextlib.ExitStack()
+        runtime = self.denoiser.lora
+        if not job.loras or runtime is None:
+            stack.enter_context(self.denoiser.use_loras(job))  # refuses loras it cannot serve
+            return stack, None
+        before = (runtime.cache.hits, runtime.cache.misses)
+        stack.enter_context(self.denoiser.use_loras(job))
+        # Approximate under concurrent admissions (counters are shared); exact when admitted alone.
+        hits, misses = runtime.cache.hits - before[0], runtime.cache.misses - before[1]
+        return stack, {"lora_hits": float(hits), "lora_misses": float(misses)}
+
+    async def stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """``submit`` with progress: ``DenoiseProgress`` after admission (step 0) and after steps
+        (coalesced, with the partial images the job asked for), then the ``StageResult``.
+        Closing the iterator early (the client left) takes the job out before the next step."""
+        self.denoiser.validate(job)
+        pins, lora = await self._load_loras(job)
+        try:
+            entry = _Entry(job, channel=EventChannel(asyncio.get_running_loop()), lora=lora)
+            self._enqueue(entry)
+            try:
+                async for item in entry.channel:
+                    yield item
+            finally:
+                if not entry.finished:
+                    entry.cancel(self.steps)
+        finally:
+            pins.close()
+
     def _admit(self, active: list[_Entry]) -> list[_Entry]:
+        if self.lora_batching == "one_group":
+            return self._admit_one_group(active)
         new = []
         while self._pending and len(active) + len(new) < self.max_requests:
             entry = self._pending.popleft()
@@ -72,23 +183,45 @@ class ContinuousDenoiser:
                 new.append(entry)
         return new
 
+    def _admit_one_group(self, active: list[_Entry]) -> list[_Entry]:
+        from serve.lora.policy import adapter_set, one_group_admission
+
+        pending = [e for e in self._pending if not e.cancelled]
+        keys = [adapter_set(e.job.loras) for e in pending]
+        chosen = one_group_admission(keys, [adapter_set(e.job.loras) for e in active], self.max_requests - len(active))
+        new = [pending[i] for i in chosen]
+        self._pending = deque(e for e in pending if e not in new)
+        return new
+
     def _advance(self, new: list[_Entry], active: list[_Entry]) -> int:
         """Worker thread: start the newcomers' states, then step everyone until something changes.
 
         Steps continue in this thread while the batch is unchanged (a hop to the event loop per
         step cost ~4 ms, 40% of a tiny-model step); it returns to admit a newcomer, hand back a
-        finished request or drop a cancelled one. Returns the number of steps taken.
+        finished request or drop a cancelled one. Streamed requests get their progress from here
+        (``EventChannel.push``: no hop). Returns the number of steps taken.
         """
         for entry in new:
             entry.state = self.denoiser.start(entry.job)
+            if entry.channel is not None and entry.job.progress:
+                entry.channel.push(entry.state.progress())
         states = [e.state for e in active]
         steps = 0
         while True:
             self.denoiser.step(states)
             steps += 1
+            self.steps += 1
+            for entry in active:
+                # Only streamed jobs, and then only what they asked for: progress after every
+                # step, or just the steps with a partial image.
+                if entry.channel is not None and not entry.cancelled:
+                    if entry.job.progress or entry.state.preview is not None:
+                        entry.channel.push(entry.state.progress())
             if self.step_delay_s > 0:
                 time.sleep(self.step_delay_s)
             if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):
+                return steps
+            if self.interrupt is not None and self.interrupt():
                 return steps
 
     async def _run(self) -> None:
@@ -96,6 +229,9 @@ class ContinuousDenoiser:
         while True:
             new = self._admit(active)
             active += new
+            self.metrics.set("darkroom_queue_length", len(self._pending))
+            self.metrics.set("darkroom_inflight_requests", len(active))
+            self.in_flight = len(active)
             if not active:
                 self._wakeup.clear()
                 if not self._pending:
@@ -103,26 +239,40 @@ class ContinuousDenoiser:
                 continue
             t0 = time.perf_counter()
             try:
-                steps = await asyncio.to_thread(self._advance, new, active)
+                if self.executor is None:
+                    steps = await asyncio.to_thread(self._advance, new, active)
+                else:
+                    steps = await asyncio.get_running_loop().run_in_executor(self.executor, self._advance, new, active)
             except Exception as exc:  # the batch fails; the loop (and the replica) carry on
-                logger.exception("denoising step failed for %d request(s)", len(active))
+                ids = ",".join(e.job.request_id or "-" for e in active)
+                logger.exception("denoising step failed for %d request(s): %s", len(active), ids)
                 for entry in active:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
+                    entry.finish(exc)
                 active = []
+                self.in_flight = 0
                 continue
             dt = time.perf_counter() - t0
-            self.steps += steps
+            # self.steps counts in the stepping thread (_advance); metrics take the stretch here
+            self.metrics.inc("darkroom_denoise_steps_total", steps * len(active))
+            for _ in range(steps):  # every step of this stretch had the same batch
+                self.metrics.observe("darkroom_step_seconds", dt / steps)
+                self.metrics.observe("darkroom_batch_size", len(active))
             self.peak_requests = max(self.peak_requests, len(active))
             still = []
             for entry in active:
                 entry.compute_s += dt
                 entry.batch_max = max(entry.batch_max, len(active))
-                if entry.cancelled or entry.future.done():
+                if entry.cancelled:
+                    self.max_cancel_lag = max(self.max_cancel_lag, self.steps - (entry.cancelled_at or 0))
+                    entry.finish(asyncio.CancelledError())
+                    continue
+                if entry.finished:
                     continue
                 if entry.state.done:
                     result = self.denoiser.result(entry.state)
-                    entry.future.set_result(StageResult(result, entry.compute_s, batch_size=entry.batch_max))
+                    extra = dict(entry.lora) if entry.lora else {}
+                    entry.finish(StageResult(result, entry.compute_s, batch_size=entry.batch_max, extra=extra))
                 else:
                     still.append(entry)
             active = still
+            self.in_flight = len(active)

@@ -95,6 +95,20 @@ def new_image_key(extension: str, *, now: _dt.datetime | None = None) -> str:
     return f"images/{now:%Y/%m/%d}/{uuid.uuid4().hex}.{extension}"
 
 
+def result_image_key(result_id: str, index: int, extension: str, created: float) -> str:
+    """Image ``index`` of the request whose results are ``result_id``:
+    ``images/YYYY/MM/DD/<result_id>-<index>.<ext>``, the date from the request's ``created`` time.
+
+    The same request gives the same key on every try (a retried decode, a resumed job), so a
+    create-if-absent write stores each image once. ``result_id`` is server-made (a uuid or a job
+    id), never the client's X-Request-Id: clients must not be able to aim at each other's keys.
+    """
+    if not is_valid_job_id(result_id):
+        raise InvalidRequestError("result_id", result_id, "must match [A-Za-z0-9_-]{1,64}")
+    day = _dt.datetime.fromtimestamp(created, _dt.timezone.utc)
+    return f"images/{day:%Y/%m/%d}/{result_id}-{int(index)}.{extension}"
+
+
 def metadata_key_for(image_key: str) -> str:
     """The metadata key beside an image: same stem, ``.json``."""
     stem, _, _ = image_key.rpartition(".")
@@ -151,6 +165,10 @@ class ResultStore(abc.ABC):
     def check(self) -> None:
         """Raise :class:`StorageError` unless the store can take writes now (readiness probes)."""
 
+    def _list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (a folder, ending in ``/``), sorted. Backends that can list override it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list keys")
+
     # --- public API ---------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         """Store ``data`` under ``key``, replacing any previous object."""
@@ -185,6 +203,13 @@ class ResultStore(abc.ABC):
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         self.put_bytes(key, data, JSON_CONTENT_TYPE)
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys of the objects under the folder ``prefix`` (e.g. ``jobs/active/``), sorted."""
+        if not prefix.endswith("/"):
+            raise ValueError(f"prefix must name a folder (end with '/'), got {prefix!r}")
+        validate_key(prefix.rstrip("/"))
+        return self._list(prefix)
+
     def put_json_if_absent(self, key: str, obj: dict[str, Any]) -> bool:
         """Atomically create a JSON object unless the key exists (a claim: one caller wins)."""
         data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -201,21 +226,41 @@ class ResultStore(abc.ABC):
             raise StorageError(f"stored JSON {key!r} is not an object", transient=False)
         return obj
 
-    def save_image(self, data: bytes, output_format: str, metadata: dict[str, Any]) -> StoredImage:
-        """Store an encoded image under a fresh server-made key, with its metadata beside it.
+    def save_image(
+        self, data: bytes, output_format: str, metadata: dict[str, Any], *, key: str | None = None
+    ) -> StoredImage:
+        """Store an encoded image with its metadata beside it: under a fresh server-made key, or
+        under ``key`` (:func:`result_image_key`) written only if absent.
 
         Metadata goes first and the image second, so a crash between the two leaves at worst an
         orphan ``.json`` (harmless, easy to sweep), never an image without its metadata. If the
         image write fails we try to remove the metadata too and raise :class:`StorageError`.
+
+        With ``key``, both writes are create-if-absent: a second call for the same key (the same
+        request tried again) finds the first call's objects and stores nothing twice.
         """
         extension, content_type = image_format(output_format)
-        key = new_image_key(extension)
+        once = key is not None
+        if key is None:
+            key = new_image_key(extension)
+        elif not key.endswith("." + extension):
+            raise ValueError(f"key {key!r} does not end in .{extension}")
+        key = validate_key(key)
         meta_key = metadata_key_for(key)
-        self.put_json(meta_key, metadata)
+        # A False from a create-if-absent write: an earlier try of this request stored it already.
+        if once:
+            fresh_meta = self.put_json_if_absent(meta_key, metadata)
+        else:
+            self.put_json(meta_key, metadata)
+            fresh_meta = True
         try:
-            self.put_bytes(key, data, content_type)
+            if once:
+                self._put_if_absent(key, bytes(data), content_type)
+            else:
+                self.put_bytes(key, data, content_type)
         except BaseException as exc:
-            self._discard_after_failure(meta_key)
+            if fresh_meta:
+                self._discard_after_failure(meta_key)
             if isinstance(exc, StorageError) or not isinstance(exc, Exception):
                 raise  # already typed, or a cancellation / interrupt that must propagate as is
             raise StorageError(f"could not store image {key}: {exc}", transient=False) from exc

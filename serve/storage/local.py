@@ -117,6 +117,13 @@ class LocalStore(ResultStore):
         except OSError as exc:
             raise _storage_error("delete", key, exc) from exc
 
+    def _list(self, prefix: str) -> list[str]:
+        folder = self._path(prefix.rstrip("/"))
+        if not folder.is_dir():
+            return []
+        # Temp files of writes in progress (".tmp-*.part") are not objects.
+        return sorted(f"{prefix}{p.name}" for p in folder.iterdir() if p.is_file() and not p.name.startswith(".tmp-"))
+
     def _url(self, key: str) -> str:
         if self.public_base_url:
             return f"{self.public_base_url}/v1/files/{key}"

@@ -178,6 +178,20 @@ class S3Store(ResultStore):
             except NotFoundError:
                 return  # already gone
 
+    def _list(self, prefix: str) -> list[str]:
+        """One folder level (``Delimiter="/"``), every page."""
+        keys: list[str] = []
+        full = self._object_key(prefix)
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for page in pages:
+                keys += [obj["Key"][len(full) - len(prefix) :] for obj in page.get("Contents", [])]
+        except (bexc.BotoCoreError, bexc.ClientError) as exc:
+            _raise_mapped(exc, "list", self._where(prefix))
+        return sorted(keys)
+
     def _url(self, key: str) -> str:
         """A presigned GET URL; signing is local computation, no request is made."""
         try:

@@ -142,19 +142,36 @@ def app_args(model: str, storage: str, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def ray_serve() -> Iterator[int]:
-    """One local Ray cluster + Serve for the session (Ray start costs ~10 s here); yields the HTTP port."""
+def ray_cluster() -> Iterator[dict[str, int]]:
+    """One local Ray cluster + Serve for the session (Ray start costs ~10 s here), started as
+    ``darkroom serve`` starts it (every port on loopback, the proxy's middleware), with Ray's
+    metrics exporter pinned: yields the HTTP and metrics ports."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    port = _free_port()
-    ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    from deployments.local_cluster import start_local_cluster
+
+    port, metrics_port = _free_port(), _free_port()
+    start_local_cluster(
+        metrics_port=metrics_port,
+        num_cpus=8,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        # Metrics reach the exporter every 2 s instead of 10: tests that read them wait less.
+        _system_config={"metrics_report_interval_ms": 2000},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        yield port
+        yield {"port": port, "metrics_port": metrics_port}
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(ray_cluster: dict[str, int]) -> int:
+    """The session cluster's Serve HTTP port."""
+    return ray_cluster["port"]
 
 
 def deploy(name: str, prefix: str, args: dict[str, Any], port: int) -> str:

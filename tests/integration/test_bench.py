@@ -80,7 +80,7 @@ def _check_outputs(out: Path) -> dict:
     assert report["metadata"]["machine"]["cpu_count"] >= 1
     assert report["metadata"]["versions"]["httpx"]
     assert report["metadata"]["started_at"] and report["metadata"]["finished_at"]
-    assert report["config"]["order"].startswith("sequential per level")
+    assert report["config"]["order"].startswith("phases per round")
     return report
 
 
@@ -100,20 +100,20 @@ def test_benchmark_function_closed_and_open_loop(local_app, tmp_path):
     report = _check_outputs(tmp_path)
     assert [lv["level"]["label"] for lv in report["levels"]] == ["c=1", "c=3", "rate=4/s"]
     for lr in result.levels:
-        m = lr.runs["split"].metrics
-        assert (m.requests, m.ok, m.errors_by_status) == (4, 4, {}), lr.runs["split"].records
+        m = lr.run("split").metrics
+        assert (m.requests, m.ok, m.errors_by_status) == (4, 4, {}), lr.run("split").records
         assert m.throughput_ips > 0 and m.goodput_rps == pytest.approx(m.throughput_rps)
         assert 0 < m.latency_ms.p50 <= m.latency_ms.p99 <= m.latency_ms.max
         assert m.stages_ms["denoise"].mean > 0 and m.stages_ms["total"].mean > 0
-        records = lr.runs["split"].records
+        records = lr.run("split").records
         assert all(set(r.timings) == TIMING_KEYS for r in records)
         assert [r.index for r in sorted(records, key=lambda r: r.index)] == [0, 1, 2, 3]
     # Concurrent clients share batches at c=3.
-    assert result.levels[1].runs["split"].metrics.batch_sizes["denoise_batch"].max >= 1
-    entry = report["levels"][2]["results"]["split"]
+    assert result.levels[1].run("split").metrics.batch_sizes["denoise_batch"].max >= 1
+    entry = report["levels"][2]["results"]["split"]["rounds"][0]
     assert len(entry["records"]) == 4 and entry["metrics"]["latency_ms"]["p50"] > 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| c=3 | split | 4/4 |" in summary and "Ratios" not in summary
+    assert "| c=3 | split | 1 | 4/4 |" in summary and "Ratios" not in summary
 
 
 def test_monolith_serves_the_same_api_with_diffusers_images(mono_url, local_app, reference):
@@ -146,14 +146,13 @@ def test_monolith_serves_the_same_api_with_diffusers_images(mono_url, local_app,
     assert ready["checks"] == {"Monolith": "ok", "storage": "ok"}
 
 
-def test_cli_compare_with_monolith_and_in_process(local_app, mono_url, tmp_path):
+def test_cli_compare_with_monolith(local_app, mono_url, tmp_path):
     out = tmp_path / "run"
     args = [
         sys.executable, "-m", "serve.cli", "bench",
         "--url", local_app["url"], "--label", "split",
         "--compare", mono_url, "--compare-label", "monolith",
-        "--in-process", "--torch-threads", "1",
-        "--concurrency", "2", "--rate", "3",
+        "--concurrency", "2", "--rate", "3", "--rounds", "2",
         "--requests", "3", "--warmup", "1", "--steps", str(STEPS), "--size", "64x64",
         "--slo-ms", "60000", "--out", str(out),
     ]  # fmt: skip
@@ -161,23 +160,98 @@ def test_cli_compare_with_monolith_and_in_process(local_app, mono_url, tmp_path)
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = _check_outputs(out)
-    assert list(report["targets"]) == ["split", "monolith", "in-process"]
-    assert report["targets"]["in-process"]["torch_threads"] == 1
+    assert list(report["targets"]) == ["split", "monolith"]
+    assert [(p["round"], p["kind"]) for p in report["phases"]] == [(1, "served"), (2, "served")]
     for level in report["levels"]:
-        for name in ("split", "monolith", "in-process"):
-            m = level["results"][name]["metrics"]
-            assert m["ok"] == m["requests"] == 3 and m["throughput_ips"] > 0, (name, m)
+        for name in ("split", "monolith"):
+            for run in level["results"][name]["rounds"]:
+                m = run["metrics"]
+                assert m["ok"] == m["requests"] == 3 and m["throughput_ips"] > 0, (name, m)
         ratios = level["ratios_vs_split"]
-        assert set(ratios) == {"monolith", "in-process"}
-        assert all(ratios["monolith"][k] > 0 for k in ("throughput", "p50", "p99"))
-    # The identical schedule: every target got the same open-loop arrival offsets.
+        assert set(ratios) == {"monolith"}
+        for k in ("throughput", "p50", "p99"):
+            spread = ratios["monolith"][k]
+            assert len(spread["values"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    # The identical schedule: both targets got the same open-loop arrival offsets, in every round.
     rate_level = report["levels"][1]["results"]
-    offsets = {name: [r["scheduled"] for r in rate_level[name]["records"]] for name in rate_level}
-    assert offsets["split"] == offsets["monolith"] == offsets["in-process"]
+    offsets = {n: [[r["scheduled"] for r in run["records"]] for run in rate_level[n]["rounds"]] for n in rate_level}
+    assert offsets["split"] == offsets["monolith"] and offsets["split"][0] == offsets["split"][1]
     summary = (out / "summary.md").read_text()
-    assert "Ratios vs `split`" in summary and "| c=2 | monolith |" in summary
-    assert "| rate=3/s | in-process |" in summary
-    assert "wrote" in proc.stdout and "[split c=2]" in proc.stderr  # plain progress lines (no tty)
+    assert "Ratios vs `split`" in summary and "| c=2 | monolith | 2 |" in summary
+    # The goal checks, with their spreads: img/s in a closed loop, p50 at a Poisson rate (8b08400).
+    assert "| img/s split / monolith at c=2 |" in summary and "| p50 split / monolith at rate=3/s |" in summary
+    assert "wrote" in proc.stdout and "[split c=2 round 1]" in proc.stderr  # plain progress lines (no tty)
+
+
+def test_cli_refuses_in_process_beside_the_live_cluster(local_app, tmp_path):
+    """This session's cluster is alive: the in-process baseline would share its cores. One line, exit 2."""
+    args = [
+        sys.executable, "-m", "serve.cli", "bench", "--url", local_app["url"], "--in-process",
+        "--requests", "2", "--steps", str(STEPS), "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("darkroom: error: refusing to measure the in-process baseline beside a live")
+    assert "a Ray instance (pid" in lines[0] and not (tmp_path / "run").exists()
+
+
+def test_bench_starts_and_stops_the_served_app_around_the_baseline(tmp_path):
+    """--serve: the bench starts the app (darkroom serve --config) for each served phase and stops it,
+    Ray cluster included, before each in-process phase (A/B/A/B); every in-process phase checked
+    that no serving cluster was alive (clusters alive before the test, such as this session's, are
+    ignored: the test cannot stop them)."""
+    import socket
+
+    import yaml
+
+    from bench.cluster import live_clusters
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    raw = yaml.safe_load((ROOT / "deployments" / "configs" / "colocated.yaml").read_text())
+    raw["http_options"]["port"] = port
+    raw["applications"][0]["args"]["storage"] = str(tmp_path / "outputs")
+    config_path = tmp_path / "colocated.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    before = tuple(sorted(c.session for c in live_clusters() if c.session))
+    config = BenchConfig(
+        targets=(TargetSpec("colocated", url=f"http://127.0.0.1:{port}"), TargetSpec("in-process")),
+        levels=(Level("closed", 1), Level("closed", 2)),
+        workload=Workload(seed=5, steps=STEPS),
+        requests=3,
+        warmup=1,
+        progress=False,
+        rounds=2,
+        torch_threads=1,
+        serve_config=str(config_path),
+        serve_log=str(tmp_path / "serve.log"),
+        ignore_sessions=before,
+    )
+    result = run_benchmark(config)
+    phases = [(p["round"], p["kind"]) for p in result.phases]
+    assert phases == [(1, "served"), (1, "in-process"), (2, "served"), (2, "in-process")]
+    for p in result.phases:
+        if p["kind"] == "served":
+            assert p["server"]["stopped"] and p["server"]["start_s"] > 0
+        else:
+            assert p["alone"].startswith("no serving cluster alive")
+    # Nothing the bench started is left behind.
+    assert [c for c in live_clusters() if c.session not in before and c.kind == "ray"] == []
+    assert result.targets["in-process"]["torch_threads"] == 1
+    for lr in result.levels:
+        for name in ("colocated", "in-process"):
+            assert [r.metrics.ok for r in lr.runs[name]] == [3, 3], name
+        assert len(lr.ratios["in-process"]["p50"].values) == 2
+        served_cpu = lr.run("colocated").cpu_ms_per_image  # the launched server's processes, by name
+        assert served_cpu["total"] > 0 and any(k.startswith("ray::ServeReplica") for k in served_cpu), served_cpu
+        assert set(lr.run("in-process").cpu_ms_per_image) <= {"bench client (this process)", "total"}
+    assert {g["check"] for g in result.goals()} == {
+        "p50 colocated / in-process at c=1",
+        "peak img/s colocated / in-process (closed loop)",
+    }
 
 
 def test_monolith_configs_validate_and_build(tiny_model, tmp_path):

@@ -5,8 +5,10 @@ for it. Blocks marked ``<!-- not run by tests: ... -->`` (a GPU, real weights, S
 
 A ``darkroom serve`` command runs in the background, as a script's background job, until the
 next one (stopped with SIGINT first: the README uses port 8000 throughout) or the end; the
-README's ``127.0.0.1:8000`` becomes a free port. This is the slowest test of the suite (a venv
-install, three server starts, an ONNX export, two benchmarks); every wait is bounded.
+README's ``127.0.0.1:8000`` becomes a free port; a ``darkroom bench --serve`` command (which
+starts and stops its own server) runs with the background server stopped, as the README asks.
+This is the slowest test of the suite (a venv install, server starts, an ONNX export, three
+benchmarks); every wait is bounded.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 
 from tests.integration.conftest import _free_port
 from tests.integration.test_serve_cli import RAY_NOISE, Server
-from tests.unit.test_readme import ROOT, readme_blocks, server_command
+from tests.unit.test_readme import ROOT, readme_blocks, server_command, starts_its_own_server
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +130,14 @@ def test_every_readme_block_runs_in_a_fresh_venv(tmp_path):
                 continue
             for command in block.commands():
                 command = with_port(command, port)
+                if starts_its_own_server(command):
+                    # As the README says: stop the running server first (the bench starts its own,
+                    # and measures the in-process baseline only with no cluster alive).
+                    if server is not None:
+                        stop(server)
+                        server = None
+                    run(f"{command} --serve-port {port}", COMMAND_TIMEOUT_S)
+                    continue
                 if not server_command(command):
                     timeout = INSTALL_TIMEOUT_S if command.startswith("pip ") else COMMAND_TIMEOUT_S
                     run(command, timeout)
@@ -156,6 +166,9 @@ def test_every_readme_block_runs_in_a_fresh_venv(tmp_path):
     assert (clone / "star-0.png").read_bytes().startswith(b"\x89PNG")
     assert (clone / "demo-onnx" / "manifest.json").is_file()
     assert (clone / "bench-out" / "report.json").is_file() and (clone / "bench-ab" / "report.json").is_file()
+    limit = json.loads((clone / "bench-limit" / "report.json").read_text())
+    assert [p["kind"] for p in limit["phases"]] == ["served", "in-process"] * 2 and limit["goals"]
+    assert json.loads((clone / "gpu-smoke.json").read_text())["results"]
     # The venv was made by the README's install line alone: no test-only package came with it.
     probe = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('pytest') is None)"],

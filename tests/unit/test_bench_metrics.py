@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -262,14 +263,40 @@ def test_closed_loop_keeps_concurrency_and_sends_each_index_once():
     assert sorted(target.seen) == sorted(w.body(i)["seed"] for i in range(10))
 
 
+class HoldingTarget(FakeTarget):
+    """Answers nothing until ``count`` requests are in flight (or ``limit_s`` passes): an open loop
+    that waited for answers before sending would never get there."""
+
+    def __init__(self, count: int, limit_s: float = 10.0) -> None:
+        super().__init__()
+        self.count, self.limit_s, self.all_in = count, limit_s, asyncio.Event()
+
+    async def send(self, body):
+        self.seen.append(body["seed"])
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        if self.inflight == self.count:
+            self.all_in.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_in.wait(), self.limit_s)
+        self.inflight -= 1
+        return Response(200, images=1, timings={"total": 0.0})
+
+
 def test_open_loop_sends_at_absolute_offsets():
-    target, w = FakeTarget(0.2), Workload(seed=1)
+    w = Workload(seed=1)
     offsets = [0.0, 0.05, 0.1, 0.15]
-    records = asyncio.run(open_loop(target, [w.body(i) for i in range(4)], offsets))
-    # Sends do not wait for answers (each takes 0.2 s): all four are in flight together.
+
+    async def main():
+        target = HoldingTarget(len(offsets))  # made inside the loop that runs it
+        return target, await open_loop(target, [w.body(i) for i in range(4)], offsets)
+
+    target, records = asyncio.run(main())
+    # Sends do not wait for answers: all four were in flight together.
     assert target.peak == 4
     for r, off in zip(records, offsets, strict=True):
-        assert r.scheduled == off and r.start - off < 0.05
+        assert r.scheduled == off and r.start > off - 0.005  # never sent before its offset (timer granularity)
+    assert [r.start for r in records] == sorted(r.start for r in records)
 
 
 def test_bench_imports_nothing_heavy():

@@ -29,6 +29,7 @@ from serve.pipeline import Pipeline
 from serve.storage import open_store
 from tests.conftest import max_level_diff
 from tests.openai_spec import document, errors, request_fields, schema
+from tests.sse import parse_events
 
 # Cheap requests: every accepted one runs the tiny model for real.
 CHEAP = {"num_inference_steps": 1, "size": "64x64"}
@@ -101,7 +102,8 @@ def test_pinned_schemas_name_their_source():
     source = document()["source"]
     assert source["repository"] == "https://github.com/openai/openai-openapi"
     assert len(source["commit"]) == 40 and source["file"] == "openapi.json" and source["api_version"]
-    for name in ("CreateImageRequest", "ImagesResponse", "Image", "ErrorResponse", "ListModelsResponse"):
+    for name in ("CreateImageRequest", "ImagesResponse", "Image", "ErrorResponse", "ListModelsResponse",
+                 "ImageGenStreamEvent", "ImageGenPartialImageEvent", "ImageGenCompletedEvent"):  # fmt: skip
         assert schema(name)
 
 
@@ -239,6 +241,11 @@ def test_every_spec_request_field_is_accepted_or_refused_by_name(env, field, val
     body = {"prompt": "a lighthouse at dusk", "seed": 3, **CHEAP, field: value}
     assert_request_valid(body)
     r = post(env, body)
+    if r.status_code == 200 and body.get("stream"):
+        events = list(parse_events(r.text.splitlines()))
+        assert [name for name, _ in events] == ["image_generation.completed"]
+        assert all(errors("ImageGenStreamEvent", data) == [] for _, data in events)
+        return
     if r.status_code == 200:
         assert_images_response(r, body.get("n") or 1)
         return
@@ -252,7 +259,6 @@ REFUSED = {
     ("style", "vivid"),
     ("style", "natural"),
     ("background", "transparent"),
-    ("stream", True),
     ("size", "1024x1024"),  # over this test server's max_side of 512
     ("size", "1536x1024"),
     ("size", "1024x1536"),
@@ -345,7 +351,6 @@ def test_refusals_explain_themselves():
     for body, field, words in [
         ({"style": "vivid"}, "style", "no styles"),
         ({"background": "transparent"}, "background", "opaque"),
-        ({"stream": True}, "stream", "not supported yet"),
         ({"output_compression": 50}, "output_compression", "jpeg and webp"),
     ]:
         with pytest.raises(Exception) as info:

@@ -50,6 +50,13 @@ def server_command(command: str) -> bool:
     return last[:2] == ["darkroom", "serve"] and "--check" not in last
 
 
+def starts_its_own_server(command: str) -> bool:
+    """Whether a command starts (and stops) a server itself: ``darkroom bench --serve CONFIG``.
+    The README asks to stop a running server first (its in-process phase runs only alone)."""
+    last = shlex.split(command.split("&&")[-1].split("#")[0]) if command.strip() else []
+    return last[:2] == ["darkroom", "bench"] and "--serve" in last
+
+
 def setup_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
@@ -129,3 +136,10 @@ def test_server_commands_are_recognised():
     assert server_command("darkroom serve --config deployments/configs/local.yaml   # a config")
     assert not server_command("darkroom serve --config x.yaml --check")
     assert not server_command("darkroom bench --url http://127.0.0.1:8000")
+
+
+def test_commands_that_start_their_own_server_are_recognised():
+    assert starts_its_own_server("darkroom bench --serve deployments/configs/colocated.yaml --in-process")
+    assert not starts_its_own_server("darkroom bench --url http://127.0.0.1:8000 --out x")
+    assert not server_command("darkroom bench --serve x.yaml")
+    assert any(starts_its_own_server(c) for b in readme_blocks() for c in b.commands())

@@ -101,7 +101,6 @@ INVALID = [
     ("background-transparent", body(background="transparent"), "background"),
     ("background-unknown", body(background="green"), "background"),
     ("moderation-unknown", body(moderation="none"), "moderation"),
-    ("stream-true", body(stream=True), "stream"),
     ("stream-str", body(stream="yes"), "stream"),
     ("partial-images-4", body(partial_images=4), "partial_images"),
     ("partial-images-negative", body(partial_images=-1), "partial_images"),
@@ -255,6 +254,7 @@ def test_full_request():
         "guidance_scale": 30,
         "seed": MAX_SEED,
         "scheduler": "dpmpp_2m",
+        "loras": [{"name": "watercolor", "scale": 0.8}, {"name": "ink", "scale": -4.0}],
     }
     req = parse_generation_request(data)
     assert req.model_dump() == {**data, "guidance_scale": 30.0, "true_cfg_scale": 1.0}

@@ -152,7 +152,9 @@ def test_apps_build_into_the_four_deployments_with_the_files_options():
             cfg = AppConfig.model_validate(app["args"])
             built = ray_build_app(build_app(app["args"]), name=app["name"])
             by_name = {d.name: d for d in built.deployments}
-            assert sorted(by_name) == sorted(DEPLOYMENT_NAMES), path.name
+            # colocated: every stage inside the Ingress replica, which is the only deployment.
+            expected = ("Ingress",) if cfg.profile == "colocated" else DEPLOYMENT_NAMES
+            assert sorted(by_name) == sorted(expected), path.name
             assert built.ingress_deployment_name == "Ingress"
             for name, dep in by_name.items():
                 opts = options(cfg, name)
@@ -386,3 +388,21 @@ def test_every_check_command_in_the_deploying_docs_runs(capsys, monkeypatch):
         args = shlex.split(command)[1:]
         assert darkroom(args) == 0, command
     capsys.readouterr()
+
+
+def test_colocated_profile_is_one_ingress_holding_every_stage(capsys):
+    """colocated.yaml: one Ingress replica runs the three stages; its --check says so, and the
+    in-process baseline of each app gets the torch threads of its model replicas together."""
+    raw = yaml.safe_load((CONFIGS / "colocated.yaml").read_text())
+    (cfg,) = app_configs(raw)
+    assert cfg.profile == "colocated" and cfg.model is None
+    assert list(cfg.model_deployments()) == ["Ingress"] and cfg.model_torch_threads() == 1
+    (split,) = app_configs(yaml.safe_load((CONFIGS / "local.yaml").read_text()))
+    assert split.profile == "split" and split.model_torch_threads() == 3  # three 0.1-CPU replicas, 1 each
+    wide = AppConfig.model_validate({"denoiser": {"num_replicas": 2, "torch_threads": 4}})
+    assert wide.model_torch_threads() == 1 + 2 * 4 + 1
+    assert darkroom(["serve", "--config", str(CONFIGS / "colocated.yaml"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "profile colocated" in out and "  Denoiser: inside each Ingress replica (colocated)" in out
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"profile": "fused"})

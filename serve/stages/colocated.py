@@ -1,0 +1,193 @@
+"""The colocated profile's ``StageClient``: TextEncoder, Denoiser and Decoder in this process.
+
+The split profile runs each stage as its own deployment, so a request makes three stage hops
+(Ingress -> TextEncoder -> Ingress -> Denoiser -> Ingress -> Decoder -> Ingress) and every stage
+is its own Ray process. On a single-GPU node (or a small CPU machine) nothing is gained by that:
+here the stages live in the replica that serves HTTP, with the same batching -- the Denoiser's
+continuous batching (``ContinuousDenoiser``), batch queues for the TextEncoder and the Decoder's
+VAE -- and no hop, no copy of arrays between processes, and one process instead of four.
+
+All torch work runs in one model thread (``ModelThread``): stages never run torch at once, and
+the Denoiser's step loop hands the thread over after the current step when the encoder or the
+VAE waits for it. PNG/JPEG encoding and storage writes run outside that thread. The stages load
+in the model thread in the background, so the replica answers ``/healthz`` at once and
+``/readyz`` names each stage ``loading`` until they are ready.
+
+Ray-free: the colocated ``Ingress`` deployment (``deployments/colocated.py``) builds one per
+replica; tests drive it with asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from serve.metrics import NO_METRICS, Metrics, for_stage
+from serve.stages.batching import BatchPolicy, BatchQueue, ModelThread
+from serve.stages.messages import DecodeRequest, DenoiseJob, DenoiseProgress, StageResult
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from serve.stages.decoder import Decoder
+    from serve.stages.denoiser import Denoiser
+    from serve.stages.text_encoder import TextEncoder
+    from serve.storage import ResultStore
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAMES = ("TextEncoder", "Denoiser", "Decoder")
+
+
+@dataclass(frozen=True)
+class ColocatedOptions:
+    """Batching of the stages in one replica (the split profile's per-deployment settings)."""
+
+    text_batch: BatchPolicy = field(default_factory=lambda: BatchPolicy(16))
+    decode_batch: BatchPolicy = field(default_factory=lambda: BatchPolicy(8))
+    max_requests: int = 8  # the Denoiser's requests in flight (its max_batch_size)
+    step_delay_s: float = 0.0  # fault-injection hook (AppConfig.debug_step_delay_s), 0 in production
+    lora_batching: str = "mixed"  # AppConfig.lora_batching (serve/lora/policy.py)
+
+
+class ColocatedStages:
+    """A ``StageClient`` over stages loaded by ``load()`` (run in the model thread, in the background)."""
+
+    def __init__(
+        self,
+        load: Callable[[], tuple[TextEncoder, Denoiser, Decoder]],
+        store: ResultStore,
+        options: ColocatedOptions | None = None,
+        metrics: Metrics = NO_METRICS,
+    ) -> None:
+        self.store = store
+        self.options = options or ColocatedOptions()
+        self.metrics = metrics  # the replica's; each stage records under its own ``stage`` label
+        self.model_thread = ModelThread()
+        self._parts = self.model_thread.submit(load)
+        self._parts.add_done_callback(self._log_load)
+        self._encode_queue: BatchQueue | None = None
+        self._vae_queue: BatchQueue | None = None
+        self._denoise_loop: Any = None
+
+    @classmethod
+    def from_stages(
+        cls,
+        text_encoder: TextEncoder,
+        denoiser: Denoiser,
+        decoder: Decoder,
+        store: ResultStore,
+        options: ColocatedOptions | None = None,
+        metrics: Metrics = NO_METRICS,
+    ) -> ColocatedStages:
+        """Over stages already loaded (tests, the in-process pipeline's)."""
+        return cls(lambda: (text_encoder, denoiser, decoder), store, options, metrics)
+
+    @staticmethod
+    def _log_load(future: Any) -> None:
+        if future.exception() is not None:
+            logger.error("loading the colocated stages failed: %s", future.exception())
+
+    @property
+    def loaded(self) -> bool:
+        return self._parts.done() and self._parts.exception() is None
+
+    async def _stages(self) -> tuple[TextEncoder, Denoiser, Decoder]:
+        text_encoder, denoiser, decoder = await asyncio.wrap_future(self._parts)
+        if self._denoise_loop is None:
+            from serve.stages.continuous import ContinuousDenoiser
+
+            opts = self.options
+            text_encoder.metrics = for_stage(self.metrics, "TextEncoder")
+            decoder.metrics = for_stage(self.metrics, "Decoder")
+            self._encode_queue = BatchQueue(text_encoder.encode_requests, opts.text_batch, executor=self.model_thread)
+            self._vae_queue = BatchQueue(self._vae, opts.decode_batch, executor=self.model_thread)
+            self._denoise_loop = ContinuousDenoiser(
+                denoiser,
+                max_requests=opts.max_requests,
+                step_delay_s=opts.step_delay_s,
+                lora_batching=opts.lora_batching,
+                executor=self.model_thread,
+                interrupt=lambda: self.model_thread.queued > 0,
+                metrics=for_stage(self.metrics, "Denoiser"),
+            )
+        return text_encoder, denoiser, decoder
+
+    @property
+    def denoise_loop(self) -> Any:
+        """The replica's ``ContinuousDenoiser`` (None until the first request)."""
+        return self._denoise_loop
+
+    # -- StageClient -------------------------------------------------------------------------------
+    async def encode(self, texts: list[str], loras: tuple[tuple[str, float], ...] = ()) -> StageResult:
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode takes a non-empty list of strings")
+        text_encoder, _, _ = await self._stages()
+        if loras:
+            # Its adapters load on asyncio's default pool, never in the model thread: a load never
+            # holds up the other requests' steps (the Denoiser's admission does the same).
+            await asyncio.to_thread(text_encoder.prepare, tuple(loras))
+            return await self._encode_queue.submit((list(texts), tuple(loras)))  # type: ignore[union-attr]
+        rows = text_encoder.cached(texts)
+        if rows is not None:  # every text cached: no model work, so no wait for the model thread
+            return StageResult(rows, 0.0, batch_size=1)
+        return await self._encode_queue.submit(list(texts))  # type: ignore[union-attr]
+
+    async def denoise(self, job: DenoiseJob) -> StageResult:
+        await self._stages()
+        return await self._denoise_loop.submit(job)
+
+    async def denoise_stream(self, job: DenoiseJob) -> AsyncIterator[DenoiseProgress | StageResult]:
+        """Streaming and jobs: progress and partial images, then the result; a consumer that leaves
+        early takes the job out of the batch before its next step (the loop's stream is closed)."""
+        await self._stages()
+        async with contextlib.aclosing(self._denoise_loop.stream(job)) as items:
+            async for item in items:
+                yield item
+
+    async def preview_map(self) -> np.ndarray | None:
+        """The latent -> RGB map for partial images, fitted on the VAE (on the model thread)."""
+        _, _, decoder = await self._stages()
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, decoder.preview_map)
+
+    async def decode(self, latents: np.ndarray, request: DecodeRequest) -> StageResult:
+        _, _, decoder = await self._stages()
+        decoder.validate(latents)
+        pixels, flags, decode_s, batch_size = await self._vae_queue.submit(latents)  # type: ignore[union-attr]
+        # As the split Decoder's decode_requests: the safety check's verdicts (made in the model
+        # thread), then once-only keys, storage and metrics, here outside the model thread.
+        results = await asyncio.to_thread(
+            decoder.store_requests, [pixels], [request], self.store, decode_s, batch_size=batch_size, flags=[flags]
+        )
+        return results[0]
+
+    def _vae(self, batch: list[np.ndarray]) -> list[tuple[np.ndarray, list[bool], float, int]]:
+        """Model thread: one VAE pass over the batch and the safety check (torch too); each request's
+        pixels and verdicts, the pass's seconds, its size."""
+        import time
+
+        decoder = self._parts.result()[2]
+        t0 = time.perf_counter()
+        pixels = decoder.decode(batch)
+        seconds = time.perf_counter() - t0
+        decoder.observe_batch(len(batch), seconds)
+        flags = decoder.check(pixels)
+        return [(px, f, seconds, len(batch)) for px, f in zip(pixels, flags, strict=True)]
+
+    async def ready(self) -> dict[str, str]:
+        if not self._parts.done():
+            return dict.fromkeys(STAGE_NAMES, "loading")
+        exc = self._parts.exception()
+        if exc is not None:
+            return dict.fromkeys(STAGE_NAMES, f"unavailable: {exc!r}"[:200])
+        return dict.fromkeys(STAGE_NAMES, "ok")
+
+    def close(self) -> None:
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["STAGE_NAMES", "ColocatedOptions", "ColocatedStages"]

@@ -1,0 +1,376 @@
+"""The honest baseline (no Ray here): the in-process phase refuses to run beside a live serving
+cluster, or runs apart from the one the bench starts and stops; phases alternate A/B/A/B; ratios
+come with their spread over the rounds; issue 14's goals are checked from them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import bench.cluster as cluster
+import bench.core as core
+from bench.cluster import LiveCluster, live_clusters, require_alone
+from bench.core import BenchConfig, TargetSpec, phase_plan, run_benchmark
+from bench.metrics import compute_metrics, ratio_spreads, spread
+from bench.runner import Level, Response
+from serve.cli import main as darkroom
+from serve.errors import DarkroomError
+from tests.unit.test_bench_metrics import rec
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "deployments" / "configs"
+
+RAYLET = ["/x/site-packages/ray/core/src/ray/raylet/raylet", "--node_ip_address=127.0.0.1", "--session_name=session_a"]
+GCS = ["/x/site-packages/ray/core/src/ray/gcs/gcs_server", "--session-name=session_a"]
+SERVE = ["/usr/bin/python", "/usr/local/bin/darkroom", "serve", "--config", "x.yaml"]
+
+
+# -- what counts as a live serving cluster ----------------------------------------------------------
+
+
+def test_live_clusters_finds_ray_instances_and_darkroom_serve():
+    procs = [
+        (10, RAYLET),
+        (11, GCS),  # the same Ray instance: one entry
+        (12, ["/y/raylet", "--session_name=session_b"]),
+        (20, SERVE),
+        (21, ["python", "-m", "serve.cli", "serve", "--port", "9000"]),
+        (30, ["python", "-m", "serve.cli", "bench", "--in-process"]),  # a bench, not a server
+        (31, ["darkroom", "serve", "--config", "x.yaml", "--check"]),  # validates a file, starts nothing
+        (32, ["vim", "raylet.md"]),
+        (33, ["/usr/bin/python", "train.py"]),
+    ]
+    found = live_clusters(procs)
+    assert [(c.kind, c.pid, c.session) for c in found] == [
+        ("ray", 10, "session_a"),
+        ("ray", 12, "session_b"),
+        ("darkroom serve", 20, None),
+        ("darkroom serve", 21, None),
+    ]
+    assert "pid 10, session_a" in found[0].describe() and "darkroom serve" in found[2].describe()
+    assert [c.pid for c in live_clusters(procs, ignore_sessions={"session_a"})] == [12, 20, 21]
+    assert live_clusters([(33, ["python", "x.py"])]) == []
+
+
+def test_live_clusters_reads_this_machines_processes():
+    """No fake list: it lists real processes and never counts itself."""
+    found = live_clusters()
+    assert all(isinstance(c, LiveCluster) for c in found)
+    assert cluster._processes(), "no process visible at all"
+
+
+def test_require_alone_refuses_in_one_line(monkeypatch):
+    monkeypatch.setattr(cluster, "_processes", lambda: [(10, RAYLET), (20, SERVE)])
+    with pytest.raises(DarkroomError) as err:
+        require_alone()
+    message = err.value.message
+    assert "\n" not in message and "pid 10" in message and "darkroom serve" in message
+    assert "--serve CONFIG" in message  # and what to do instead
+    monkeypatch.setattr(cluster, "_processes", lambda: [(33, ["python", "x.py"])])
+    require_alone()  # alone: no error
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--in-process"],
+        ["--url", "http://10.0.0.9:8000", "--in-process"],  # even with the target elsewhere
+    ],
+)
+def test_cli_refuses_the_in_process_phase_beside_a_live_cluster(monkeypatch, capsys, tmp_path, extra):
+    monkeypatch.setattr(cluster, "_processes", lambda: [(10, RAYLET)])
+    code = darkroom(["bench", *extra, "--requests", "1", "--steps", "2", "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("darkroom: error: refusing to measure the in-process baseline") and "pid 10" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+# -- phases, rounds and spreads ---------------------------------------------------------------------
+
+
+def test_phase_plan_alternates():
+    assert phase_plan(2, True, True) == [(1, "served"), (1, "in-process"), (2, "served"), (2, "in-process")]
+    assert phase_plan(2, True, False) == [(1, "served"), (2, "served")]
+    assert phase_plan(1, False, True) == [(1, "in-process")]
+
+
+def test_spread_and_ratio_spreads():
+    s = spread([1.2, None, 0.9, 1.0])
+    assert (s.median, s.min, s.max, s.values) == (1.0, 0.9, 1.2, (1.2, None, 0.9, 1.0))
+    assert str(s) == "1.00x (0.90–1.20)" and str(spread([1.5])) == "1.50x" and str(spread([None])) == "—"
+    fast = compute_metrics([rec(0, 100), rec(1, 100)], 1.0, None)  # 2 img/s, p50 100 ms
+    slow = compute_metrics([rec(0, 200)], 1.0, None)  # 1 img/s, p50 200 ms
+    r = ratio_spreads([fast, slow], [slow, slow])  # round 1: other is half as fast; round 2: equal
+    assert r["throughput"].values == (0.5, 1.0) and r["p50"].values == (2.0, 1.0)
+    assert r["throughput"].median == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        ratio_spreads([fast], [fast, slow])
+
+
+# -- a whole run with fake targets: the bench starts and stops the served app ----------------------------
+
+
+class FakeServed:
+    def __init__(self, name, latency_s):
+        self.name, self.latency_s = name, latency_s
+
+    async def start(self):
+        assert world["alive"], "a served target was driven with its server stopped"
+        return {"kind": "http", "url": f"http://fake/{self.name}"}
+
+    def configure(self, level):
+        pass
+
+    async def send(self, body):
+        await asyncio.sleep(self.latency_s)
+        return Response(200, images=1, timings={"total": self.latency_s * 1000})
+
+    async def close(self):
+        pass
+
+
+class FakeInProcess(FakeServed):
+    checks: list[list[LiveCluster]] = []
+
+    async def start(self):
+        return {"kind": "in-process", "torch_threads": 1}
+
+    async def send(self, body):
+        FakeInProcess.checks.append(live_clusters())  # what is alive while it runs
+        return await super().send(body)
+
+
+world = {"alive": False, "starts": 0}
+
+
+class FakeServer:
+    """Stands for LaunchedServer: a Ray instance 'exists' between start() and stop()."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def start(self):
+        world["alive"] = True
+        world["starts"] += 1
+        return 0.1
+
+    def stop(self):
+        world["alive"] = False
+
+    def processes(self):
+        return []
+
+
+def test_launched_target_alternates_with_the_baseline_and_is_stopped_between(monkeypatch, tmp_path):
+    monkeypatch.setattr(cluster, "_processes", lambda: [(10, RAYLET)] if world["alive"] else [])
+    monkeypatch.setattr(cluster, "LaunchedServer", FakeServer)
+    latencies = {"served": 0.012, "mono": 0.02, "in-process": 0.01}
+
+    def fake_target(spec, config):
+        cls = FakeInProcess if spec.url is None else FakeServed
+        return cls(spec.name, latencies[spec.name])
+
+    monkeypatch.setattr(core, "make_target", fake_target)
+    FakeInProcess.checks = []
+    config = BenchConfig(
+        targets=(
+            TargetSpec("served", url="http://fake/a"),
+            TargetSpec("mono", url="http://fake/b"),
+            TargetSpec("in-process"),
+        ),
+        levels=(Level("closed", 1), Level("closed", 2)),
+        requests=3,
+        warmup=1,
+        progress=False,
+        rounds=2,
+        serve_config=str(CONFIGS / "colocated.yaml"),
+    )
+    result = run_benchmark(config)
+    assert [(p["round"], p["kind"]) for p in result.phases] == phase_plan(2, True, True)
+    assert world == {"alive": False, "starts": 2}  # started for each served phase, stopped after
+    assert all(p["server"]["stopped"] for p in result.phases if p["kind"] == "served")
+    assert all("no serving cluster alive" in p["alone"] for p in result.phases if p["kind"] == "in-process")
+    assert FakeInProcess.checks and all(alive == [] for alive in FakeInProcess.checks)  # ran alone, every request
+    for lr in result.levels:
+        assert [r.round for r in lr.runs["served"]] == [1, 2] and [r.round for r in lr.runs["in-process"]] == [1, 2]
+        assert len(lr.ratios["in-process"]["throughput"].values) == 2
+        assert all("total" in run.cpu_ms_per_image for runs in lr.runs.values() for run in runs)
+    goals = {g["check"]: g for g in result.goals()}
+    assert set(goals) == {
+        "p50 served / in-process at c=1",
+        "peak img/s served / in-process (closed loop)",
+        "img/s served / mono at c=1",
+        "img/s served / mono at c=2",
+    }
+    assert len(goals["img/s served / mono at c=2"]["spread"]["values"]) == 2  # one per round
+    data = result.to_json()
+    assert data["goals"] and data["phases"] and len(data["levels"][0]["results"]["served"]["rounds"]) == 2
+    assert data["levels"][0]["ratios_vs_served"]["in-process"]["throughput"]["median"] > 0
+    from bench.report import write_report
+
+    paths = write_report(result, tmp_path / "report")
+    summary = paths["summary"].read_text()
+    assert "## Goals (issue 14)" in summary and "| p50 served / in-process at c=1 |" in summary
+    assert "| c=2 | in-process | 2 | 3/3 |" in summary  # every round's run, in its own row
+    assert "phases: 1:served, 1:in-process, 2:served, 2:in-process" in summary
+    import json
+
+    assert json.loads(paths["report"].read_text())["levels"][1]["results"]["mono"]["rounds"][1]["records"]
+
+
+def test_a_cluster_left_alive_stops_the_run_before_the_baseline(monkeypatch):
+    """A server that does not go away (the stop leaves it running) fails the in-process phase."""
+
+    class Stubborn(FakeServer):
+        def stop(self):
+            pass  # still alive
+
+    world.update(alive=False, starts=0)
+    monkeypatch.setattr(cluster, "_processes", lambda: [(10, RAYLET)] if world["alive"] else [])
+    monkeypatch.setattr(cluster, "LaunchedServer", Stubborn)
+    monkeypatch.setattr(
+        core, "make_target", lambda spec, config: (FakeInProcess if spec.url is None else FakeServed)(spec.name, 0.001)
+    )
+    config = BenchConfig(
+        targets=(TargetSpec("served", url="http://fake/a"), TargetSpec("in-process")),
+        levels=(Level("closed", 1),),
+        requests=1,
+        warmup=0,
+        progress=False,
+        serve_config=str(CONFIGS / "colocated.yaml"),
+    )
+    with pytest.raises(DarkroomError, match="refusing to measure the in-process baseline"):
+        run_benchmark(config)
+    world["alive"] = False
+
+
+def test_goals_from_hand_built_runs():
+    """served vs in-process at c=1 and at peak, and served vs a compared app at every level."""
+    from bench.core import BenchResult, LevelResult, TargetRun
+
+    def run(name, level, round_no, latency_ms, count):
+        m = compute_metrics([rec(i, latency_ms) for i in range(count)], 1.0, None)  # count img/s
+        return TargetRun(name, level, "t", m, [], None, round_no)
+
+    c1, c8 = Level("closed", 1), Level("closed", 8)
+    # round 1, round 2: (p50 ms, img/s) per target and level
+    table = {
+        c1: {"split": [(105, 9), (112, 9)], "mono": [(120, 8), (110, 10)], "in-process": [(100, 10), (100, 10)]},
+        c8: {"split": [(300, 27), (300, 26)], "mono": [(900, 9), (900, 9)], "in-process": [(280, 30), (280, 28)]},
+    }
+    levels = []
+    for level, by in table.items():
+        runs = {n: [run(n, level, r + 1, *v) for r, v in enumerate(vals)] for n, vals in by.items()}
+        levels.append(LevelResult(level, runs, {}))
+    config = BenchConfig(
+        targets=(TargetSpec("split", url="u1"), TargetSpec("mono", url="u2"), TargetSpec("in-process")),
+        levels=(c1, c8),
+        rounds=2,
+    )
+    goals = {g["check"]: g for g in BenchResult(config, {}, {}, levels).goals()}
+    p50 = goals["p50 split / in-process at c=1"]
+    assert p50["spread"]["values"] == pytest.approx((1.05, 1.12)) and p50["goal"] == "<= 1.1"
+    assert p50["median_met"] and not p50["every_round_met"]  # median 1.085; round 2 missed it
+    peak = goals["peak img/s split / in-process (closed loop)"]
+    assert peak["spread"]["values"] == pytest.approx((27 / 30, 26 / 28)) and peak["every_round_met"]
+    mono1, mono8 = goals["img/s split / mono at c=1"], goals["img/s split / mono at c=8"]
+    assert mono1["spread"]["values"] == pytest.approx((9 / 8, 9 / 10)) and not mono1["every_round_met"]
+    assert mono8["every_round_met"] and mono8["spread"]["min"] == pytest.approx(26 / 9)
+
+
+def test_open_loop_goals_compare_latency():
+    """At a Poisson rate both apps complete the offered rate (equal img/s within noise): the
+    comparison is the first app's p50 over the compared app's, at most 1."""
+    from bench.core import BenchResult, LevelResult, TargetRun
+
+    def run(name, level, latency_ms, count):
+        m = compute_metrics([rec(i, latency_ms) for i in range(count)], 1.0, None)
+        return TargetRun(name, level, "t", m, [], None, 1)
+
+    r2, r4 = Level("open", 2.0), Level("open", 4.0)
+    # split: 2.0 and 3.9 img/s (a hair under the monolith's 4.0), but far lower latency at 4/s
+    table = {r2: {"split": (150, 2), "mono": (140, 2)}, r4: {"split": (200, 39), "mono": (900, 40)}}
+    levels = [LevelResult(lv, {n: [run(n, lv, *v)] for n, v in by.items()}, {}) for lv, by in table.items()]
+    config = BenchConfig(targets=(TargetSpec("split", url="u1"), TargetSpec("mono", url="u2")), levels=(r2, r4))
+    goals = {g["check"]: g for g in BenchResult(config, {}, {}, levels).goals()}
+    assert set(goals) == {f"p50 split / mono at {r2.label}", f"p50 split / mono at {r4.label}"}
+    at2, at4 = goals[f"p50 split / mono at {r2.label}"], goals[f"p50 split / mono at {r4.label}"]
+    assert at2["goal"] == "<= 1" and at2["spread"]["values"] == pytest.approx((150 / 140,)) and not at2["median_met"]
+    assert at4["spread"]["values"] == pytest.approx((200 / 900,)) and at4["every_round_met"]
+
+
+# -- --serve: URLs and the baseline's size come from the config -------------------------------------------
+
+
+def _args(*argv):
+    from serve.cli import build_parser
+
+    return build_parser().parse_args(["bench", "--requests", "4", *argv])
+
+
+def test_serve_config_gives_the_url_threads_and_batch():
+    from bench.cli import config_from_args
+
+    cfg = config_from_args(_args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--serve-port", "8123"))
+    assert [t.url for t in cfg.targets] == ["http://127.0.0.1:8123", None]
+    assert cfg.torch_threads == 1 and cfg.max_batch == 8 and cfg.rounds == 2
+    assert cfg.serve_config.endswith("colocated.yaml") and cfg.serve_port == 8123
+    # The baseline runs the app's engines: its torch backend options and step cache (none here).
+    assert cfg.torch_options["cuda_graphs"] is False and cfg.step_cache is None
+    split = config_from_args(
+        _args("--serve", str(CONFIGS / "side-by-side.yaml"), "--url", "http://127.0.0.1:8000/split", "--in-process")
+    )
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert split.torch_threads == min(3, cores)  # three model replicas of 1 thread, at most the cores
+    explicit = config_from_args(
+        _args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--torch-threads", "2")
+    )
+    assert explicit.torch_threads == 2
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--serve", "deployments/configs/nope.yaml"], "--serve"),
+        (["--serve", "deployments/configs/colocated.yaml", "--url", "http://127.0.0.1:9/x"], "--url"),
+        (["--serve", "deployments/configs/colocated.yaml", "--rounds", "0"], "--rounds"),
+    ],
+)
+def test_serve_flag_errors_name_the_flag(argv, flag, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert darkroom(["bench", *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"darkroom: error: {flag}:"), err
+
+
+# -- CPU per image, by process -----------------------------------------------------------------------------
+
+
+def test_cpu_per_image_by_process():
+    import os
+    import subprocess
+    import sys
+
+    from bench import cpu
+
+    me = os.getpid()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in cpu.tree(me) and me in cpu.tree(me)
+        assert cpu.label(child.pid) == f"{Path(sys.executable).name} -c"
+    finally:
+        child.kill()
+        child.wait()
+    before = {me: 1.0, 42: 2.0, 43: 5.0}
+    after = {me: 1.2, 42: 2.0, 43: 5.6, 44: 9.0}  # 44 started mid-run: not counted
+    got = cpu.per_image(before, after, images=4)
+    assert got[cpu.CLIENT] == pytest.approx(50.0) and got["total"] == pytest.approx(200.0)
+    assert cpu.per_image(before, after, images=0) is None
+    busy = cpu.snapshot([me])[me]
+    sum(i * i for i in range(300_000))
+    assert cpu.snapshot([me])[me] >= busy

@@ -1,0 +1,44 @@
+"""bench/gpu.py's CPU smoke test: the tiny models stand in for SD 1.5 and Flux, every row of the
+report is filled from a measurement, Darkroom's images equal diffusers', and each step cache
+reports its speed-up next to its distance to the uncached image. (The full-size run needs a GPU.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_benchmark_smoke_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    args = [
+        sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--models", "sd15,flux",
+        "--batches", "1", "--steps", "4", "--runs", "1", "--model-dir", str(tmp_path / "models"), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["gpu"]["device"] == "cpu" and report["versions"]["torch"] and report["versions"]["diffusers"]
+    assert report["args"]["steps"] == 4 and not report["skipped"]
+    rows = {(r["model"], r["engine"]): r for r in report["results"]}
+    assert set(rows) == {(m, e) for m in ("sd15", "flux") for e in ("diffusers", "darkroom")}
+    for (_model, engine), r in rows.items():
+        assert r["img_s"] > 0 and r["step_ms"] > 0 and r["s_per_batch"] > 0 and r["side"] == 64, r
+        assert r["peak_gib"] is None  # no GPU: no GPU memory to report, rather than a made-up number
+        if engine == "darkroom":
+            assert r["vs_diffusers"] > 0
+            assert r["parity_to_diffusers"]["max_abs_levels"] <= 3  # the seed contract, fp32 on CPU
+    caches = {r["model"]: r for r in report["step_cache"]}
+    assert caches["sd15"]["cache"]["kind"] == "deepcache" and caches["flux"]["cache"]["kind"] == "teacache"
+    for r in caches.values():
+        assert r["speedup"] > 0 and r["uncached_img_s"] > 0
+        d = r["distance_to_uncached"]
+        assert d["finite"] and d["mean_abs_levels"] >= 0 and d["max_abs_levels"] >= 0
+    # DeepCache every 3rd step of PNDM's 5 timesteps (4 steps): full at 0 and 3, cached at 1, 2, 4;
+    # skipping deep features changes the image (a measured, nonzero cost).
+    assert (caches["sd15"]["full_steps"], caches["sd15"]["cached_steps"]) == (2, 3)
+    assert caches["sd15"]["distance_to_uncached"]["max_abs_levels"] > 0
+    assert caches["flux"]["full_steps"] + caches["flux"]["cached_steps"] == 4
