@@ -14,9 +14,10 @@ from serve.families import family_of
 from serve.families.preview import PreviewFit, fit_latent_rgb, fit_plan, latent_rgb
 from serve.model import read_model_info
 from serve.schedulers import make_scheduler, step_kwargs
-from serve.stages import Conditioning, Decoder, DenoiseJob, DenoiseProgress, Denoiser, StageResult, TextEncoder
+from serve.stages import Decoder, DenoiseJob, DenoiseProgress, Denoiser, StageResult, TextEncoder
 from serve.stages.continuous import ContinuousDenoiser
 from serve.stages.progress import EventChannel, preview_iterations, scaled_step, should_emit
+from tests.unit.test_continuous import job
 
 
 @pytest.mark.parametrize(
@@ -143,18 +144,7 @@ def parts(tiny_model):
 
 
 def make_job(encoder, seed, steps=8, **kw) -> DenoiseJob:
-    pos, neg = encoder.encode([f"prompt {seed}", ""])
-    base = dict(
-        conditioning=Conditioning(pos, neg),
-        cfg_scale=7.5,
-        seed=seed,
-        num_inference_steps=steps,
-        guidance_scale=7.5,
-        width=64,
-        height=64,
-    )
-    base.update(kw)
-    return DenoiseJob(**base)
+    return job(encoder, seed, steps=steps, **kw)
 
 
 def test_streamed_job_gets_progress_previews_and_the_plain_result(parts):
