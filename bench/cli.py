@@ -74,6 +74,12 @@ def _label(url: str) -> str:
     return (parts.netloc + parts.path.rstrip("/")) or url
 
 
+def _ignored_sessions() -> tuple[str, ...]:
+    from serve.settings import Settings
+
+    return Settings.from_env().bench_ignore_sessions
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     from bench.core import BenchConfig, TargetSpec
     from bench.schedule import DEFAULT_PROMPTS, Workload, read_prompts
@@ -154,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             step_cache=serve_plan["step_cache"] if serve_plan else None,
             serve_port=args.serve_port,
             serve_log=str(args.serve_log) if args.serve_log else None,
+            ignore_sessions=_ignored_sessions(),
         )
     except ValueError as exc:
         raise InvalidRequestError("bench", None, str(exc)) from None

@@ -28,6 +28,7 @@ ENV_VARS: dict[str, str] = {
     "dtype": "DARKROOM_DTYPE",
     "api_keys": "DARKROOM_API_KEYS",
     "log_level": "DARKROOM_LOG_LEVEL",
+    "bench_ignore_sessions": "DARKROOM_BENCH_IGNORE_SESSIONS",
 }
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -164,6 +165,13 @@ class Settings(BaseModel):
         "lines at any level, so INFO adds the libraries' details.",
     )
 
+    bench_ignore_sessions: tuple[str, ...] = Field(
+        (),
+        description="Ray sessions `darkroom bench --in-process` does not count as a live cluster "
+        "(DARKROOM_BENCH_IGNORE_SESSIONS, comma-separated session names): for a test suite's own "
+        "session-wide cluster, which the bench must not refuse to run beside. Empty: every one counts.",
+    )
+
     @field_validator("device", mode="before")
     @classmethod
     def _check_device(cls, value: Any) -> str | None:
@@ -174,7 +182,7 @@ class Settings(BaseModel):
     def _check_dtype(cls, value: Any) -> str | None:
         return _normalize_dtype(value)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "bench_ignore_sessions", mode="before")
     @classmethod
     def _check_api_keys(cls, value: Any) -> tuple[str, ...]:
         return _normalize_api_keys(value)
@@ -197,6 +205,7 @@ class Settings(BaseModel):
             "dtype": _normalize_dtype,
             "api_keys": _normalize_api_keys,
             "log_level": _normalize_log_level,
+            "bench_ignore_sessions": _normalize_api_keys,  # the same comma-separated list
         }
         values: dict[str, Any] = {"cache_dir": default_cache_dir(env)}
         for field, var in ENV_VARS.items():

@@ -62,41 +62,23 @@ def write_adapters(
 
 def lora_reference(pipe, folder: str | Path, names=None, *, flow: bool = False):
     """``run(params, **kw) -> uint8 (n, H, W, 3)``: ``pipe`` with every adapter of ``folder`` loaded,
-    ``params.loras`` activated by ``set_adapters`` (none: ``disable_lora``)."""
-    import torch
-
-    from serve.schedulers import FLOW_SCHEDULERS, UNET_SCHEDULERS, scheduler_class
+    ``params.loras`` activated by ``set_adapters`` (none: ``disable_lora``); the rest is
+    ``tests.conftest._diffusers_reference``."""
+    from tests.conftest import _diffusers_reference
 
     folder = Path(folder)
     for path in sorted(folder.glob("*.safetensors")):
         if names is None or path.stem in names:
             pipe.load_lora_weights(str(path), adapter_name=path.stem)
-    pipe.set_progress_bar_config(disable=True)
-    config = pipe.scheduler.config
-    default_class = type(pipe.scheduler).__name__
-    accepted = FLOW_SCHEDULERS if flow else UNET_SCHEDULERS
+    base = _diffusers_reference(pipe, negative_prompt=not flow, flow=flow)
 
     def run(p, **kw) -> np.ndarray:
-        pipe.scheduler = scheduler_class(p.scheduler, default_class, accepted).from_config(config)
         if p.loras:
             pipe.enable_lora()
             pipe.set_adapters([n for n, _ in p.loras], adapter_weights=[s for _, s in p.loras])
         else:
             pipe.disable_lora()
-        if not flow:
-            kw.setdefault("negative_prompt", p.negative_prompt)
-        out = pipe(
-            p.prompt,
-            height=p.height,
-            width=p.width,
-            num_inference_steps=p.num_inference_steps,
-            guidance_scale=p.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(p.seed),
-            num_images_per_prompt=p.n,
-            output_type="np",
-            **kw,
-        )
-        return (out.images * 255).round().astype("uint8")
+        return base(p, **kw)
 
     return run
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from serve.api.idempotency import IdempotencyGuard
 from serve.api.jobs import JobManager
-from serve.api.leases import INTERNAL_FIELDS, LeasePolicy
+from serve.api.leases import LeasePolicy
 from serve.api.limits import KeyLimiter, RateLimits
 from serve.api.policy import PromptPolicy
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
@@ -532,11 +532,6 @@ class ImageService:
             await asyncio.to_thread(self.check_loras, params)
         self.limiter.admit(api_key, params.n)
         return await self.jobs.submit(request, params, on_end=lambda: self.limiter.release(api_key, params.n))
-
-    @staticmethod
-    def public(record: dict[str, Any]) -> dict[str, Any]:
-        """A job record as clients see it: without the Ingress's own fields (lease, recorded request)."""
-        return {k: v for k, v in record.items() if k not in INTERNAL_FIELDS}
 
     async def get_job(self, job_id: str, base_url: str) -> dict[str, Any]:
         return await self.jobs.get(job_id, base_url)

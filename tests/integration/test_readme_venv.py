@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.cluster import live_clusters
 from tests.integration.conftest import _free_port
 from tests.integration.test_serve_cli import RAY_NOISE, Server
 from tests.unit.test_readme import ROOT, readme_blocks, server_command, starts_its_own_server
@@ -61,6 +62,9 @@ def venv_env(venv: Path, home: Path, ray_tmpdir: str) -> dict[str, str]:
         DARKROOM_CACHE_DIR=str(home / "darkroom-cache"),
         HF_HUB_OFFLINE="1",  # no test downloads anything
         RAY_TMPDIR=ray_tmpdir,
+        # The suite's own session-wide Ray cluster (other tests) is not the user's: the README's
+        # `bench --in-process` must not refuse to run beside it.
+        DARKROOM_BENCH_IGNORE_SESSIONS=",".join(c.session for c in live_clusters() if c.session),
     )
     return env
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.unit.test_no_ray_outside_deployments import _parse
+
 ROOT = Path(__file__).resolve().parents[2]
 LOWER = ("serve/stages", "serve/engines", "serve/families")
 FORBIDDEN = ("serve.api", "export")
@@ -16,7 +18,7 @@ FORBIDDEN = ("serve.api", "export")
 def imported_modules(path: Path) -> list[tuple[int, str]]:
     """Every absolute module an import statement names (function-local imports included)."""
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(_parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -23,7 +23,8 @@ from serve.engines.step_cache import (
 )
 from serve.engines.torch_options import GraphCache, TorchOptions, bucket_for, graph_key, pad_rows
 from serve.errors import InvalidRequestError
-from serve.stages import Conditioning, DenoiseJob, Denoiser, StepCache, TextEncoder
+from serve.stages import DenoiseJob, Denoiser, StepCache, TextEncoder
+from tests.unit.test_continuous import job
 
 # -- buckets, padding, graph keys, the graph cache --------------------------------------------------
 
@@ -184,19 +185,7 @@ def test_teacache_skip_equals_the_blocks_on_the_same_step(tiny_flux):
 
 
 def _job(encoder, seed, steps=8, **kw) -> DenoiseJob:
-    pos, neg = encoder.encode([f"prompt {seed}", ""])
-    base = dict(
-        conditioning=Conditioning(pos, neg),
-        cfg_scale=7.5,
-        seed=seed,
-        num_inference_steps=steps,
-        guidance_scale=7.5,
-        width=64,
-        height=64,
-        scheduler="ddim",
-    )
-    base.update(kw)
-    return DenoiseJob(**base)
+    return job(encoder, seed, steps=steps, **{"scheduler": "ddim", **kw})
 
 
 def test_cached_and_uncached_requests_share_a_batch(parts):
