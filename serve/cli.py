@@ -304,6 +304,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
 
 _EVAL_FLAGS = {
+    "split": "--split",
     "captions": "--captions",
     "steps": "--steps",
     "guidance": "--guidance",
@@ -323,7 +324,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if config.scheduler is not None and config.scheduler not in SCHEDULER_NAMES:
         raise InvalidRequestError("--scheduler", config.scheduler, f"must be one of {', '.join(SCHEDULER_NAMES)}")
     source = resolve_source(args.model)
-    _say(f"generating {config.captions} held-out captions, {config.steps} steps ...")
+    _say(f"generating {config.captions} {config.split} captions, {config.steps} steps ...")
     report, images = evaluate(
         source,
         config,
@@ -335,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     folder = write_report(args.out, report, images)
     rates = report["adherence"]
     seconds = report["seconds_per_image"]
-    print(f"{report['model']}: {report['n']} held-out captions, {config.steps} steps, {seconds:.3f} s/image")
+    print(f"{report['model']}: {report['n']} {config.split} captions, {config.steps} steps, {seconds:.3f} s/image")
     for name, rate in rates.items():
         print(f"  {name:<10} {rate:6.1%}")
     print(f"report: {folder / 'report.json'}")
@@ -515,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate held-out captions and read colours, shapes and positions back from the images.",
     )
     ev.add_argument("--model", default=None, help="model folder or name (default: the shipped demo model)")
+    ev.add_argument(
+        "--split",
+        default=None,
+        help="held-out (default: caption combinations never trained on) or seen (training combinations)",
+    )
     ev.add_argument("--captions", type=int, default=None, help="held-out captions to generate (default 150)")
     ev.add_argument("--steps", type=int, default=None, help="denoising steps, 1..150 (default 20)")
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale, 0..30 (default 7.5)")

@@ -211,6 +211,21 @@ def evaluation_scenes(n: int, seed: int = 0) -> list[Scene]:
     return scenes
 
 
+def seen_scenes(n: int, seed: int = 0) -> list[Scene]:
+    """``n`` scenes from training combinations, each with a complete caption (as evaluation's).
+
+    The same kind of prompt as ``evaluation_scenes`` on combinations the model was trained on:
+    comparing the two tells underfitting (both low) from a failure to compose (only held-out low).
+    """
+    scenes = []
+    for i in range(n):
+        rng = random.Random(seed * 7_919 + 1_000_000 + i)
+        colour, shape, position, background, size, count = _draw_attributes(rng)
+        caption = caption_for(rng, colour, shape, position, background, size, count, complete=True)
+        scenes.append(Scene(colour, shape, position, background, size, count, (0, 0), caption))
+    return scenes
+
+
 def shape_centres(scene: Scene) -> list[tuple[float, float]]:
     """Pixel centres of the scene's shapes: a group lies along its position's axis."""
     ax, ay = ANCHORS[scene.position]

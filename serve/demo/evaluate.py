@@ -16,13 +16,13 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.demo.checker import ATTRIBUTES, breakdown, read_scene, score
-from serve.demo.data import Scene, evaluation_scenes
+from serve.demo.data import Scene, evaluation_scenes, seen_scenes
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    split: Literal["held-out", "seen"] = Field(
+        "held-out",
+        description="held-out: combinations no training scene had (the metric); seen: training combinations "
+        "(tells underfitting from a failure to compose)",
+    )
     captions: int = Field(150, ge=1, description="held-out captions to generate (cycling the held-out combinations)")
     steps: int = Field(20, ge=1, le=150, description="denoising steps per image")
     guidance: float = Field(7.5, ge=0, le=30, description="classifier-free guidance scale")
@@ -72,7 +77,7 @@ def evaluate(
     cfg = config or EvalConfig()
     info = read_model_info(source)
     pipe = Pipeline.load(source, backend=backend, device=device, dtype=dtype)
-    scenes = evaluation_scenes(cfg.captions, seed=cfg.seed)
+    scenes = (evaluation_scenes if cfg.split == "held-out" else seen_scenes)(cfg.captions, seed=cfg.seed)
     width, height = info.native_size
     images: list[np.ndarray] = []
     t0 = time.perf_counter()

@@ -61,7 +61,7 @@ def build_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     Reuses the tiny model's learner (``serve.tiny``). Any text still tokenizes (the byte
     alphabet is in the vocabulary); caption words come out as one token each.
     """
-    from serve.tiny import _bytes_to_unicode, _learn_merges
+    from serve.tiny.tokenizers import _bytes_to_unicode, _learn_merges
 
     alphabet = list(_bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet]

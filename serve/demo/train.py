@@ -42,6 +42,7 @@ from serve.demo.data import COLOURS, IMAGE_SIZE, Scene, caption_for, render, tra
 from serve.demo.model import (
     DEMO_MODEL_VERSION,
     MARKER,
+    VAE_FACTOR,
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
@@ -82,6 +83,11 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate of the UNet and text encoder")
     warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up before the cosine decay")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMAModel's maximum decay (it warms up to it)")
+    unet_foreground_weight: float = Field(
+        0.0,
+        ge=0,
+        description="extra UNet loss weight of latent cells a shape touches (0: plain MSE over all cells)",
+    )
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by '' (for CFG)")
     snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting gamma; None for plain MSE")
     noise_offset: float = Field(
@@ -236,6 +242,30 @@ class Trainer:
         logger.info("latents: %d scenes, scaling_factor %.4f", len(scenes), scaling_factor)
         return mean, std, scenes, scaling_factor
 
+    def foreground_masks(self, scenes: list[Scene]):
+        """Per scene, float (1, h, w) at latent resolution: 1 where a latent cell holds shape pixels.
+
+        Rendered again (cached in OUT for a resume): the scenes are pure functions of their index.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        cached = _load(self.ckpt / "masks.pt")
+        if cached is not None and cached["n"] == len(scenes):
+            return cached["masks"]
+        chunks = []
+        chunk = 256
+        for start in range(0, len(scenes), chunk):
+            part = scenes[start : start + chunk]
+            pixels = torch.from_numpy(np.stack([render(s) for s in part]).astype(np.int16))
+            background = torch.tensor([COLOURS[s.background] for s in part], dtype=torch.int16)[:, None, None, :]
+            shape = ((pixels - background).abs().sum(-1) > 6).float()[:, None]
+            chunks.append(F.max_pool2d(shape, VAE_FACTOR).bool())
+            self.progress("masks", min(start + chunk, len(scenes)), len(scenes), {})
+        masks = torch.cat(chunks)
+        _save({"masks": masks, "n": len(scenes)}, self.ckpt / "masks.pt")
+        return masks
+
     # -- phase 3: UNet + text encoder -----------------------------------------------------------
     def _token_ids(self, captions: list[str]):
         import torch
@@ -310,6 +340,7 @@ class Trainer:
         unet.train()
         text_encoder.train()
         n = mean.shape[0]
+        masks = self.foreground_masks(scenes) if cfg.unet_foreground_weight > 0 else None
         try:
             while step < cfg.unet_steps:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7_777_777 + step)
@@ -330,7 +361,12 @@ class Trainer:
                 pred = unet(noisy, timesteps, hidden).sample
                 v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
                 target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-                per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+                error = F.mse_loss(pred, target, reduction="none")
+                if masks is not None:
+                    # A shape covers ~5-15% of the latent cells, so plain MSE is mostly
+                    # background: the model learnt background, place and colour but drew blobs.
+                    error = error * (1.0 + cfg.unet_foreground_weight * masks[idx].float())
+                per_sample = error.mean(dim=(1, 2, 3))
                 if cfg.snr_gamma is not None:
                     # Weights that cap how much the image error counts at low noise (min-SNR),
                     # keeping it at >= 1 at high noise: there the caption decides background
