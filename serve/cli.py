@@ -281,6 +281,7 @@ _TRAIN_FLAGS = {
     "unet_steps": "--unet-steps",
     "dataset_size": "--dataset-size",
     "batch_size": "--batch-size",
+    "unet_foreground_weight": "--unet-foreground-weight",
     "checkpoint_every": "--checkpoint-every",
 }
 
@@ -503,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--batch-size", type=int, default=None, help="latents per UNet step (default 32)")
     train.add_argument(
+        "--unet-foreground-weight",
+        type=float,
+        default=None,
+        help="extra UNet loss weight of latent cells under shapes (default 0: plain MSE)",
+    )
+    train.add_argument(
         "--checkpoint-every", type=int, default=None, help="steps between checkpoints, in each phase (default 250)"
     )
     train.add_argument(
@@ -523,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--captions", type=int, default=None, help="held-out captions to generate (default 150)")
     ev.add_argument("--steps", type=int, default=None, help="denoising steps, 1..150 (default 20)")
-    ev.add_argument("--guidance", type=float, default=None, help="guidance scale, 0..30 (default 7.5)")
+    ev.add_argument("--guidance", type=float, default=None, help="guidance scale, 0..30 (default 3)")
     ev.add_argument("--scheduler", default=None, help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, unipc")
     ev.add_argument("--seed", type=int, default=None, help="caption order seed; image i uses seed + i (default 0)")
     ev.add_argument("--batch", type=int, default=None, help="requests per pipeline call (default 8)")

@@ -32,6 +32,10 @@ MODEL_NAME = "darkroom-demo"
 #: Bump when the architecture, tokenizer or training data change.
 DEMO_MODEL_VERSION = 1
 
+#: The guidance scale with the best measured adherence (``darkroom eval``'s default; written in the
+#: model's marker file as ``default_guidance``). SD's 7.5 over-guides this model: colours go wrong.
+DEFAULT_GUIDANCE = 3.0
+
 VAE_FACTOR = 4
 LATENT_SIZE = IMAGE_SIZE // VAE_FACTOR
 TEXT_WIDTH = 64

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.demo.data import COLOURS, IMAGE_SIZE, Scene, caption_for, render, training_scene
 from serve.demo.model import (
+    DEFAULT_GUIDANCE,
     DEMO_MODEL_VERSION,
     MARKER,
     VAE_FACTOR,
@@ -428,7 +429,12 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_tokenizer_extras(tmp / "tokenizer")
-        marker = {"version": DEMO_MODEL_VERSION, "image_size": IMAGE_SIZE, "train": self.config.model_dump()}
+        marker = {
+            "version": DEMO_MODEL_VERSION,
+            "image_size": IMAGE_SIZE,
+            "default_guidance": DEFAULT_GUIDANCE,
+            "train": self.config.model_dump(),
+        }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

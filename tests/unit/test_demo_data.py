@@ -16,6 +16,7 @@ from serve.demo.data import (
     held_out_keys,
     is_held_out,
     render,
+    seen_scenes,
     training_scene,
     vocabulary,
 )
@@ -60,6 +61,17 @@ def test_evaluation_scenes_are_held_out_with_complete_captions():
             assert s.size in s.caption
     assert evaluation_scenes(150) == scenes
     assert evaluation_scenes(20, seed=1) != scenes[:20]
+
+
+def test_seen_scenes_are_training_combinations_with_complete_captions():
+    scenes = seen_scenes(100)
+    assert seen_scenes(100) == scenes and seen_scenes(100, seed=1) != scenes
+    assert not any(is_held_out(*s.key) for s in scenes)
+    assert len({s.key for s in scenes}) > 80  # spread over the combinations, not one repeated
+    for s in scenes:
+        assert s.colour in s.caption and s.background in s.caption and s.shape in s.caption
+        if s.count == 1:
+            assert s.size in s.caption
 
 
 def test_vocabulary_covers_every_caption_word():

@@ -33,8 +33,32 @@ def test_eval_writes_report_and_grid(tmp_path):
     assert grid.shape[0] > 64 * 3 and grid.shape[1] > 3 * 64 * 3  # three tiles at 3x, captions below
 
 
+def test_eval_seen_split(tmp_path):
+    out = tmp_path / "report"
+    proc = run(
+        "eval",
+        "--model",
+        "tiny",
+        "--split",
+        "seen",
+        "--captions",
+        "2",
+        "--steps",
+        "1",
+        "--grid",
+        "0",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "2 seen captions" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["split"] == "seen" and report["n"] == 2
+
+
 def test_eval_bad_flags_name_the_flag(tmp_path):
     for args, flag in (
+        (["--split", "train"], "--split"),
         (["--captions", "0"], "--captions"),
         (["--steps", "0"], "--steps"),
         (["--scheduler", "nope"], "--scheduler"),

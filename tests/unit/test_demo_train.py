@@ -69,6 +69,27 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, uninterrupted, ph
     assert _same(_weights(resumed), _weights(uninterrupted))
 
 
+def test_foreground_masks_cover_the_shapes_only(tmp_path):
+    from serve.demo.data import Scene
+    from serve.demo.train import Trainer
+
+    left = Scene("red", "square", "left", "blue", "large", 1, (0, 0), "")
+    top = Scene("red", "circle", "top", "blue", "small", 1, (0, 0), "")
+    masks = Trainer(tmp_path / "run", TrainConfig(**TOY)).foreground_masks([left, top])
+    assert masks.shape == (2, 1, 16, 16)
+    # A large square at the left (centre x 18 px, half-side 12 px: x 6..30, y 20..44 -> cells 1..7, 5..11).
+    rows, cols = torch.nonzero(masks[0, 0], as_tuple=True)
+    assert (cols.min(), cols.max(), rows.min(), rows.max()) == (1, 7, 5, 10)
+    assert not masks[0, 0, :, 9:].any() and masks[1, 0, 3:6, 7:9].all() and not masks[1, 0, 9:].any()
+
+
+def test_foreground_weight_changes_the_training(tmp_path, uninterrupted):
+    weighted = train_demo(tmp_path / "run", TrainConfig(**TOY, unet_foreground_weight=10.0))
+    a, b = _weights(weighted), _weights(uninterrupted)
+    assert all(torch.equal(a["vae"][k], b["vae"][k]) for k in a["vae"])  # the VAE does not use it
+    assert not _same({"unet": a["unet"]}, {"unet": b["unet"]})
+
+
 def test_resume_refuses_another_configuration(tmp_path):
     out = tmp_path / "run"
     train_demo(out, TrainConfig(**{**TOY, "unet_steps": 0, "vae_steps": 1}))
