@@ -282,6 +282,8 @@ _TRAIN_FLAGS = {
     "dataset_size": "--dataset-size",
     "batch_size": "--batch-size",
     "unet_foreground_weight": "--unet-foreground-weight",
+    "unet_text_time_embedding": "--unet-text-time-embedding",
+    "timestep_sampling": "--timestep-sampling",
     "checkpoint_every": "--checkpoint-every",
 }
 
@@ -508,6 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="extra UNet loss weight of latent cells under shapes (default 0: plain MSE)",
+    )
+    train.add_argument(
+        "--unet-text-time-embedding",
+        action="store_true",
+        default=None,
+        help="add a pooled caption embedding to the UNet's timestep embedding (default off)",
+    )
+    train.add_argument(
+        "--timestep-sampling", default=None, help="uniform (default) or high: more training steps at high noise"
     )
     train.add_argument(
         "--checkpoint-every", type=int, default=None, help="steps between checkpoints, in each phase (default 250)"

@@ -114,10 +114,16 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     )
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(text_time_embedding: bool = False) -> UNet2DConditionModel:
+    """``text_time_embedding``: also add a pooled caption embedding to the timestep embedding
+    (diffusers' ``addition_embed_type="text"``), so every ResNet block -- the 16x16 ones without
+    cross-attention too -- sees the caption. The UNet's inputs stay SD's (sample, timestep,
+    encoder_hidden_states): every pipeline, stage and export runs it unchanged."""
     from diffusers import UNet2DConditionModel
 
+    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if text_time_embedding else {}
     return UNet2DConditionModel(
+        **extra,
         sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,

@@ -89,6 +89,15 @@ class TrainConfig(BaseModel):
         ge=0,
         description="extra UNet loss weight of latent cells a shape touches (0: plain MSE over all cells)",
     )
+    unet_text_time_embedding: bool = Field(
+        False, description="add a pooled caption embedding to the UNet's timestep embedding (build_unet)"
+    )
+    timestep_sampling: str = Field(
+        "uniform",
+        pattern="^(uniform|high)$",
+        description="training timesteps: uniform, or high (density rising linearly with t: more of the "
+        "noisy steps where only the caption tells the shape)",
+    )
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by '' (for CFG)")
     snr_gamma: float | None = Field(5.0, gt=0, description="min-SNR loss weighting gamma; None for plain MSE")
     noise_offset: float = Field(
@@ -304,7 +313,7 @@ class Trainer:
 
         cfg = self.config
         torch.manual_seed(cfg.seed + 1)
-        unet = build_unet()
+        unet = build_unet(cfg.unet_text_time_embedding)
         text_encoder = build_text_encoder(self.tokenizer)
         params = list(unet.parameters()) + list(text_encoder.parameters())
         # The shipped scheduler's betas (from_config drops PNDM-only keys).
@@ -355,7 +364,12 @@ class Trainer:
                 # clue instead of the caption, and from pure noise drew pink or orange
                 # backgrounds whatever was asked (12% right after 1000 steps).
                 noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+                steps_total = noise_scheduler.config.num_train_timesteps
+                if cfg.timestep_sampling == "high":
+                    u = torch.rand(cfg.batch_size, generator=g)
+                    timesteps = (steps_total * u.sqrt()).long().clamp(max=steps_total - 1)
+                else:
+                    timesteps = torch.randint(0, steps_total, (cfg.batch_size,), generator=g)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 ids = self._token_ids(self._captions([scenes[i] for i in idx.tolist()], step))
                 hidden = text_encoder(ids)[0]
