@@ -75,6 +75,8 @@ class BenchConfig:
     ready_timeout_s: float = 300.0
     max_batch: int = 8  # in-process open-loop batch limit
     torch_threads: int | None = None  # in-process torch threads (None: torch's default)
+    #: In-process: time 1..torch_threads threads on one batch and keep the fastest (bench/inprocess.py).
+    fastest_threads: bool = False
     #: The served app's torch backend options and step cache (``AppConfig.torch``/``step_cache`` as
     #: dicts), so the in-process baseline runs the same engines (None: the defaults).
     torch_options: dict[str, Any] | None = None
@@ -284,6 +286,8 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
         spec.model,
         max_batch=config.max_batch,
         torch_threads=config.torch_threads,
+        fastest_threads=config.fastest_threads,
+        calibration_body=config.workload.body(0, "warmup"),
         name=spec.name,
         torch_options=config.torch_options,
         step_cache=config.step_cache,
