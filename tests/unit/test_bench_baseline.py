@@ -327,10 +327,46 @@ def test_serve_config_gives_the_url_threads_and_batch():
 
     cores = len(os.sched_getaffinity(0))
     assert split.torch_threads == min(3, cores)  # three model replicas of 1 thread, at most the cores
+    assert split.fastest_threads  # ... as the most it may try: it keeps the fastest count up to that
     explicit = config_from_args(
         _args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--torch-threads", "2")
     )
-    assert explicit.torch_threads == 2
+    assert explicit.torch_threads == 2 and not explicit.fastest_threads  # asked for: exactly that
+
+
+class FakeClock:
+    """A clock that only moves when the fake pipeline "runs": no dependence on this machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    "cost_s, expected",
+    [
+        ({1: 0.19, 2: 0.55}, 1),  # what the 2-core dev machine measured for the tiny model
+        ({1: 0.40, 2: 0.25, 3: 0.30}, 2),  # a bigger model: more threads help up to a point
+        ({1: 0.30, 2: 0.30}, 1),  # a tie goes to fewer threads
+    ],
+)
+def test_calibrate_threads_keeps_the_fastest_count(cost_s, expected):
+    from bench.inprocess import calibrate_threads
+
+    clock, state, calls = FakeClock(), {"threads": None}, []
+
+    def run():
+        calls.append(state["threads"])
+        clock.now += cost_s[state["threads"]]
+
+    chosen, timings = calibrate_threads(run, lambda t: state.update(threads=t), sorted(cost_s), repeats=2, clock=clock)
+    assert chosen == expected and state["threads"] == expected  # the winner is left set
+    assert timings == {t: round(c * 1000, 3) for t, c in cost_s.items()}
+    assert calls == [t for t in sorted(cost_s) for _ in range(3)]  # one warm-up, two timed each
+    with pytest.raises(ValueError):
+        calibrate_threads(run, lambda t: None, [])
 
 
 @pytest.mark.parametrize(
