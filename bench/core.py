@@ -44,6 +44,8 @@ GOALS = {
     # Open loop: both targets complete the offered rate until one saturates, so their img/s are equal
     # within noise (a 0.99 would "fail" a tie); the first target's p50 / the compared target's: at most.
     "latency_vs_compared": 1.0,
+    # Issue 12: with every request streaming its partial images, img/s / the same app's without: at least.
+    "streaming_vs_plain": 0.90,
 }
 
 
@@ -214,7 +216,11 @@ class BenchResult:
                     b = max(lr.run(ip, r).metrics.throughput_ips for lr in closed)
                     values.append(a / b if b > 0 else None)
                 check(f"peak img/s {base} / {ip} (closed loop)", values, GOALS["throughput_at_saturation"], False)
+        streams = {t.name for t in self.config.served if t.stream}
         for other in served[1:]:
+            if other in streams and served[0] not in streams:
+                self._streaming_goal(served[0], other, check)
+                continue
             for lr in self.levels:
                 values = []
                 for r in rounds:
@@ -230,6 +236,18 @@ class BenchResult:
                     name, limit, at_most = f"p50 {served[0]} / {other}", GOALS["latency_vs_compared"], True
                 check(f"{name} at {lr.level.label}", values, limit, at_most)
         return out
+
+    def _streaming_goal(self, plain: str, streamed: str, check: Callable[..., None]) -> None:
+        """Issue 12's check for ``--compare-stream``: the streamed run's img/s / the plain run's,
+        at every closed level."""
+        for lr in self.levels:
+            if lr.level.mode != "closed":
+                continue
+            values = []
+            for r in range(1, self.config.rounds + 1):
+                a, b = lr.run(streamed, r).metrics.throughput_ips, lr.run(plain, r).metrics.throughput_ips
+                values.append(a / b if b > 0 else None)
+            check(f"img/s {streamed} / {plain} at {lr.level.label}", values, GOALS["streaming_vs_plain"], False)
 
     def to_json(self, include_records: bool = True) -> dict[str, Any]:
         levels = []

@@ -63,7 +63,8 @@ def summary_markdown(result: BenchResult) -> str:
     ]
     goals = result.goals()
     if goals:
-        lines += ["", "## Goals (issue 14), median (range) over the rounds", "", "| check | value | goal | met |"]
+        heading = "## Goals (issues 12 and 14), median (range) over the rounds"
+        lines += ["", heading, "", "| check | value | goal | met |"]
         lines.append("|---|---|---|---|")
         for g in goals:
             s = g["spread"]
