@@ -7,12 +7,13 @@ queue at their arrival times). No HTTP, no Ray, no storage
 writes: this is the limit the served system approaches. ``serve.pipeline`` (torch) is imported
 only when the target starts.
 
-**Threads: the fastest count, not the most.** With ``fastest_threads`` (the bench's default when
-``--torch-threads`` is not given) the target times one batch of the workload at every thread count
-from 1 to ``torch_threads`` and keeps the fastest (``calibrate_threads``). More threads are not
-always faster: on the 2-core dev machine the tiny model at 64x64 ran a c=1 request in ~190 ms
-with 1 thread and ~550 ms with 2 (the intra-op pool's hand-offs cost more than such small
-kernels gain), so "the threads of the replicas together" alone would make a weak baseline.
+**Threads: the fastest count, not the most, per batch size.** With ``fastest_threads`` (the
+bench's default when ``--torch-threads`` is not given) the target times a batch of the workload at
+every thread count from 1 to ``torch_threads`` and keeps the fastest (``calibrate_threads``), once
+for each batch limit a level gives it (``configure``, before the level's warm-up). More threads
+are not always faster, and which count wins depends on the batch: on the 2-core dev machine the
+tiny model at 64x64 ran a c=1 request in ~190 ms with 1 thread and ~550 ms with 2, while a batch
+of 8 took 462 ms with 1 and 397 ms with 2. One fixed count would make a weak baseline somewhere.
 """
 
 from __future__ import annotations
@@ -85,11 +86,13 @@ class InProcessTarget:
         self.device = device
         self.torch_options = torch_options
         self.step_cache = step_cache
-        # Calibrate over 1..torch_threads (torch's default count when None) with a batch of
-        # max_batch copies of ``calibration_body``.
+        # Calibrate over 1..torch_threads (torch's default count when None) with batches of
+        # ``calibration_body``, per batch limit: {batch: {"threads": chosen, "ms": {threads: ms}}}.
         self.fastest_threads = fastest_threads
         self.calibration_body = calibration_body
-        self.threads_tried: dict[int, float] | None = None
+        self.threads_by_batch: dict[int, dict[str, Any]] = {}
+        self._most_threads = 1
+        self._params: Any = None
         if name:
             self.name = name
         self.batch_limit = max_batch
@@ -118,11 +121,15 @@ class InProcessTarget:
             )
             info = read_model_info(source)
             if self.fastest_threads and self.calibration_body is not None:
-                self._calibrate(pipe, info, torch)
+                from serve.api.schemas import parse_generation_request
+
+                body = parse_generation_request(self.calibration_body)
+                self._params = body.to_params(default_size=info.native_size)
             return pipe, info, torch.get_num_threads()
 
         t0 = time.perf_counter()
         self._pipe, self._info, threads = await asyncio.to_thread(load)
+        self._most_threads = threads
         self._wake = asyncio.Event()
         self._worker = asyncio.create_task(self._run())
         return {
@@ -130,27 +137,32 @@ class InProcessTarget:
             "model": str(self._info.path),
             "backend": self.backend,
             "torch_threads": threads,
-            "threads_tried_batch_ms": self.threads_tried,
+            # Filled in per level (configure): the same dict object ends up in the report.
+            "threads_by_batch": self.threads_by_batch if self._params is not None else None,
             "torch_options": self.torch_options,
             "step_cache": self.step_cache,
             "max_batch_open_loop": self.max_batch,
             "load_s": round(time.perf_counter() - t0, 3),
         }
 
-    def _calibrate(self, pipe: Any, info: Any, torch: Any) -> None:
-        from serve.api.schemas import parse_generation_request
+    def _calibrate(self, batch_size: int) -> None:
+        """Blocking: the fastest thread count for batches of ``batch_size`` (once per size), set now."""
+        import torch
 
-        params = parse_generation_request(self.calibration_body).to_params(default_size=info.native_size)
-        batch = [params] * self.max_batch
-        most = torch.get_num_threads()
-        chosen, self.threads_tried = calibrate_threads(
-            lambda: pipe.generate_batch(batch), torch.set_num_threads, range(1, most + 1)
-        )
-        logger.info("in-process baseline: %d torch thread(s), fastest of (ms per batch) %s", chosen, self.threads_tried)
+        if batch_size not in self.threads_by_batch:
+            batch = [self._params] * batch_size
+            chosen, timings = calibrate_threads(
+                lambda: self._pipe.generate_batch(batch), torch.set_num_threads, range(1, self._most_threads + 1)
+            )
+            self.threads_by_batch[batch_size] = {"threads": chosen, "ms": timings}
+            logger.info("in-process batch of %d: %d torch thread(s), of (ms) %s", batch_size, chosen, timings)
+        torch.set_num_threads(self.threads_by_batch[batch_size]["threads"])
 
     def configure(self, level: Level) -> None:
         # Closed loop: C clients -> batches of up to C, capped like the Denoiser's max_batch_size.
         self.batch_limit = min(level.concurrency, self.max_batch) if level.mode == "closed" else self.max_batch
+        if self._params is not None and self._most_threads > 1:
+            self._calibrate(self.batch_limit)  # before the level's warm-up: nothing is timed yet
 
     async def send(self, body: dict[str, Any]) -> Response:
         from serve.api.schemas import parse_generation_request

@@ -120,6 +120,7 @@ class BatchQueue(Generic[T, R]):
     ) -> None:
         self.fn = fn
         self.report = report
+        self.running = 0  # items in the batch being computed
         self.policy = policy
         self.executor = executor
         self.clock = clock
@@ -140,15 +141,15 @@ class BatchQueue(Generic[T, R]):
             self._wakeup = asyncio.Event()
         entry = _Item(item, loop.create_future(), self.clock())
         self._queue.append(entry)
-        self._report(0)
+        self._report()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         self._wakeup.set()
         return await entry.future
 
-    def _report(self, running: int) -> None:
+    def _report(self) -> None:
         if self.report is not None:
-            self.report(len(self._queue), running)
+            self.report(len(self._queue), self.running)
 
     def _take(self, count: int) -> list[_Item[T]]:
         batch: list[_Item[T]] = []
@@ -183,12 +184,15 @@ class BatchQueue(Generic[T, R]):
                 continue
             self.batches += 1
             self.last_batch_size = len(batch)
-            self._report(len(batch))
+            self.running = len(batch)
+            self._report()
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [e.value for e in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             except Exception as exc:  # the batch fails; the queue carries on
+                self.running = 0
+                self._report()
                 logger.exception("batch of %d failed", len(batch))
                 for entry in batch:
                     if not entry.future.done():
@@ -197,7 +201,8 @@ class BatchQueue(Generic[T, R]):
             for entry, result in zip(batch, results, strict=True):
                 if not entry.future.done():
                     entry.future.set_result(result)
-            self._report(0)
+            self.running = 0
+            self._report()
 
 
 __all__ = ["BatchPolicy", "BatchQueue", "ModelThread", "batch_to_start"]

@@ -326,6 +326,40 @@ def test_compare_stream_checks_issue_12s_streaming_throughput():
     assert g["median_met"] and not g["every_round_met"]  # median 0.90; round 2 missed it
 
 
+def test_in_process_target_calibrates_threads_once_per_batch_size(monkeypatch):
+    """configure() picks the thread count per batch limit (c=1 may want 1 thread, a batch of 8 two),
+    once per size, and leaves it set for the level."""
+    import torch
+
+    import bench.inprocess as inprocess
+
+    seen: list[int] = []
+
+    def fake_calibrate(run, set_threads, candidates, **_):
+        run()  # a batch of the level's size
+        chosen = 1 if seen[-1] == 1 else max(candidates)
+        set_threads(chosen)
+        return chosen, {t: 1.0 for t in candidates}
+
+    class FakePipe:
+        def generate_batch(self, batch):
+            seen.append(len(batch))
+
+    monkeypatch.setattr(inprocess, "calibrate_threads", fake_calibrate)
+    target = inprocess.InProcessTarget(max_batch=8, fastest_threads=True, calibration_body={"prompt": "x"})
+    target._pipe, target._params, target._most_threads = FakePipe(), object(), 2
+    before = torch.get_num_threads()
+    try:
+        for level in (Level("closed", 1), Level("closed", 16), Level("closed", 1), Level("open", 4.0)):
+            target.configure(level)
+            want = 1 if target.batch_limit == 1 else 2
+            assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 8]  # once per batch size (c=16 and the open loop both batch up to 8)
+    assert {b: v["threads"] for b, v in target.threads_by_batch.items()} == {1: 1, 8: 2}
+
+
 # -- --serve: URLs and the baseline's size come from the config -------------------------------------------
 
 
