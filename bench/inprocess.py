@@ -97,6 +97,7 @@ class InProcessTarget:
             self.name = name
         self.batch_limit = max_batch
         self._pipe: Any = None
+        self._threads: int | None = None
         self._info: Any = None
         self._queue: list[tuple[Any, asyncio.Future, float]] = []
         self._wake: asyncio.Event | None = None
@@ -130,6 +131,7 @@ class InProcessTarget:
         t0 = time.perf_counter()
         self._pipe, self._info, threads = await asyncio.to_thread(load)
         self._most_threads = threads
+        self._threads = threads  # what every batch runs with (configure may change it)
         self._wake = asyncio.Event()
         self._worker = asyncio.create_task(self._run())
         return {
@@ -156,7 +158,19 @@ class InProcessTarget:
             )
             self.threads_by_batch[batch_size] = {"threads": chosen, "ms": timings}
             logger.info("in-process batch of %d: %d torch thread(s), of (ms) %s", batch_size, chosen, timings)
-        torch.set_num_threads(self.threads_by_batch[batch_size]["threads"])
+        self._threads = self.threads_by_batch[batch_size]["threads"]
+        torch.set_num_threads(self._threads)
+
+    def _generate(self, params: list[Any]) -> Any:
+        """One batch, in a worker thread, with the chosen thread count set in that thread: torch
+        applies ``set_num_threads`` to a thread only until its OpenMP team exists, so a pool
+        thread that already ran with another count would keep it (measured: the calibrated 1
+        thread ran at the 2-thread speed, c=1 p50 464-521 ms against 156 ms calibrated)."""
+        import torch
+
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        return self._pipe.generate_batch(params)
 
     def configure(self, level: Level) -> None:
         # Closed loop: C clients -> batches of up to C, capped like the Denoiser's max_batch_size.
@@ -190,7 +204,7 @@ class InProcessTarget:
             batch, self._queue = self._queue[: self.batch_limit], self._queue[self.batch_limit :]
             began = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self._pipe.generate_batch, [p for p, _, _ in batch])
+                results = await asyncio.to_thread(self._generate, [p for p, _, _ in batch])
             except Exception as exc:  # the whole batch fails, like a failed stage call
                 logger.exception("in-process batch failed")
                 for _, future, _ in batch:

@@ -360,6 +360,44 @@ def test_in_process_target_calibrates_threads_once_per_batch_size(monkeypatch):
     assert {b: v["threads"] for b, v in target.threads_by_batch.items()} == {1: 1, 8: 2}
 
 
+def test_in_process_batches_run_with_the_chosen_threads_in_their_own_thread():
+    """torch applies set_num_threads to a thread only until its OpenMP team exists: a pool thread
+    that already ran with 2 threads keeps 2 when another thread sets 1. Each batch sets the
+    chosen count in the thread that runs it."""
+    import concurrent.futures
+
+    import torch
+
+    from bench.inprocess import InProcessTarget
+
+    seen: list[int] = []
+
+    class FakePipe:
+        def generate_batch(self, batch):
+            seen.append(torch.get_num_threads())
+            return batch
+
+    target = InProcessTarget(max_batch=8)
+    target._pipe, target._threads = FakePipe(), 1
+    before = torch.get_num_threads()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+
+        def warm_with_two():
+            torch.set_num_threads(2)
+            torch.nn.functional.conv2d(torch.ones(1, 2, 4, 4), torch.ones(2, 2, 3, 3))  # its team: 2 threads
+            return torch.get_num_threads()
+
+        assert pool.submit(warm_with_two).result() == 2
+        torch.set_num_threads(1)  # elsewhere: does not reach the pool thread ...
+        assert pool.submit(torch.get_num_threads).result() == 2
+        assert pool.submit(target._generate, ["a"]).result() == ["a"]  # ... but the batch sets it
+        assert seen == [1]
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(before)
+
+
 # -- --serve: URLs and the baseline's size come from the config -------------------------------------------
 
 
