@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from starlette.datastructures import Headers
+
 from serve.api.policy import OPEN_PATHS, OPEN_PREFIXES, api_key_ok
 from serve.request_context import HEADER, bound, new_request_id, request_id_from
 
@@ -31,14 +33,6 @@ def route_path(scope: dict[str, Any]) -> str:
     """The route path without the app's prefix (Serve mounts apps under a root_path)."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
-
-
-def header(scope: dict[str, Any], name: bytes) -> str | None:
-    """A request header's value (the first), by its lower-case name."""
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 class ObserveMiddleware:
@@ -69,7 +63,8 @@ class ObserveMiddleware:
             return
         service = self.get_service()
         service.start_background()  # the job sweeper, on the serving event loop
-        sent = header(scope, _HEADER_LOWER)
+        headers = Headers(scope=scope)
+        sent = headers.get(HEADER)
         request_id = (sent or new_request_id()) if self.behind_serve_proxy else request_id_from(sent)
         path = route_path(scope)
         generation = scope["method"] == "POST" and path in GENERATION_PATHS
@@ -82,8 +77,8 @@ class ObserveMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if not self.behind_serve_proxy:
-                    headers = [*message.get("headers", ()), (_HEADER_LOWER, request_id.encode("latin-1"))]
-                    message = {**message, "headers": headers}
+                    raw = [*message.get("headers", ()), (_HEADER_LOWER, request_id.encode("latin-1"))]
+                    message = {**message, "headers": raw}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 ended = time.perf_counter()
             await send(message)
@@ -94,7 +89,7 @@ class ObserveMiddleware:
             with bound(request_id):
                 keys = service.config.api_keys
                 if keys and not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
-                    if not api_key_ok(header(scope, b"authorization"), keys):
+                    if not api_key_ok(headers.get("authorization"), keys):
                         service.metrics.inc("darkroom_rejected_total", reason="unauthenticated")
                         await self.unauthorized(service)(scope, receive, observed_send)
                         return
@@ -113,4 +108,4 @@ class ObserveMiddleware:
                 logger.log(level, "%s %s -> %d in %.0f ms", scope["method"], scope["path"], status, elapsed * 1e3)
 
 
-__all__ = ["GENERATION_PATHS", "ObserveMiddleware", "header", "route_path"]
+__all__ = ["GENERATION_PATHS", "ObserveMiddleware", "route_path"]
