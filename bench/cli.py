@@ -3,9 +3,10 @@ pipeline: its limit) with a seeded workload at several load levels; write report
 
 The in-process baseline runs alone: with ``--serve CONFIG`` the bench starts the app for each
 served phase and stops it (its Ray cluster included) before each in-process phase, alternating
-``--rounds`` times (A/B/A/B), and gives the in-process pipeline the torch threads of the app's
-model replicas together; without ``--serve`` it refuses to run the in-process phase while a
-serving cluster is alive on this machine.
+``--rounds`` times (A/B/A/B), and gives the in-process pipeline the fastest torch thread count
+up to the app's model replicas' threads together (timed on one batch of the workload: more
+threads are not always faster); without ``--serve`` it refuses to run the in-process phase while
+a serving cluster is alive on this machine.
 
 Examples::
 
@@ -151,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             ready_timeout_s=args.ready_timeout,
             max_batch=args.max_batch or (serve_plan["max_batch"] if serve_plan else 8),
             torch_threads=args.torch_threads or (serve_plan["torch_threads"] if serve_plan else None),
+            fastest_threads=not args.torch_threads,
             progress=not args.quiet,
             loras=loras,
             memory_interval_s=args.memory_interval,
@@ -361,8 +363,8 @@ def add_parser(sub: Any) -> None:
         "--torch-threads",
         type=int,
         default=None,
-        help="in-process torch threads; default: the --serve app's model replicas' threads together "
-        "(capped at the cores), else torch's default",
+        help="in-process torch threads, exactly; default: the fastest count from 1 up to the --serve app's "
+        "model replicas' threads together (capped at the cores), else up to torch's default, timed on one batch",
     )
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>)")

@@ -15,18 +15,14 @@ the same bodies (prompts, seeds) at the same arrival offsets.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
-import platform
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from bench.machine import load1, machine_metadata, now_iso
 from bench.memory import MemorySampler
 from bench.metrics import Metrics, RequestRecord, Spread, compute_metrics, measurement_window, ratio_spreads, spread
 from bench.runner import HttpTarget, Level, Progress, Target, closed_loop, open_loop, warm_up
@@ -48,6 +44,8 @@ GOALS = {
     # Open loop: both targets complete the offered rate until one saturates, so their img/s are equal
     # within noise (a 0.99 would "fail" a tie); the first target's p50 / the compared target's: at most.
     "latency_vs_compared": 1.0,
+    # Issue 12: with every request streaming its partial images, img/s / the same app's without: at least.
+    "streaming_vs_plain": 0.90,
 }
 
 
@@ -79,6 +77,8 @@ class BenchConfig:
     ready_timeout_s: float = 300.0
     max_batch: int = 8  # in-process open-loop batch limit
     torch_threads: int | None = None  # in-process torch threads (None: torch's default)
+    #: In-process: time 1..torch_threads threads on one batch and keep the fastest (bench/inprocess.py).
+    fastest_threads: bool = False
     #: The served app's torch backend options and step cache (``AppConfig.torch``/``step_cache`` as
     #: dicts), so the in-process baseline runs the same engines (None: the defaults).
     torch_options: dict[str, Any] | None = None
@@ -216,7 +216,11 @@ class BenchResult:
                     b = max(lr.run(ip, r).metrics.throughput_ips for lr in closed)
                     values.append(a / b if b > 0 else None)
                 check(f"peak img/s {base} / {ip} (closed loop)", values, GOALS["throughput_at_saturation"], False)
+        streams = {t.name for t in self.config.served if t.stream}
         for other in served[1:]:
+            if other in streams and served[0] not in streams:
+                self._streaming_goal(served[0], other, check)
+                continue
             for lr in self.levels:
                 values = []
                 for r in rounds:
@@ -232,6 +236,18 @@ class BenchResult:
                     name, limit, at_most = f"p50 {served[0]} / {other}", GOALS["latency_vs_compared"], True
                 check(f"{name} at {lr.level.label}", values, limit, at_most)
         return out
+
+    def _streaming_goal(self, plain: str, streamed: str, check: Callable[..., None]) -> None:
+        """Issue 12's check for ``--compare-stream``: the streamed run's img/s / the plain run's,
+        at every closed level."""
+        for lr in self.levels:
+            if lr.level.mode != "closed":
+                continue
+            values = []
+            for r in range(1, self.config.rounds + 1):
+                a, b = lr.run(streamed, r).metrics.throughput_ips, lr.run(plain, r).metrics.throughput_ips
+                values.append(a / b if b > 0 else None)
+            check(f"img/s {streamed} / {plain} at {lr.level.label}", values, GOALS["streaming_vs_plain"], False)
 
     def to_json(self, include_records: bool = True) -> dict[str, Any]:
         levels = []
@@ -272,53 +288,6 @@ class BenchResult:
         }
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _load1() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib_metadata.version(dist)
-    except importlib_metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def machine_metadata() -> dict[str, Any]:
-    """Where and with what the run happened (nothing here imports torch or ray)."""
-    status = _git("status", "--porcelain")
-    return {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "processor": platform.processor() or None,
-            "python": sys.version.split()[0],
-        },
-        "versions": {
-            d: _version(d) for d in ("darkroom", "torch", "diffusers", "transformers", "ray", "httpx", "fastapi")
-        },
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
-        "argv": sys.argv,
-    }
-
-
 def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
     if spec.url is not None:
         return HttpTarget(
@@ -335,6 +304,8 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
         spec.model,
         max_batch=config.max_batch,
         torch_threads=config.torch_threads,
+        fastest_threads=config.fastest_threads,
+        calibration_body=config.workload.body(0, "warmup"),
         name=spec.name,
         torch_options=config.torch_options,
         step_cache=config.step_cache,
@@ -361,7 +332,7 @@ async def run_level(
     wl = replace(config.workload, loras=config.loras if loras else ())
     target.configure(level)
     await warm_up(target, wl, config.warmup, level.concurrency or 1)
-    started, load = _now(), _load1()
+    started, load = now_iso(), load1()
     sampler = None
     if config.duration_s is not None and config.memory_interval_s > 0 and isinstance(target, HttpTarget):
         sampler = MemorySampler(config.memory_interval_s)
@@ -431,7 +402,7 @@ def _launched_server(config: BenchConfig) -> Any:
 async def arun_benchmark(config: BenchConfig) -> BenchResult:
     from bench.cluster import require_alone
 
-    meta = {**machine_metadata(), "started_at": _now(), "order": ORDER}
+    meta = {**machine_metadata(), "started_at": now_iso(), "order": ORDER}
     if config.in_process:
         # Before anything runs: a cluster alive now would still be alive at the in-process phase.
         await asyncio.to_thread(require_alone, config.ignore_sessions)
@@ -444,7 +415,7 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
     phases: list[dict[str, Any]] = []
     try:
         for round_no, kind in phase_plan(config.rounds, bool(config.served), bool(inproc)):
-            phase: dict[str, Any] = {"round": round_no, "kind": kind, "started_at": _now()}
+            phase: dict[str, Any] = {"round": round_no, "kind": kind, "started_at": now_iso()}
             phases.append(phase)
             if kind == "served":
                 if server is not None:
@@ -478,13 +449,13 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
                 for i, level in enumerate(config.levels):
                     for target in inproc:
                         runs[i][target.name].append(await run_level(target, level, config, round_no, list))
-            phase["finished_at"] = _now()
+            phase["finished_at"] = now_iso()
     finally:
         for target in inproc:
             await target.close()
         if server is not None:
             await asyncio.to_thread(server.stop)
-    meta["finished_at"] = _now()
+    meta["finished_at"] = now_iso()
     base = config.targets[0].name
     levels = []
     for level, by_target in zip(config.levels, runs, strict=True):

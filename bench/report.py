@@ -63,7 +63,8 @@ def summary_markdown(result: BenchResult) -> str:
     ]
     goals = result.goals()
     if goals:
-        lines += ["", "## Goals (issue 14), median (range) over the rounds", "", "| check | value | goal | met |"]
+        heading = "## Goals (issues 12 and 14), median (range) over the rounds"
+        lines += ["", heading, "", "| check | value | goal | met |"]
         lines.append("|---|---|---|---|")
         for g in goals:
             s = g["spread"]
@@ -203,6 +204,10 @@ def _div(a: float, b: float) -> float | None:
 def _describe(info: dict[str, Any]) -> str:
     if info.get("url"):
         return info["url"]
+    by_batch = info.get("threads_by_batch")
+    if by_batch:  # JSON keys are strings once the report is written
+        picks = ", ".join(f"batch {b}: {v['threads']}" for b, v in sorted(by_batch.items(), key=lambda kv: int(kv[0])))
+        return f"{info.get('kind')}, the fastest torch threads per batch ({picks})"
     threads = info.get("torch_threads")
     return f"{info.get('kind')}, {threads} torch thread(s)" if threads else str(info.get("kind"))
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.api.limits import RateLimits
 from serve.api.policy import PromptPolicy
-from serve.api.schemas import Limits
+from serve.api.request_limits import Limits
 
 # Every field of Ray Serve 2.60's ``ray.serve.config.AutoscalingConfig``. Ray's model silently
 # drops keys it does not know, so a typo such as ``min_replica: 0`` would deploy with Ray's

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -25,7 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from serve.api.policy import OPEN_PATHS, OPEN_PREFIXES, api_key_ok, bearer_key
+from serve.api.middleware import ObserveMiddleware
+from serve.api.policy import bearer_key
 from serve.api.responses import ImagesResponse
 from serve.api.schemas import ImageGenerationRequest
 from serve.api.service import ImageService
@@ -42,7 +42,6 @@ from serve.errors import (
     RequestTimeoutError,
     StorageError,
 )
-from serve.request_context import HEADER, bound, new_request_id, request_id_from
 from serve.storage import guess_content_type
 
 logger = logging.getLogger(__name__)
@@ -169,19 +168,17 @@ def rejection_reason(exc: DarkroomError) -> str | None:
     return None
 
 
-GENERATION_PATHS = ("/v1/images/generations", "/v1/images/jobs")
-
-
 def _caller(service: ImageService, request: Request) -> str | None:
-    """Whose limits apply: the API key (checked by _auth); without configured keys, everyone's
-    (one shared identity: a made-up bearer token must not buy a fresh bucket)."""
+    """Whose limits apply: the API key (checked by the middleware); without configured keys,
+    everyone's (one shared identity: a made-up bearer token must not buy a fresh bucket)."""
     return bearer_key(request.headers.get("authorization")) if service.config.api_keys else None
 
 
-def _route_path(request: Request) -> str:
-    """The route path without the app's prefix (Serve mounts apps under a root_path)."""
-    path, root = request.scope["path"], request.scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+def _unauthorized(_service: ImageService) -> JSONResponse:
+    err = AuthenticationError("missing or invalid API key: send 'Authorization: Bearer <key>'")
+    response = _darkroom_error_response(err)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def install_routes(
@@ -195,57 +192,13 @@ def install_routes(
     is, and do not add the header a second time.
     """
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        service = get_service()
-        keys = service.config.api_keys
-        route_path = _route_path(request)
-        if keys and not (route_path in OPEN_PATHS or route_path.startswith(OPEN_PREFIXES)):
-            if not api_key_ok(request.headers.get("authorization"), keys):
-                err = AuthenticationError("missing or invalid API key: send 'Authorization: Bearer <key>'")
-                service.metrics.inc("darkroom_rejected_total", reason="unauthenticated")
-                response = _darkroom_error_response(err)
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
-        return await call_next(request)
-
-    inflight = 0
-
-    # Added after _auth, so it runs first (outermost): 401s get the header and count too.
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        nonlocal inflight
-        service = get_service()
-        service.start_background()  # the job sweeper, on the serving event loop
-        sent = request.headers.get(HEADER)
-        if behind_serve_proxy:
-            request_id = sent or new_request_id()
-        else:
-            request_id = request_id_from(sent)
-        generation = request.method == "POST" and _route_path(request) in GENERATION_PATHS
-        t0 = time.perf_counter()
-        inflight += 1
-        service.metrics.set("darkroom_queue_length", inflight)
-        try:
-            with bound(request_id):
-                response = await call_next(request)
-        finally:
-            inflight -= 1
-            service.metrics.set("darkroom_queue_length", inflight)
-        elapsed = time.perf_counter() - t0
-        service.metrics.inc("darkroom_requests_total", status=str(response.status_code))
-        if generation:
-            outcome = "ok" if response.status_code < 400 else "error"
-            service.metrics.observe("darkroom_request_latency_seconds", elapsed, outcome=outcome)
-        # One access line per request (probes at DEBUG: an orchestrator sends them every few seconds).
-        level = logging.DEBUG if _route_path(request) in OPEN_PATHS else logging.INFO
-        with bound(request_id):
-            logger.log(
-                level, "%s %s -> %d in %.0f ms", request.method, request.url.path, response.status_code, elapsed * 1e3
-            )
-        if not behind_serve_proxy:
-            response.headers[HEADER] = request_id
-        return response
+    # One plain-ASGI middleware (serve/api/middleware.py): keys, request ids, metrics, access log.
+    app.add_middleware(
+        ObserveMiddleware,
+        get_service=get_service,
+        unauthorized=_unauthorized,
+        behind_serve_proxy=behind_serve_proxy,
+    )
 
     @app.exception_handler(DarkroomError)
     async def _darkroom_error(_: Request, exc: DarkroomError) -> JSONResponse:

@@ -10,9 +10,7 @@ OpenAI's ``{"error": {...}}`` body with ``param`` set.
 
 from __future__ import annotations
 
-import difflib
 import json
-import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -30,58 +28,13 @@ from pydantic import (
     model_validator,
 )
 
+from serve.api.request_limits import DEFAULT_LIMITS, OPENAI_MAX_N, Limits, parse_size, split_size
+from serve.api.validation import invalid_request_from as _invalid_request_from
+from serve.api.validation import json_type as _json_type
 from serve.errors import InvalidRequestError
 from serve.lora.catalog import MAX_LORAS, MAX_SCALE
 from serve.lora.files import check_name
 from serve.params import MAX_SEED, SCHEDULER_NAMES, GenerationParams, random_seed
-
-#: The most images OpenAI's API lets one request ask for.
-OPENAI_MAX_N = 10
-
-
-class Limits(BaseModel):
-    """Operator-set bounds on what one request may ask for (cost control, not model capability).
-
-    Defaults allow up to 2048x2048 (4 MP): a 2048x2048 SD image is a 256x256 latent, about 16x
-    the attention cost of 512x512, which is already minutes of a GPU at 150 steps.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_side: int = Field(2048, ge=8, description="Largest width or height in pixels a request may ask for.")
-    max_pixels: int = Field(
-        2048 * 2048,
-        ge=64,
-        description="Largest width*height in pixels (4 MP by default) a request may ask for.",
-    )
-    min_side: int = Field(8, ge=8, description="Smallest width or height in pixels a request may ask for.")
-    max_prompt_chars: int = Field(
-        2000,
-        ge=1,
-        description="Longest prompt or negative prompt, in characters (CLIP truncates at 77 tokens).",
-    )
-    max_n: int = Field(
-        OPENAI_MAX_N,
-        ge=1,
-        description="Most images one request may ask for (`n`); OpenAI's API allows 10, a lower value is "
-        "this server's own limit (and its 400 says so).",
-    )
-    max_steps: int = Field(150, ge=1, description="Most denoising steps (`num_inference_steps`) a request may ask for.")
-    max_guidance: float = Field(
-        30.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="Largest classifier-free guidance scale a request may ask for.",
-    )
-
-    @model_validator(mode="after")
-    def _check_consistent(self) -> Limits:
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
-        return self
-
-
-DEFAULT_LIMITS = Limits()
 
 # ``quality`` -> a share of the model's default step count, when the request sets no
 # ``num_inference_steps`` (which wins). OpenAI's GPT-image values are low/medium/high, DALL-E 3's
@@ -108,9 +61,6 @@ _NULL_MEANS_DEFAULT = (
     "guidance_scale",
     "true_cfg_scale",
 )
-# [0-9] and fullmatch, not \d and $: \d also matches e.g. Arabic-Indic digits, and $ matches
-# before a trailing newline, so r"^\d+x\d+$" would accept "64x64\n".
-_SIZE_RE = re.compile(r"([0-9]+)x([0-9]+)")
 
 
 def _limits_from(info: ValidationInfo) -> Limits:
@@ -124,40 +74,6 @@ def _reject_nul(value: str | None) -> None:
     # NUL bytes truncate strings in C libraries (tokenizers, PNG text chunks, S3 metadata).
     if value is not None and "\x00" in value:
         raise ValueError("must not contain NUL characters")
-
-
-def _split_size(value: str, field: str) -> tuple[str, str]:
-    match = _SIZE_RE.fullmatch(value)
-    if match is None:
-        raise InvalidRequestError(field, value, "must be 'WIDTHxHEIGHT' in pixels, e.g. '512x512'")
-    return match[1], match[2]
-
-
-def parse_size(value: str, limits: Limits, field: str = "size") -> tuple[int, int]:
-    """Parse ``"WxH"`` into ``(width, height)`` and check it against ``limits``.
-
-    Each side must be a multiple of 8 because the VAE works on a latent 8x smaller: a 100-pixel
-    side has no whole latent size. Public because the CLI parses ``--size`` the same way.
-    """
-    if not isinstance(value, str):
-        raise InvalidRequestError(field, value, "must be a string 'WIDTHxHEIGHT', e.g. '512x512'")
-    sides = []
-    for name, digits in zip(("width", "height"), _split_size(value, field), strict=True):
-        # Count digits before int(): a 5000-digit side would trip Python's int-parsing limit.
-        side = int(digits) if len(digits) <= 18 else None
-        if side is not None and side < limits.min_side:
-            raise InvalidRequestError(field, value, f"{name} must be at least {limits.min_side}")
-        if side is None or side > limits.max_side:
-            raise InvalidRequestError(field, value, f"{name} must be at most {limits.max_side}")
-        if side % 8:
-            raise InvalidRequestError(field, value, f"{name} must be a multiple of 8")
-        sides.append(side)
-    width, height = sides
-    if width * height > limits.max_pixels:
-        raise InvalidRequestError(
-            field, value, f"width*height must be at most {limits.max_pixels} pixels, is {width * height}"
-        )
-    return width, height
 
 
 class LoraChoice(BaseModel):
@@ -426,7 +342,7 @@ class ImageGenerationRequest(BaseModel):
             self.check_limits(limits)
         if self.size is not None:
             # Already checked against the limits it was validated with; only split it here.
-            width, height = (int(side) for side in _split_size(self.size, "size"))
+            width, height = (int(side) for side in split_size(self.size, "size"))
         else:
             width, height = default_size
             if limits is not None:
@@ -473,78 +389,10 @@ class ImageGenerationRequest(BaseModel):
         )
 
 
-def _json_type(value: Any) -> str:
-    """How a JSON client would name the type it sent, for "must be X, not Y" messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
-def _reason(error: Mapping[str, Any]) -> str:
-    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
-    if kind == "missing":
-        return "field required"
-    if kind == "extra_forbidden":
-        field = str(error["loc"][-1]) if error["loc"] else ""
-        close = difflib.get_close_matches(field, list(ImageGenerationRequest.model_fields), n=1)
-        return f"unknown field (did you mean '{close[0]}'?)" if close else "unknown field"
-    if kind == "int_type":
-        return f"must be an integer, not {_json_type(value)}"
-    if kind == "float_type":
-        return f"must be a number, not {_json_type(value)}"
-    if kind == "string_type":
-        return f"must be a string, not {_json_type(value)}"
-    if kind == "finite_number":
-        return "must be a finite number"
-    if kind == "greater_than_equal":
-        return f"must be at least {ctx['ge']}"
-    if kind == "less_than_equal":
-        return f"must be at most {ctx['le']}"
-    if kind == "too_long":
-        return f"at most {ctx.get('max_length')} items"
-    if kind == "literal_error":
-        return f"must be {ctx['expected']}"
-    if kind == "value_error" and "error" in ctx:
-        cause = ctx["error"]
-        return cause.reason if isinstance(cause, InvalidRequestError) else str(cause)
-    message = str(error.get("msg", "is invalid"))
-    return message[:1].lower() + message[1:]
-
-
-def _dotted(loc: Any) -> str:
-    """``("loras", 0, "scale")`` -> ``loras[0].scale``: list items as JSON paths name them."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def invalid_request_from(exc: ValidationError) -> InvalidRequestError:
-    """One ``InvalidRequestError`` for a pydantic ``ValidationError``: its first error.
-
-    Unknown fields are reported first: for ``{"promt": "a cat"}`` the useful message is
-    "promt: unknown field (did you mean 'prompt'?)", not the "prompt: field required" it causes.
-    """
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    first = errors[0]
-    cause = (first.get("ctx") or {}).get("error")
-    if isinstance(cause, InvalidRequestError) and not first["loc"]:
-        return cause  # a check across fields (model validator) names its own field
-    field = _dotted(first["loc"]) or "body"
-    value = None if first["type"] == "missing" else first.get("input")
-    return InvalidRequestError(field, value, _reason(first))
+    """One ``InvalidRequestError`` for a request's ``ValidationError`` (serve/api/validation.py),
+    with "did you mean" among the request's fields."""
+    return _invalid_request_from(exc, ImageGenerationRequest.model_fields)
 
 
 def _load_json(raw: str | bytes | bytearray | memoryview) -> Any:

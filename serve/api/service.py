@@ -8,7 +8,6 @@ handling serves the split Ray app, the monolithic baseline and unit tests.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import logging
@@ -25,11 +24,11 @@ from serve.api.jobs import JobManager
 from serve.api.leases import LeasePolicy
 from serve.api.limits import KeyLimiter, RateLimits
 from serve.api.policy import PromptPolicy
+from serve.api.results import from_records, image_metadata, image_records, lora_list, render_body
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
-from serve.api.streaming import COMPLETED, ERROR, PARTIAL, Developed, StreamContext, error_payload, sse
+from serve.api.streaming import Developed, StreamContext, generation_events
 from serve.errors import (
     ContentPolicyError,
-    DarkroomError,
     ImagesWithheldError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -82,38 +81,6 @@ class ServiceConfig:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
-
-
-def lora_list(loras: tuple[tuple[str, float], ...]) -> list[dict[str, Any]]:
-    """``(("ink", 0.8),)`` -> ``[{"name": "ink", "scale": 0.8}]``: as the request sends them."""
-    return [{"name": n, "scale": s} for n, s in loras]
-
-
-def withheld_error(index: int) -> dict[str, Any]:
-    """What the response says about an image the safety check withheld (OpenAI's moderation shape)."""
-    return {
-        "index": index,
-        "error": {
-            "message": f"image {index} was withheld: the image safety check flagged it",
-            "type": "image_generation_user_error",
-            "param": None,
-            "code": "moderation_blocked",
-        },
-    }
-
-
-def image_records(images: list[DecodedImage]) -> list[dict[str, Any]]:
-    """Images as a job or idempotency record keeps them (in order: a withheld one keeps its place)."""
-    return [{"withheld": True} if im.withheld else {"key": im.key, "content_type": im.content_type} for im in images]
-
-
-def from_records(records: list[dict[str, Any]]) -> list[DecodedImage]:
-    return [
-        DecodedImage("", "", None, withheld=True)
-        if im.get("withheld")
-        else DecodedImage(im["key"], im["content_type"], None)
-        for im in records
-    ]
 
 
 class ImageService:
@@ -377,58 +344,20 @@ class ImageService:
     ):
         ctx = self.stream_context(request, params)
         deadline = asyncio.get_running_loop().time() + self.config.request_timeout_s
+        as_url = request.response_format == "url"
         try:
             async with contextlib.aclosing(self.develop(request, params, request.partial_images or 0, deadline)) as it:
-                async for item in it:
-                    if isinstance(item, Developed):
-                        self._count_images(item.images)
-                        if item.images and all(im.withheld for im in item.images):
-                            n = len(item.images)
-                            raise ImagesWithheldError(
-                                f"all {n} image(s) were withheld: the image safety check flagged them"
-                            )
-                        for index, image in enumerate(item.images):
-                            if image.withheld:  # its index is missing from the completed events
-                                continue
-                            url = self.url_for(image.key, base_url) if request.response_format == "url" else None
-                            yield sse(COMPLETED, ctx.completed(image.data or b"", index, url))
-                    elif item.preview is not None:
-                        for payload in ctx.partials(item.preview, item.partial_index or 0):
-                            yield sse(PARTIAL, payload)
-        except DarkroomError as exc:
-            # Headers (200) are gone: the error is an event, in OpenAI's error shape.
-            logger.warning("stream failed: %s: %s", type(exc).__name__, exc.message)
-            yield sse(ERROR, error_payload(exc.message, exc.error_type, getattr(exc, "field", None), exc.code))
-        except Exception:
-            logger.exception("stream failed")
-            yield sse(ERROR, error_payload("internal server error", "server_error", None, None))
+                events = generation_events(
+                    it, ctx, lambda key: self.url_for(key, base_url) if as_url else None, self._count_images
+                )
+                async for chunk in events:
+                    yield chunk
         finally:
             self.limiter.release(api_key, params.n)
 
     def metadata(self, params: GenerationParams, timings_ms: dict[str, float]) -> dict[str, Any]:
         """What is stored beside each image (its index is added per image)."""
-        meta = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
-            "seed": params.seed,
-            "n": params.n,
-            "num_inference_steps": params.num_inference_steps,
-            "guidance_scale": params.guidance_scale,
-            "scheduler": self.family.scheduler_label(params.scheduler),
-            "size": f"{params.width}x{params.height}",
-            "model": self.config.model_name,
-            "family": self.info.family,
-            "output_format": params.output_format,
-            "timings_ms": timings_ms,
-            "created": int(time.time()),
-        }
-        if params.output_compression is not None:
-            meta["output_compression"] = params.output_compression
-        if params.user is not None:
-            meta["user"] = params.user  # OpenAI's end-user id: recorded for abuse tracking
-        if params.loras:
-            meta["loras"] = lora_list(params.loras)
-        return meta
+        return image_metadata(params, self.family, self.config.model_name, timings_ms)
 
     async def generate(
         self, body: Any, base_url: str, idempotency_key: str | None = None, api_key: str | None = None
@@ -497,26 +426,16 @@ class ImageService:
         base_url: str,
         timings: dict[str, float],
     ) -> dict[str, Any]:
-        data, withheld = [], []
-        # Each image carries what reproduces it: the request's seed and its index in the batch of
-        # n (image i of seed s and n is image i when sent again with s and n). Fields Darkroom does
-        # not fill (OpenAI's revised_prompt) are absent, never null; so is ``withheld`` when the
-        # safety check withheld nothing.
-        for index, image in enumerate(images):
-            if image.withheld:
-                withheld.append(withheld_error(index))
-                continue
-            item: dict[str, Any] = {"seed": seed, "index": index}
-            if response_format == "b64_json":
-                raw = image.data if image.data is not None else self.store.get_bytes(image.key)
-                item["b64_json"] = base64.b64encode(raw).decode("ascii")
-            else:
-                item["url"] = self.url_for(image.key, base_url)
-            data.append(item)
-        out: dict[str, Any] = {"created": created, "data": data, "timings": timings}
-        if withheld:
-            out["withheld"] = withheld
-        return out
+        """The response body of stored images (blocking: b64_json may read them back)."""
+        return render_body(
+            created,
+            seed,
+            images,
+            response_format,
+            lambda key: self.url_for(key, base_url),
+            self.store.get_bytes,
+            timings,
+        )
 
     def url_for(self, key: str, base_url: str) -> str:
         if isinstance(self.store, LocalStore):

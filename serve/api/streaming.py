@@ -33,14 +33,19 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from serve.errors import DarkroomError, ImagesWithheldError
 from serve.imageio import encode_image
 from serve.stages.messages import DecodedImage
+
+logger = logging.getLogger(__name__)
 
 PARTIAL = "image_generation.partial_image"
 COMPLETED = "image_generation.completed"
@@ -155,6 +160,39 @@ class StreamContext:
         return event
 
 
+async def generation_events(
+    items: AsyncIterator[Any],
+    ctx: StreamContext,
+    url_for: Callable[[str], str | None],
+    count_images: Callable[[list[DecodedImage]], None],
+) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed generation from ``ImageService.develop``'s items: partial images,
+    then one completed event per image (``url_for(key)``: its url, or None for b64_json only).
+    ``count_images`` counts the final images (returned, withheld). A failure after the headers
+    went out becomes an ``error`` event in OpenAI's error shape."""
+    try:
+        async for item in items:
+            if isinstance(item, Developed):
+                count_images(item.images)
+                if item.images and all(im.withheld for im in item.images):
+                    n = len(item.images)
+                    raise ImagesWithheldError(f"all {n} image(s) were withheld: the image safety check flagged them")
+                for index, image in enumerate(item.images):
+                    if image.withheld:  # its index is missing from the completed events
+                        continue
+                    yield sse(COMPLETED, ctx.completed(image.data or b"", index, url_for(image.key)))
+            elif item.preview is not None:
+                for payload in ctx.partials(item.preview, item.partial_index or 0):
+                    yield sse(PARTIAL, payload)
+    except DarkroomError as exc:
+        # Headers (200) are gone: the error is an event, in OpenAI's error shape.
+        logger.warning("stream failed: %s: %s", type(exc).__name__, exc.message)
+        yield sse(ERROR, error_payload(exc.message, exc.error_type, getattr(exc, "field", None), exc.code))
+    except Exception:
+        logger.exception("stream failed")
+        yield sse(ERROR, error_payload("internal server error", "server_error", None, None))
+
+
 def error_payload(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
     """OpenAI's error object, as an ``error`` event's data (the official client raises on it)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -188,6 +226,7 @@ __all__ = [
     "Developed",
     "StreamContext",
     "error_payload",
+    "generation_events",
     "progress_payload",
     "sse",
     "sse_comment",

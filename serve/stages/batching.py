@@ -105,7 +105,8 @@ class BatchQueue(Generic[T, R]):
     ``fn`` takes a list of items and returns one result per item, in order; it runs in
     ``executor`` (None: asyncio's default pool), one batch at a time. If it raises, every item of
     that batch gets the exception. An item whose caller is cancelled before its batch starts
-    never runs.
+    never runs. ``report(waiting, running)``, when given, hears every change of the items queued
+    and in the running batch (the colocated replica's queue-length and in-flight gauges).
     """
 
     def __init__(
@@ -115,8 +116,11 @@ class BatchQueue(Generic[T, R]):
         *,
         executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        report: Callable[[int, int], None] | None = None,
     ) -> None:
         self.fn = fn
+        self.report = report
+        self.running = 0  # items in the batch being computed
         self.policy = policy
         self.executor = executor
         self.clock = clock
@@ -137,10 +141,15 @@ class BatchQueue(Generic[T, R]):
             self._wakeup = asyncio.Event()
         entry = _Item(item, loop.create_future(), self.clock())
         self._queue.append(entry)
+        self._report()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         self._wakeup.set()
         return await entry.future
+
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report(len(self._queue), self.running)
 
     def _take(self, count: int) -> list[_Item[T]]:
         batch: list[_Item[T]] = []
@@ -175,11 +184,15 @@ class BatchQueue(Generic[T, R]):
                 continue
             self.batches += 1
             self.last_batch_size = len(batch)
+            self.running = len(batch)
+            self._report()
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [e.value for e in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             except Exception as exc:  # the batch fails; the queue carries on
+                self.running = 0
+                self._report()
                 logger.exception("batch of %d failed", len(batch))
                 for entry in batch:
                     if not entry.future.done():
@@ -188,6 +201,8 @@ class BatchQueue(Generic[T, R]):
             for entry, result in zip(batch, results, strict=True):
                 if not entry.future.done():
                     entry.future.set_result(result)
+            self.running = 0
+            self._report()
 
 
 __all__ = ["BatchPolicy", "BatchQueue", "ModelThread", "batch_to_start"]

@@ -54,6 +54,16 @@ class ColocatedOptions:
     lora_batching: str = "mixed"  # AppConfig.lora_batching (serve/lora/policy.py)
 
 
+def _gauges(metrics: Metrics) -> Callable[[int, int], None]:
+    """A batch queue's report -> the stage's queue-length and in-flight gauges."""
+
+    def report(waiting: int, running: int) -> None:
+        metrics.set("darkroom_queue_length", waiting)
+        metrics.set("darkroom_inflight_requests", running)
+
+    return report
+
+
 class ColocatedStages:
     """A ``StageClient`` over stages loaded by ``load()`` (run in the model thread, in the background)."""
 
@@ -104,8 +114,15 @@ class ColocatedStages:
             opts = self.options
             text_encoder.metrics = for_stage(self.metrics, "TextEncoder")
             decoder.metrics = for_stage(self.metrics, "Decoder")
-            self._encode_queue = BatchQueue(text_encoder.encode_requests, opts.text_batch, executor=self.model_thread)
-            self._vae_queue = BatchQueue(self._vae, opts.decode_batch, executor=self.model_thread)
+            self._encode_queue = BatchQueue(
+                text_encoder.encode_requests,
+                opts.text_batch,
+                executor=self.model_thread,
+                report=_gauges(text_encoder.metrics),
+            )
+            self._vae_queue = BatchQueue(
+                self._vae, opts.decode_batch, executor=self.model_thread, report=_gauges(decoder.metrics)
+            )
             self._denoise_loop = ContinuousDenoiser(
                 denoiser,
                 max_requests=opts.max_requests,

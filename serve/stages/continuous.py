@@ -42,6 +42,16 @@ class _Entry:
     compute_s: float = 0.0  # wall time of the steps this request took part in
     batch_max: int = 0  # most requests it shared a step with
     lora: dict[str, float] | None = None  # adapter-cache hits/misses of its admission
+    admitted: bool = False  # taken into the running batch (its state steps in the worker thread)
+    # Unpins its adapters: called once, when it is out of the batch (``leave``). A cancelled
+    # request keeps them pinned until the step that uses them has finished, so an eviction for
+    # another request's load never pulls an adapter out from under a running step.
+    release: Callable[[], None] | None = None
+
+    def leave(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
     def cancel(self, steps: int) -> None:
         if not self.cancelled:
@@ -59,6 +69,7 @@ class _Entry:
             self.future.set_exception(outcome)
         else:
             self.future.set_result(outcome)
+        self.leave()
 
 
 class ContinuousDenoiser:
@@ -128,12 +139,20 @@ class ContinuousDenoiser:
             loading.add_done_callback(lambda f: f.exception() is None and f.result()[0].close())
             raise
 
+    @staticmethod
+    def _unpin_when_out(entry: _Entry, pins: contextlib.ExitStack) -> None:
+        """The request's adapters are unpinned now if it is out of the batch (done, or never
+        admitted), else by the loop when it drops it after the running step (``_Entry.leave``)."""
+        entry.release = pins.close
+        if entry.finished or not entry.admitted:
+            entry.leave()
+
     async def submit(self, job: DenoiseJob) -> StageResult:
         """Denoise one job; its latents come back when its own steps are done."""
         self.denoiser.validate(job)  # a bad job fails alone, before it joins anything
         pins, lora = await self._load_loras(job)
+        entry = _Entry(job, future=asyncio.get_running_loop().create_future(), lora=lora)
         try:
-            entry = _Entry(job, future=asyncio.get_running_loop().create_future(), lora=lora)
             self._enqueue(entry)
             try:
                 return await asyncio.shield(entry.future)
@@ -141,7 +160,7 @@ class ContinuousDenoiser:
                 entry.cancel(self.steps)  # the loop drops it before the next step
                 raise
         finally:
-            pins.close()
+            self._unpin_when_out(entry, pins)
 
     def _pin_loras(self, job: DenoiseJob) -> tuple[contextlib.ExitStack, dict[str, float] | None]:
         stack = contextlib.ExitStack()
@@ -161,8 +180,8 @@ class ContinuousDenoiser:
         Closing the iterator early (the client left) takes the job out before the next step."""
         self.denoiser.validate(job)
         pins, lora = await self._load_loras(job)
+        entry = _Entry(job, channel=EventChannel(asyncio.get_running_loop()), lora=lora)
         try:
-            entry = _Entry(job, channel=EventChannel(asyncio.get_running_loop()), lora=lora)
             self._enqueue(entry)
             try:
                 async for item in entry.channel:
@@ -171,7 +190,7 @@ class ContinuousDenoiser:
                 if not entry.finished:
                     entry.cancel(self.steps)
         finally:
-            pins.close()
+            self._unpin_when_out(entry, pins)
 
     def _admit(self, active: list[_Entry]) -> list[_Entry]:
         if self.lora_batching == "one_group":
@@ -179,17 +198,25 @@ class ContinuousDenoiser:
         new = []
         while self._pending and len(active) + len(new) < self.max_requests:
             entry = self._pending.popleft()
-            if not entry.cancelled:
+            if entry.cancelled:
+                entry.leave()
+            else:
+                entry.admitted = True
                 new.append(entry)
         return new
 
     def _admit_one_group(self, active: list[_Entry]) -> list[_Entry]:
         from serve.lora.policy import adapter_set, one_group_admission
 
+        for entry in self._pending:
+            if entry.cancelled:
+                entry.leave()
         pending = [e for e in self._pending if not e.cancelled]
         keys = [adapter_set(e.job.loras) for e in pending]
         chosen = one_group_admission(keys, [adapter_set(e.job.loras) for e in active], self.max_requests - len(active))
         new = [pending[i] for i in chosen]
+        for entry in new:
+            entry.admitted = True
         self._pending = deque(e for e in pending if e not in new)
         return new
 

@@ -213,7 +213,7 @@ def test_launched_target_alternates_with_the_baseline_and_is_stopped_between(mon
 
     paths = write_report(result, tmp_path / "report")
     summary = paths["summary"].read_text()
-    assert "## Goals (issue 14)" in summary and "| p50 served / in-process at c=1 |" in summary
+    assert "## Goals (issues 12 and 14)" in summary and "| p50 served / in-process at c=1 |" in summary
     assert "| c=2 | in-process | 2 | 3/3 |" in summary  # every round's run, in its own row
     assert "phases: 1:served, 1:in-process, 2:served, 2:in-process" in summary
     import json
@@ -302,6 +302,30 @@ def test_open_loop_goals_compare_latency():
     assert at4["spread"]["values"] == pytest.approx((200 / 900,)) and at4["every_round_met"]
 
 
+def test_compare_stream_checks_issue_12s_streaming_throughput():
+    """--compare-stream: the streamed run's img/s over the plain run's, at least 0.9 (issue 12),
+    instead of "the first target at least the compared one"."""
+    from bench.core import BenchResult, LevelResult, TargetRun
+
+    def run(name, level, round_no, count):
+        m = compute_metrics([rec(i, 100) for i in range(count)], 1.0, None)
+        return TargetRun(name, level, "t", m, [], None, round_no)
+
+    c16 = Level("closed", 16)
+    runs = {"plain": [run("plain", c16, r, 20) for r in (1, 2, 3)]}
+    runs["plain streaming"] = [run("plain streaming", c16, r, n) for r, n in ((1, 19), (2, 16), (3, 18))]
+    config = BenchConfig(
+        targets=(TargetSpec("plain", url="u"), TargetSpec("plain streaming", url="u", stream=True, partial_images=3)),
+        levels=(c16,),
+        rounds=3,
+    )
+    goals = BenchResult(config, {}, {}, [LevelResult(c16, runs, {})]).goals()
+    assert [g["check"] for g in goals] == ["img/s plain streaming / plain at c=16"]
+    (g,) = goals
+    assert g["goal"] == ">= 0.9" and g["spread"]["values"] == pytest.approx((0.95, 0.80, 0.90))
+    assert g["median_met"] and not g["every_round_met"]  # median 0.90; round 2 missed it
+
+
 # -- --serve: URLs and the baseline's size come from the config -------------------------------------------
 
 
@@ -327,10 +351,11 @@ def test_serve_config_gives_the_url_threads_and_batch():
 
     cores = len(os.sched_getaffinity(0))
     assert split.torch_threads == min(3, cores)  # three model replicas of 1 thread, at most the cores
+    assert split.fastest_threads  # ... as the most it may try: it keeps the fastest count up to that
     explicit = config_from_args(
         _args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--torch-threads", "2")
     )
-    assert explicit.torch_threads == 2
+    assert explicit.torch_threads == 2 and not explicit.fastest_threads  # asked for: exactly that
 
 
 @pytest.mark.parametrize(

@@ -55,8 +55,10 @@ def test_batch_queue_gathers_arrivals_during_a_batch_and_drops_cancelled():
             raise ValueError("bad item")
         return [i * 10 for i in items]
 
+    reports: list[tuple[int, int]] = []
+
     async def main():
-        q = BatchQueue(fn, BatchPolicy(4))
+        q = BatchQueue(fn, BatchPolicy(4), report=lambda waiting, running: reports.append((waiting, running)))
         first = asyncio.create_task(q.submit(0))
         while not calls:
             await asyncio.sleep(0.001)
@@ -75,6 +77,8 @@ def test_batch_queue_gathers_arrivals_during_a_batch_and_drops_cancelled():
     # Arrivals during the first batch rode the next ones, at most 4 per call; 6 never ran.
     assert calls[:3] == [[0], [1, 2, 3, 4], [5]] and all(6 not in c for c in calls)
     assert q.batches == 4
+    # The gauges' feed: 6 waiting behind the first batch of 1, then batches of 4 and 1; idle at the end.
+    assert (6, 1) in reports and (2, 4) in reports and reports[-1] == (0, 0)
 
 
 def test_model_thread_counts_waiting_calls():
@@ -258,6 +262,12 @@ def test_colocated_decode_checks_keys_once_and_records_each_stage(tiny_model, pa
     assert metrics.value("darkroom_denoise_steps_total", stage="Denoiser") >= 3
     assert metrics.value("darkroom_prompt_cache_total", stage="TextEncoder", result="miss") >= 1
     assert metrics.value("darkroom_denoise_steps_total", stage="Ingress") == 0  # nothing under the wrong stage
+    # Every stage's own queue feeds its gauges (idle again now).
+    for stage in ("TextEncoder", "Decoder"):
+        assert metrics.value("darkroom_queue_length", stage=stage) == 0
+        assert metrics.value("darkroom_inflight_requests", stage=stage) == 0
+    set_series = {key for key in metrics._values if key[0] in ("darkroom_queue_length", "darkroom_inflight_requests")}
+    assert {dict(labels)["stage"] for _, labels in set_series} >= {"TextEncoder", "Decoder", "Denoiser"}
     stages.close()
 
 

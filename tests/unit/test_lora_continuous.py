@@ -155,3 +155,49 @@ def test_a_slow_adapter_load_never_blocks_steps_of_other_requests(tiny_model, pa
     assert done_plain.batch_size == 1  # the styled request had not joined: it was still loading
     np.testing.assert_allclose(done_plain.value, reference.denoise([plain])[0], atol=1e-4)
     np.testing.assert_allclose(done_styled.value, reference.denoise([styled])[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_cancelled_request_keeps_its_adapters_pinned_until_its_running_step_ends(parts, monkeypatch, streamed):
+    """A client that leaves mid-step (plain call cancelled, or stream closed) must not unpin its
+    adapters while the step that uses them still runs: an eviction for another request's load
+    would pull them out from under it. They are unpinned when the loop drops the request."""
+    encoder, denoiser = parts
+    cache = denoiser.lora.cache
+    in_step, go = threading.Event(), threading.Event()
+    real_step, calls = denoiser.step, []
+
+    def gated_step(states):
+        calls.append(len(states))
+        if len(calls) == 2:  # the second step: hold it while the client leaves
+            in_step.set()
+            assert go.wait(timeout=60), "the test never let the step finish"
+        return real_step(states)
+
+    monkeypatch.setattr(denoiser, "step", gated_step)
+    loop = ContinuousDenoiser(denoiser, max_requests=8)
+    styled = job(encoder, 60, (("oil", 1.0),), steps=6)
+
+    async def consume():
+        if not streamed:
+            return await loop.submit(styled)
+        async for _ in loop.stream(styled):
+            pass
+
+    async def main():
+        task = asyncio.ensure_future(consume())
+        assert await asyncio.to_thread(in_step.wait, 30), "the second step never started"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        pinned_during_step = cache._pins.get("oil", 0)
+        go.set()
+        for _ in range(3000):  # the loop drops it after the held step (bounded: ~30 s at most)
+            if cache._pins.get("oil", 0) == 0:
+                break
+            await asyncio.sleep(0.01)
+        return pinned_during_step, cache._pins.get("oil", 0)
+
+    during, after = asyncio.run(main())
+    assert during == 1 and after == 0
+    assert loop.in_flight == 0 and len(calls) == 2  # dropped before a third step
