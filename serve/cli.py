@@ -284,6 +284,7 @@ _TRAIN_FLAGS = {
     "unet_foreground_weight": "--unet-foreground-weight",
     "unet_text_time_embedding": "--unet-text-time-embedding",
     "timestep_sampling": "--timestep-sampling",
+    "unet_channels": "--unet-channels",
     "checkpoint_every": "--checkpoint-every",
 }
 
@@ -516,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="add a pooled caption embedding to the UNet's timestep embedding (default off)",
+    )
+    train.add_argument(
+        "--unet-channels",
+        type=lambda text: tuple(int(c) for c in text.split(",")),
+        default=None,
+        help="UNet channels at 16x16,8x8,4x4 latent pixels (default 32,64,64)",
     )
     train.add_argument(
         "--timestep-sampling", default=None, help="uniform (default) or high: more training steps at high noise"

@@ -51,6 +51,8 @@ class ModelInfo:
     latent_channels: int  # the VAE's latent channels
     native_size: tuple[int, int]  # (width, height)
     marker: dict[str, Any] = field(default_factory=dict, repr=False)  # darkroom_tiny.json, if any
+    #: The guidance a request gets when it names none, where the model says (darkroom_demo.json).
+    default_guidance: float | None = None
 
     def latent_shape(self, n: int, width: int, height: int) -> tuple[int, int, int, int]:
         """Latents of ``n`` images, e.g. 512x512 at factor 8 -> (n, 4, 64, 64)."""
@@ -154,10 +156,17 @@ def read_model_info(source: str | Path, family: str | None = None) -> ModelInfo:
         latent_channels=int(vae.get("latent_channels", 4)),
         native_size=(0, 0),
         marker=marker,
+        default_guidance=_demo_guidance(path),
     )
     native = marker.get("native_size")
     size = tuple(native) if native else cls.native_size(info)
     return replace(info, native_size=(int(size[0]), int(size[1])))
+
+
+def _demo_guidance(path: Path) -> float | None:
+    demo = path / "darkroom_demo.json"
+    guidance = _read_json(demo).get("default_guidance") if demo.is_file() else None
+    return float(guidance) if guidance is not None else None
 
 
 #: Names of the tiny random-weight models (made once into the cache folder): name -> (family, variant).

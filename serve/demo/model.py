@@ -114,11 +114,14 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     )
 
 
-def build_unet(text_time_embedding: bool = False) -> UNet2DConditionModel:
+def build_unet(
+    text_time_embedding: bool = False, channels: tuple[int, int, int] = (32, 64, 64)
+) -> UNet2DConditionModel:
     """``text_time_embedding``: also add a pooled caption embedding to the timestep embedding
     (diffusers' ``addition_embed_type="text"``), so every ResNet block -- the 16x16 ones without
     cross-attention too -- sees the caption. The UNet's inputs stay SD's (sample, timestep,
-    encoder_hidden_states): every pipeline, stage and export runs it unchanged."""
+    encoder_hidden_states): every pipeline, stage and export runs it unchanged. ``channels``: per
+    level (16x16, 8x8, 4x4 latent pixels)."""
     from diffusers import UNet2DConditionModel
 
     extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if text_time_embedding else {}
@@ -127,7 +130,7 @@ def build_unet(text_time_embedding: bool = False) -> UNet2DConditionModel:
         sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

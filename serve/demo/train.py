@@ -92,6 +92,9 @@ class TrainConfig(BaseModel):
     unet_text_time_embedding: bool = Field(
         False, description="add a pooled caption embedding to the UNet's timestep embedding (build_unet)"
     )
+    unet_channels: tuple[int, int, int] = Field(
+        (32, 64, 64), description="UNet channels at 16x16, 8x8 and 4x4 latent pixels (multiples of 8)"
+    )
     timestep_sampling: str = Field(
         "uniform",
         pattern="^(uniform|high)$",
@@ -313,7 +316,7 @@ class Trainer:
 
         cfg = self.config
         torch.manual_seed(cfg.seed + 1)
-        unet = build_unet(cfg.unet_text_time_embedding)
+        unet = build_unet(cfg.unet_text_time_embedding, cfg.unet_channels)
         text_encoder = build_text_encoder(self.tokenizer)
         params = list(unet.parameters()) + list(text_encoder.parameters())
         # The shipped scheduler's betas (from_config drops PNDM-only keys).

@@ -41,6 +41,12 @@ def test_writes_a_stable_diffusion_pipeline(uninterrupted):
 
     info = read_model_info(uninterrupted)
     assert info.name == "darkroom-demo"
+    # A request that names no guidance gets the model's (SD's 7.5 over-guides it), steps SD's.
+    from serve.demo.model import DEFAULT_GUIDANCE
+    from serve.families import family_of
+
+    assert info.default_guidance == DEFAULT_GUIDANCE != 7.5
+    assert family_of(info).request_defaults() == {"guidance_scale": DEFAULT_GUIDANCE, "num_inference_steps": 50}
     assert info.native_size == (64, 64) and info.vae_scale_factor == 4
     assert info.vae_scaling_factor != 0.18215  # measured on the encoded data set
     marker = json.loads((uninterrupted / "darkroom_demo.json").read_text())
@@ -88,6 +94,25 @@ def test_foreground_weight_changes_the_training(tmp_path, uninterrupted):
     a, b = _weights(weighted), _weights(uninterrupted)
     assert all(torch.equal(a["vae"][k], b["vae"][k]) for k in a["vae"])  # the VAE does not use it
     assert not _same({"unet": a["unet"]}, {"unet": b["unet"]})
+
+
+def test_text_time_embedding_wider_unet_and_high_timesteps(tmp_path, uninterrupted):
+    """The UNet options still write an SD pipeline that diffusers loads and runs unchanged."""
+    from diffusers import StableDiffusionPipeline
+
+    options = dict(unet_text_time_embedding=True, unet_channels=(48, 64, 64), timestep_sampling="high")
+    out = train_demo(tmp_path / "run", TrainConfig(**TOY, **options))
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["addition_embed_type"] == "text" and config["block_out_channels"] == [48, 64, 64]
+    assert any(k.startswith("add_embedding.") for k in _weights(out)["unet"])
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.unet.config.addition_embed_type == "text"  # not dropped on load
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images[0].shape == (64, 64, 3)
+    high = train_demo(tmp_path / "high", TrainConfig(**TOY, timestep_sampling="high"))
+    assert not _same({"unet": _weights(high)["unet"]}, {"unet": _weights(uninterrupted)["unet"]})
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        TrainConfig(timestep_sampling="low")
 
 
 def test_resume_refuses_another_configuration(tmp_path):
