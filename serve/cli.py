@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("out", type=Path, help="run folder: checkpoints, and the model in OUT/model")
     train.add_argument("--seed", type=int, default=None, help="seed of data, initial weights and noise (default 0)")
     train.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 2000)")
-    train.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder training steps (default 8000)")
+    train.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder training steps (default 7000)")
     train.add_argument(
         "--dataset-size", type=int, default=None, help="scenes encoded once into latents for the UNet (default 16000)"
     )
@@ -514,18 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--unet-text-time-embedding",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="add a pooled caption embedding to the UNet's timestep embedding (default off)",
+        help="add a pooled caption embedding to the UNet's timestep embedding (default on)",
     )
     train.add_argument(
         "--unet-channels",
         type=lambda text: tuple(int(c) for c in text.split(",")),
         default=None,
-        help="UNet channels at 16x16,8x8,4x4 latent pixels (default 32,64,64)",
+        help="UNet channels at 16x16,8x8,4x4 latent pixels (default 48,64,64)",
     )
     train.add_argument(
-        "--timestep-sampling", default=None, help="uniform (default) or high: more training steps at high noise"
+        "--timestep-sampling", default=None, help="high (default: density rising with the noise level) or uniform"
     )
     train.add_argument(
         "--checkpoint-every", type=int, default=None, help="steps between checkpoints, in each phase (default 250)"

@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
     )
     vae_kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (summed per image) in the VAE loss")
     dataset_size: int = Field(16000, ge=1, description="training scenes encoded once into latents for the UNet")
-    unet_steps: int = Field(8000, ge=0, description="UNet + text encoder optimiser steps")
+    unet_steps: int = Field(7000, ge=0, description="UNet + text encoder optimiser steps")
     batch_size: int = Field(32, ge=1, description="latents per UNet step")
     learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate of the UNet and text encoder")
     warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up before the cosine decay")
@@ -90,13 +90,13 @@ class TrainConfig(BaseModel):
         description="extra UNet loss weight of latent cells a shape touches (0: plain MSE over all cells)",
     )
     unet_text_time_embedding: bool = Field(
-        False, description="add a pooled caption embedding to the UNet's timestep embedding (build_unet)"
+        True, description="add a pooled caption embedding to the UNet's timestep embedding (build_unet)"
     )
     unet_channels: tuple[int, int, int] = Field(
-        (32, 64, 64), description="UNet channels at 16x16, 8x8 and 4x4 latent pixels (multiples of 8)"
+        (48, 64, 64), description="UNet channels at 16x16, 8x8 and 4x4 latent pixels (multiples of 8)"
     )
     timestep_sampling: str = Field(
-        "uniform",
+        "high",
         pattern="^(uniform|high)$",
         description="training timesteps: uniform, or high (density rising linearly with t: more of the "
         "noisy steps where only the caption tells the shape)",

@@ -10,13 +10,14 @@ import pytest
 
 from serve.demo import WEIGHTS_DIR, demo_model_path
 from serve.demo.checker import read_scene
+from serve.demo.model import DEFAULT_GUIDANCE
 from serve.model import read_model_info, resolve_source
 from serve.params import GenerationParams
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# (prompt, what the image must show): colours and where the shape is. Seed 0, 20 steps, the
-# model's own scheduler, guidance 7.5 -- the defaults a user gets.
+# (prompt, what the image must show): colours, the shape and where it is. Seed 0, 20 steps, the
+# model's own scheduler and guidance -- the defaults a user gets.
 PROMPTS = [
     ("a red circle on the left on a blue background", dict(colour="red", background="blue", position="left")),
     (
@@ -45,7 +46,7 @@ def test_three_prompts_draw_what_they_say(pipe, prompt, expected):
         width=64,
         height=64,
         num_inference_steps=20,
-        guidance_scale=7.5,
+        guidance_scale=DEFAULT_GUIDANCE,
         seed=0,
         n=1,
         scheduler=None,

@@ -57,6 +57,17 @@ def test_writes_a_stable_diffusion_pipeline(uninterrupted):
     assert image.shape == (64, 64, 3)
 
 
+def test_ddim_request_does_not_clip_the_demo_latents(uninterrupted):
+    """SD's scheduler config says clip_sample: false; PNDM ignores the key, DDIM (default True)
+    would clip the predicted latents to [-1, 1] when a request asks for it by name."""
+    from serve.schedulers import make_scheduler
+
+    saved = json.loads((uninterrupted / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "PNDMScheduler" and saved["clip_sample"] is False
+    ddim = make_scheduler("ddim", saved, "PNDMScheduler")
+    assert ddim.config.clip_sample is False and ddim.config.prediction_type == "v_prediction"
+
+
 @pytest.mark.parametrize("phase, at", [("vae", 2), ("unet", 3)])
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, uninterrupted, phase, at):
     def stop(p, done, total, metrics):
@@ -96,21 +107,28 @@ def test_foreground_weight_changes_the_training(tmp_path, uninterrupted):
     assert not _same({"unet": a["unet"]}, {"unet": b["unet"]})
 
 
-def test_text_time_embedding_wider_unet_and_high_timesteps(tmp_path, uninterrupted):
-    """The UNet options still write an SD pipeline that diffusers loads and runs unchanged."""
+def test_default_unet_options_and_the_plain_sd_unet(tmp_path, uninterrupted):
+    """The defaults (text-time embedding, 48 channels at 16x16, high-noise timesteps) and the
+    plain SD UNet they replace both write a pipeline that diffusers loads and runs unchanged."""
     from diffusers import StableDiffusionPipeline
 
-    options = dict(unet_text_time_embedding=True, unet_channels=(48, 64, 64), timestep_sampling="high")
-    out = train_demo(tmp_path / "run", TrainConfig(**TOY, **options))
-    config = json.loads((out / "unet" / "config.json").read_text())
+    defaults = TrainConfig()
+    assert defaults.unet_text_time_embedding and defaults.unet_channels == (48, 64, 64)
+    assert defaults.timestep_sampling == "high"
+    config = json.loads((uninterrupted / "unet" / "config.json").read_text())
     assert config["addition_embed_type"] == "text" and config["block_out_channels"] == [48, 64, 64]
-    assert any(k.startswith("add_embedding.") for k in _weights(out)["unet"])
-    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert any(k.startswith("add_embedding.") for k in _weights(uninterrupted)["unet"])
+    pipe = StableDiffusionPipeline.from_pretrained(uninterrupted, safety_checker=None)
     assert pipe.unet.config.addition_embed_type == "text"  # not dropped on load
+    plain = dict(unet_text_time_embedding=False, unet_channels=(32, 64, 64), timestep_sampling="uniform")
+    out = train_demo(tmp_path / "run", TrainConfig(**TOY, **plain))
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["addition_embed_type"] is None and config["block_out_channels"] == [32, 64, 64]
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a red circle", num_inference_steps=2, output_type="np").images[0].shape == (64, 64, 3)
-    high = train_demo(tmp_path / "high", TrainConfig(**TOY, timestep_sampling="high"))
-    assert not _same({"unet": _weights(high)["unet"]}, {"unet": _weights(uninterrupted)["unet"]})
+    uniform = train_demo(tmp_path / "uniform", TrainConfig(**TOY, timestep_sampling="uniform"))
+    assert not _same({"unet": _weights(uniform)["unet"]}, {"unet": _weights(uninterrupted)["unet"]})
     with pytest.raises(ValueError, match="timestep_sampling"):
         TrainConfig(timestep_sampling="low")
 
@@ -125,8 +143,10 @@ def test_resume_refuses_another_configuration(tmp_path):
 def test_cli_trains_and_names_bad_flags(tmp_path):
     out = tmp_path / "cli-run"
     args = ["--vae-steps", "1", "--unet-steps", "2", "--dataset-size", "4", "--batch-size", "2", "--threads", "1"]
-    proc = run("train-demo", str(out), *args)
+    proc = run("train-demo", str(out), *args, "--no-unet-text-time-embedding", "--unet-channels", "32,64,64")
     assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "model" / "unet" / "config.json").read_text())
+    assert config["addition_embed_type"] is None and config["block_out_channels"] == [32, 64, 64]
     assert "wrote demo model to" in proc.stdout and "s CPU" in proc.stdout
     assert "unet: 2/2" in proc.stderr  # progress goes to stderr
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -1,23 +1,37 @@
-"""usage: ft2.py MODE STEPS LR DEST: fine-tune /tmp/demo/full's EMA weights; MODE uniform|hi (p(t) ~ t)."""
-import shutil, sys, time, torch, torch.nn.functional as F
+"""usage: ft3.py MODE STEPS LR DEST: fine-tune /tmp/demo/full's EMA weights; MODE uniform|hi (p(t) ~ t)."""
+
+import shutil
+import sys
+import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
+
+from serve.demo.model import build_scheduler, build_text_encoder, build_unet
+from serve.demo.train import _DATASET, TrainConfig, Trainer, training_scene
+
 torch.set_num_threads(1)
-from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr, EMAModel
-from serve.demo.model import build_unet, build_text_encoder, build_scheduler
-from serve.demo.train import Trainer, TrainConfig, training_scene, _DATASET
 mode, steps, lr, dest = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
-from diffusers import UNet2DConditionModel
-tmp = Path(f"/tmp/d3/run-add-{lr}-{steps}"); shutil.rmtree(tmp, ignore_errors=True); (tmp/"checkpoints").mkdir(parents=True)
+
+tmp = Path(f"/tmp/d3/run-add-{lr}-{steps}")
+shutil.rmtree(tmp, ignore_errors=True)
+(tmp / "checkpoints").mkdir(parents=True)
 tr = Trainer(tmp, TrainConfig())
 lat = torch.load("/tmp/demo/full/checkpoints/latents.pt", weights_only=False)
 mean, std, sf = lat["mean"], lat["std"], lat["scaling_factor"]
 scenes = [training_scene(0 * 10 + _DATASET, i) for i in range(mean.shape[0])]
 st = torch.load("/tmp/demo/full/checkpoints/unet.pt", weights_only=False)
-base = build_unet(); te = build_text_encoder(tr.tokenizer)
+base = build_unet()
+te = build_text_encoder(tr.tokenizer)
 old = list(base.parameters()) + list(te.parameters())
-for p, s in zip(old, st["ema"]["shadow_params"], strict=True): p.data.copy_(s)
-cfg = dict(base.config); cfg["addition_embed_type"] = "text"; cfg["addition_embed_type_num_heads"] = 4
+for p, s in zip(old, st["ema"]["shadow_params"], strict=True):
+    p.data.copy_(s)
+cfg = dict(base.config)
+cfg["addition_embed_type"] = "text"
+cfg["addition_embed_type_num_heads"] = 4
 unet = UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
 missing, unexpected = unet.load_state_dict(base.state_dict(), strict=False)
 print("new", missing, unexpected)
@@ -26,7 +40,9 @@ params = list(unet.parameters()) + list(te.parameters())
 ema = EMAModel(params, decay=0.995)
 ns = DDPMScheduler.from_config(build_scheduler().config)
 opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-unet.train(); te.train(); t0 = time.time()
+unet.train()
+te.train()
+t0 = time.time()
 for step in range(steps):
     g = torch.Generator().manual_seed(99_000 + step)
     idx = torch.randint(0, mean.shape[0], (32,), generator=g)
@@ -39,9 +55,17 @@ for step in range(steps):
     err = F.mse_loss(pred, ns.get_velocity(latents, noise, t), reduction="none")
     snr = compute_snr(ns, t)
     loss = (err.mean(dim=(1, 2, 3)) * torch.clamp(snr + 1, max=5.0) / (snr + 1)).mean()
-    opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); ema.step(params)
-    if step % 100 == 0: print(step, round(loss.item(), 4), round(time.time() - t0), flush=True)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.step(params)
+    if step % 100 == 0:
+        print(step, round(loss.item(), 4), round(time.time() - t0), flush=True)
 ema.copy_to(params)
-shutil.rmtree(dest, ignore_errors=True); shutil.copytree("/tmp/demo/full/model", dest)
-shutil.rmtree(dest / "unet"); unet.eval().to(torch.float16).save_pretrained(dest / "unet"); te.eval().save_pretrained(dest / "text_encoder")
+shutil.rmtree(dest, ignore_errors=True)
+shutil.copytree("/tmp/demo/full/model", dest)
+shutil.rmtree(dest / "unet")
+unet.eval().to(torch.float16).save_pretrained(dest / "unet")
+te.eval().save_pretrained(dest / "text_encoder")
 print("saved", round(time.time() - t0))
