@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("out", type=Path, help="run folder: checkpoints, and the model in OUT/model")
     train.add_argument("--seed", type=int, default=None, help="seed of data, initial weights and noise (default 0)")
     train.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 2000)")
-    train.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder training steps (default 7000)")
+    train.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder training steps (default 8000)")
     train.add_argument(
         "--dataset-size", type=int, default=None, help="scenes encoded once into latents for the UNet (default 16000)"
     )

@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
     )
     vae_kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (summed per image) in the VAE loss")
     dataset_size: int = Field(16000, ge=1, description="training scenes encoded once into latents for the UNet")
-    unet_steps: int = Field(7000, ge=0, description="UNet + text encoder optimiser steps")
+    unet_steps: int = Field(8000, ge=0, description="UNet + text encoder optimiser steps")
     batch_size: int = Field(32, ge=1, description="latents per UNet step")
     learning_rate: float = Field(5e-4, gt=0, description="peak AdamW learning rate of the UNet and text encoder")
     warmup_steps: int = Field(200, ge=0, description="linear learning-rate warm-up before the cosine decay")
