@@ -177,10 +177,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def thread_counts(most: int | None) -> list[int]:
     """The in-process baseline's torch thread counts: 1, 2, 4, ... and ``most`` itself, up to
     ``most`` (the served app's model threads together; None: this machine's cores)."""
-    import os
+    from bench.machine import usable_cores
 
-    if most is None:
-        most = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    most = usable_cores() if most is None else most
     counts, n = [], 1
     while n < most:
         counts.append(n)
@@ -193,8 +192,7 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
     size the in-process baseline like the app behind ``--url``: the torch threads of its model
     replicas together (capped at this machine's cores), its Denoiser's batch limit, its torch
     backend options and step cache."""
-    import os
-
+    from bench.machine import usable_cores
     from deployments.cli import load_serve_config
 
     path = Path(args.serve)
@@ -216,7 +214,7 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidRequestError("--compare", args.compare, f"the --serve config serves {', '.join(urls.values())}")
     by_url = {url: name for name, url in urls.items()}
     cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if cfg is None:
         return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None}
     return {
