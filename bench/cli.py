@@ -3,10 +3,11 @@ pipeline: its limit) with a seeded workload at several load levels; write report
 
 The in-process baseline runs alone: with ``--serve CONFIG`` the bench starts the app for each
 served phase and stops it (its Ray cluster included) before each in-process phase, alternating
-``--rounds`` times (A/B/A/B), and gives the in-process pipeline the fastest torch thread count
-up to the app's model replicas' threads together (timed on one batch of the workload: more
-threads are not always faster); without ``--serve`` it refuses to run the in-process phase while
-a serving cluster is alive on this machine.
+``--rounds`` times (A/B/A/B), and runs the in-process pipeline once per torch thread count
+1, 2, 4, ... up to the app's model replicas' threads together (more threads are not always
+faster, and which count wins depends on the load); the goals take the best count in each round.
+Without ``--serve`` it refuses to run the in-process phase while a serving cluster is alive on
+this machine.
 
 Examples::
 
@@ -122,7 +123,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
         name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
         targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
     if args.in_process:
-        targets.append(TargetSpec("in-process", model=args.model))
+        if args.torch_threads:
+            targets.append(TargetSpec("in-process", model=args.model, torch_threads=args.torch_threads))
+        else:
+            counts = thread_counts(serve_plan["torch_threads"] if serve_plan else None)
+            for n in counts:  # one target per count: the goals take the best (bench/inprocess.py)
+                name = "in-process" if len(counts) == 1 else f"in-process {n} thread{'s' if n > 1 else ''}"
+                targets.append(TargetSpec(name, model=args.model, torch_threads=n))
     try:
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     except (OSError, ValueError) as exc:
@@ -152,7 +159,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
             ready_timeout_s=args.ready_timeout,
             max_batch=args.max_batch or (serve_plan["max_batch"] if serve_plan else 8),
             torch_threads=args.torch_threads or (serve_plan["torch_threads"] if serve_plan else None),
-            fastest_threads=not args.torch_threads,
             progress=not args.quiet,
             loras=loras,
             memory_interval_s=args.memory_interval,
@@ -168,13 +174,25 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise InvalidRequestError("bench", None, str(exc)) from None
 
 
+def thread_counts(most: int | None) -> list[int]:
+    """The in-process baseline's torch thread counts: 1, 2, 4, ... and ``most`` itself, up to
+    ``most`` (the served app's model threads together; None: this machine's cores)."""
+    from bench.machine import usable_cores
+
+    most = usable_cores() if most is None else most
+    counts, n = [], 1
+    while n < most:
+        counts.append(n)
+        n *= 2
+    return [*counts, max(1, most)]
+
+
 def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
     """For ``--serve CONFIG``: validate the file (no Ray), default ``--url`` to its first app, and
     size the in-process baseline like the app behind ``--url``: the torch threads of its model
     replicas together (capped at this machine's cores), its Denoiser's batch limit, its torch
     backend options and step cache."""
-    import os
-
+    from bench.machine import usable_cores
     from deployments.cli import load_serve_config
 
     path = Path(args.serve)
@@ -196,7 +214,7 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidRequestError("--compare", args.compare, f"the --serve config serves {', '.join(urls.values())}")
     by_url = {url: name for name, url in urls.items()}
     cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if cfg is None:
         return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None}
     return {
@@ -363,8 +381,9 @@ def add_parser(sub: Any) -> None:
         "--torch-threads",
         type=int,
         default=None,
-        help="in-process torch threads, exactly; default: the fastest count from 1 up to the --serve app's "
-        "model replicas' threads together (capped at the cores), else up to torch's default, timed on one batch",
+        help="in-process torch threads, exactly; default: one in-process target per count 1, 2, 4, ... up to "
+        "the --serve app's model replicas' threads together (capped at the cores), else the cores; the goals "
+        "take the best",
     )
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, default=None, help="output folder (default: bench-results/<timestamp>)")

@@ -60,6 +60,7 @@ class TargetSpec:
     loras: bool = False
     stream: bool = False  # HTTP targets: every request streams (stream: true) ...
     partial_images: int = 0  # ... with this many partial images
+    torch_threads: int | None = None  # in-process: this target's torch threads (None: BenchConfig's)
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,7 @@ class BenchConfig:
     timeout_s: float = 600.0
     ready_timeout_s: float = 300.0
     max_batch: int = 8  # in-process open-loop batch limit
-    torch_threads: int | None = None  # in-process torch threads (None: torch's default)
-    #: In-process: time 1..torch_threads threads on one batch and keep the fastest (bench/inprocess.py).
-    fastest_threads: bool = False
+    torch_threads: int | None = None  # in-process torch threads of targets without their own (None: torch's)
     #: The served app's torch backend options and step cache (``AppConfig.torch``/``step_cache`` as
     #: dicts), so the in-process baseline runs the same engines (None: the defaults).
     torch_options: dict[str, Any] | None = None
@@ -199,13 +198,16 @@ class BenchResult:
             )
 
         if served and inproc:
-            base, ip = served[0], inproc[0]
+            # Against the best in-process target of the round (one per thread count: bench/cli.py).
+            base, ip = served[0], inproc[0] if len(inproc) == 1 else "in-process (best)"
             one = [lr for lr in self.levels if lr.level.mode == "closed" and lr.level.value == 1]
             if one:
                 lr = one[0]
                 values = []
                 for r in rounds:
-                    a, b = lr.run(base, r).metrics.latency_ms.p50, lr.run(ip, r).metrics.latency_ms.p50
+                    a = lr.run(base, r).metrics.latency_ms.p50
+                    measured = [lr.run(t, r).metrics.latency_ms.p50 for t in inproc]
+                    b = min((p for p in measured if p > 0), default=0.0)  # a target with no answers has p50 0
                     values.append(a / b if b > 0 and a > 0 else None)
                 check(f"p50 {base} / {ip} at c=1", values, GOALS["p50_at_one_client"], at_most=True)
             closed = [lr for lr in self.levels if lr.level.mode == "closed"]
@@ -213,7 +215,7 @@ class BenchResult:
                 values = []
                 for r in rounds:
                     a = max(lr.run(base, r).metrics.throughput_ips for lr in closed)
-                    b = max(lr.run(ip, r).metrics.throughput_ips for lr in closed)
+                    b = max(lr.run(t, r).metrics.throughput_ips for lr in closed for t in inproc)
                     values.append(a / b if b > 0 else None)
                 check(f"peak img/s {base} / {ip} (closed loop)", values, GOALS["throughput_at_saturation"], False)
         streams = {t.name for t in self.config.served if t.stream}
@@ -303,9 +305,7 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
     return InProcessTarget(
         spec.model,
         max_batch=config.max_batch,
-        torch_threads=config.torch_threads,
-        fastest_threads=config.fastest_threads,
-        calibration_body=config.workload.body(0, "warmup"),
+        torch_threads=spec.torch_threads or config.torch_threads,
         name=spec.name,
         torch_options=config.torch_options,
         step_cache=config.step_cache,

@@ -7,13 +7,13 @@ queue at their arrival times). No HTTP, no Ray, no storage
 writes: this is the limit the served system approaches. ``serve.pipeline`` (torch) is imported
 only when the target starts.
 
-**Threads: the fastest count, not the most, per batch size.** With ``fastest_threads`` (the
-bench's default when ``--torch-threads`` is not given) the target times a batch of the workload at
-every thread count from 1 to ``torch_threads`` and keeps the fastest (``calibrate_threads``), once
-for each batch limit a level gives it (``configure``, before the level's warm-up). More threads
-are not always faster, and which count wins depends on the batch: on the 2-core dev machine the
-tiny model at 64x64 ran a c=1 request in ~190 ms with 1 thread and ~550 ms with 2, while a batch
-of 8 took 462 ms with 1 and 397 ms with 2. One fixed count would make a weak baseline somewhere.
+**Threads: a fixed count per target.** More threads are not always faster, and which count
+wins depends on the batch and on the load: on the 2-core dev machine the tiny model at 64x64 ran a
+c=1 request in ~190 ms with 1 thread and ~550 ms with 2; a batch of 8, timed alone, took 462 ms
+with 1 and 397 ms with 2, yet under a closed loop of 8 clients 2 threads gave 10.3-10.6 img/s and
+1 thread 16.4-17.7. A calibration on an idle batch picked the slower count, so the bench no longer
+calibrates: it runs one in-process target per thread count (``bench/cli.py``) under the same load,
+and the goals take the best of them in each round (``BenchResult.goals``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.runner import Level, Response
@@ -31,33 +30,6 @@ logger = logging.getLogger(__name__)
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
-
-
-def calibrate_threads(
-    run: Callable[[], object],
-    set_threads: Callable[[int], None],
-    candidates: Sequence[int],
-    *,
-    repeats: int = 2,
-    clock: Callable[[], float] = time.perf_counter,
-) -> tuple[int, dict[int, float]]:
-    """The thread count whose ``run`` is fastest: for each candidate, one untimed warm-up run and
-    the best of ``repeats`` timed ones (ms). Ties go to fewer threads. Leaves the winner set."""
-    if not candidates:
-        raise ValueError("calibrate_threads needs at least one candidate")
-    timings: dict[int, float] = {}
-    for threads in candidates:
-        set_threads(threads)
-        run()
-        best = float("inf")
-        for _ in range(max(1, repeats)):
-            t0 = clock()
-            run()
-            best = min(best, clock() - t0)
-        timings[threads] = _ms(best)
-    chosen = min(timings, key=lambda t: (timings[t], t))
-    set_threads(chosen)
-    return chosen, timings
 
 
 class InProcessTarget:
@@ -74,8 +46,6 @@ class InProcessTarget:
         name: str | None = None,
         torch_options: dict[str, Any] | None = None,
         step_cache: dict[str, Any] | None = None,
-        fastest_threads: bool = False,
-        calibration_body: dict[str, Any] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -86,13 +56,6 @@ class InProcessTarget:
         self.device = device
         self.torch_options = torch_options
         self.step_cache = step_cache
-        # Calibrate over 1..torch_threads (torch's default count when None) with batches of
-        # ``calibration_body``, per batch limit: {batch: {"threads": chosen, "ms": {threads: ms}}}.
-        self.fastest_threads = fastest_threads
-        self.calibration_body = calibration_body
-        self.threads_by_batch: dict[int, dict[str, Any]] = {}
-        self._most_threads = 1
-        self._params: Any = None
         if name:
             self.name = name
         self.batch_limit = max_batch
@@ -120,18 +83,11 @@ class InProcessTarget:
             pipe = Pipeline.load(
                 source, backend=self.backend, device=self.device, torch_options=options, step_cache=cache
             )
-            info = read_model_info(source)
-            if self.fastest_threads and self.calibration_body is not None:
-                from serve.api.schemas import parse_generation_request
-
-                body = parse_generation_request(self.calibration_body)
-                self._params = body.to_params(default_size=info.native_size)
-            return pipe, info, torch.get_num_threads()
+            return pipe, read_model_info(source), torch.get_num_threads()
 
         t0 = time.perf_counter()
         self._pipe, self._info, threads = await asyncio.to_thread(load)
-        self._most_threads = threads
-        self._threads = threads  # what every batch runs with (configure may change it)
+        self._threads = threads  # what every batch runs with
         self._wake = asyncio.Event()
         self._worker = asyncio.create_task(self._run())
         return {
@@ -139,33 +95,17 @@ class InProcessTarget:
             "model": str(self._info.path),
             "backend": self.backend,
             "torch_threads": threads,
-            # Filled in per level (configure): the same dict object ends up in the report.
-            "threads_by_batch": self.threads_by_batch if self._params is not None else None,
             "torch_options": self.torch_options,
             "step_cache": self.step_cache,
             "max_batch_open_loop": self.max_batch,
             "load_s": round(time.perf_counter() - t0, 3),
         }
 
-    def _calibrate(self, batch_size: int) -> None:
-        """Blocking: the fastest thread count for batches of ``batch_size`` (once per size), set now."""
-        import torch
-
-        if batch_size not in self.threads_by_batch:
-            batch = [self._params] * batch_size
-            chosen, timings = calibrate_threads(
-                lambda: self._pipe.generate_batch(batch), torch.set_num_threads, range(1, self._most_threads + 1)
-            )
-            self.threads_by_batch[batch_size] = {"threads": chosen, "ms": timings}
-            logger.info("in-process batch of %d: %d torch thread(s), of (ms) %s", batch_size, chosen, timings)
-        self._threads = self.threads_by_batch[batch_size]["threads"]
-        torch.set_num_threads(self._threads)
-
     def _generate(self, params: list[Any]) -> Any:
-        """One batch, in a worker thread, with the chosen thread count set in that thread: torch
+        """One batch, in a worker thread, with the target's thread count set in that thread: torch
         applies ``set_num_threads`` to a thread only until its OpenMP team exists, so a pool
-        thread that already ran with another count would keep it (measured: the calibrated 1
-        thread ran at the 2-thread speed, c=1 p50 464-521 ms against 156 ms calibrated)."""
+        thread that already ran with another count would keep it (measured: 1 thread set in the
+        main thread ran at the 2-thread speed in the worker, c=1 p50 464-521 ms against 156 ms)."""
         import torch
 
         if self._threads:
@@ -175,8 +115,6 @@ class InProcessTarget:
     def configure(self, level: Level) -> None:
         # Closed loop: C clients -> batches of up to C, capped like the Denoiser's max_batch_size.
         self.batch_limit = min(level.concurrency, self.max_batch) if level.mode == "closed" else self.max_batch
-        if self._params is not None and self._most_threads > 1:
-            self._calibrate(self.batch_limit)  # before the level's warm-up: nothing is timed yet
 
     async def send(self, body: dict[str, Any]) -> Response:
         from serve.api.schemas import parse_generation_request

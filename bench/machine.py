@@ -40,13 +40,18 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity where the OS says, else the CPU count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def machine_metadata() -> dict[str, Any]:
     """Where and with what the run happened (nothing here imports torch or ray)."""
     status = _git("status", "--porcelain")
     return {
         "machine": {
             "cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "cpu_affinity": usable_cores() if hasattr(os, "sched_getaffinity") else None,
             "platform": platform.platform(),
             "machine": platform.machine(),
             "processor": platform.processor() or None,
@@ -60,4 +65,4 @@ def machine_metadata() -> dict[str, Any]:
     }
 
 
-__all__ = ["load1", "machine_metadata", "now_iso"]
+__all__ = ["load1", "machine_metadata", "now_iso", "usable_cores"]

@@ -204,10 +204,6 @@ def _div(a: float, b: float) -> float | None:
 def _describe(info: dict[str, Any]) -> str:
     if info.get("url"):
         return info["url"]
-    by_batch = info.get("threads_by_batch")
-    if by_batch:  # JSON keys are strings once the report is written
-        picks = ", ".join(f"batch {b}: {v['threads']}" for b, v in sorted(by_batch.items(), key=lambda kv: int(kv[0])))
-        return f"{info.get('kind')}, the fastest torch threads per batch ({picks})"
     threads = info.get("torch_threads")
     return f"{info.get('kind')}, {threads} torch thread(s)" if threads else str(info.get("kind"))
 

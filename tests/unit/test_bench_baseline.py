@@ -336,7 +336,7 @@ def _args(*argv):
 
 
 def test_serve_config_gives_the_url_threads_and_batch():
-    from bench.cli import config_from_args
+    from bench.cli import config_from_args, thread_counts
 
     cfg = config_from_args(_args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--serve-port", "8123"))
     assert [t.url for t in cfg.targets] == ["http://127.0.0.1:8123", None]
@@ -351,11 +351,12 @@ def test_serve_config_gives_the_url_threads_and_batch():
 
     cores = len(os.sched_getaffinity(0))
     assert split.torch_threads == min(3, cores)  # three model replicas of 1 thread, at most the cores
-    assert split.fastest_threads  # ... as the most it may try: it keeps the fastest count up to that
+    # ... the most the baseline tries: one in-process target per count up to that, the goals take the best
+    assert [t.torch_threads for t in split.in_process] == thread_counts(min(3, cores))
     explicit = config_from_args(
         _args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--torch-threads", "2")
     )
-    assert explicit.torch_threads == 2 and not explicit.fastest_threads  # asked for: exactly that
+    assert [(t.name, t.torch_threads) for t in explicit.in_process] == [("in-process", 2)]  # asked for: exactly that
 
 
 @pytest.mark.parametrize(

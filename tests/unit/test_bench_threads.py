@@ -1,5 +1,5 @@
-"""The in-process baseline's torch thread count: the fastest of 1..N per batch size, chosen by a
-pure calibration policy (fake clock here), and applied in the thread that runs each batch."""
+"""The in-process baseline's torch threads: one target per count (1, 2, 4, ... up to the app's),
+the goals take the best of each round, and each batch sets its count in the thread that runs it."""
 
 from __future__ import annotations
 
@@ -8,73 +8,61 @@ import pytest
 from bench.runner import Level
 
 
-class FakeClock:
-    """A clock that only moves when the fake pipeline "runs": no dependence on this machine's speed."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.mark.parametrize(
-    "cost_s, expected",
-    [
-        ({1: 0.19, 2: 0.55}, 1),  # what the 2-core dev machine measured for the tiny model
-        ({1: 0.40, 2: 0.25, 3: 0.30}, 2),  # a bigger model: more threads help up to a point
-        ({1: 0.30, 2: 0.30}, 1),  # a tie goes to fewer threads
-    ],
+    "most, counts", [(1, [1]), (2, [1, 2]), (3, [1, 2, 3]), (4, [1, 2, 4]), (12, [1, 2, 4, 8, 12])]
 )
-def test_calibrate_threads_keeps_the_fastest_count(cost_s, expected):
-    from bench.inprocess import calibrate_threads
+def test_thread_counts_double_up_to_the_apps_threads(most, counts):
+    from bench.cli import thread_counts
 
-    clock, state, calls = FakeClock(), {"threads": None}, []
-
-    def run():
-        calls.append(state["threads"])
-        clock.now += cost_s[state["threads"]]
-
-    chosen, timings = calibrate_threads(run, lambda t: state.update(threads=t), sorted(cost_s), repeats=2, clock=clock)
-    assert chosen == expected and state["threads"] == expected  # the winner is left set
-    assert timings == {t: round(c * 1000, 3) for t, c in cost_s.items()}
-    assert calls == [t for t in sorted(cost_s) for _ in range(3)]  # one warm-up, two timed each
-    with pytest.raises(ValueError):
-        calibrate_threads(run, lambda t: None, [])
+    assert thread_counts(most) == counts
 
 
-def test_in_process_target_calibrates_threads_once_per_batch_size(monkeypatch):
-    """configure() picks the thread count per batch limit (c=1 may want 1 thread, a batch of 8 two),
-    once per size, and leaves it set for the level."""
-    import torch
+def test_one_in_process_target_per_thread_count(monkeypatch):
+    from bench import cli
+    from serve.cli import build_parser
 
-    import bench.inprocess as inprocess
+    def config(*argv):
+        return cli.config_from_args(build_parser().parse_args(["bench", "--requests", "4", *argv]))
 
-    seen: list[int] = []
+    real = cli.thread_counts
+    monkeypatch.setattr(cli, "thread_counts", lambda most: real(2 if most is None else most))  # a 2-core machine
+    cfg = config("--url", "http://127.0.0.1:1", "--in-process")
+    inproc = [(t.name, t.torch_threads) for t in cfg.in_process]
+    assert inproc == [("in-process 1 thread", 1), ("in-process 2 threads", 2)]
+    exact = config("--url", "http://127.0.0.1:1", "--in-process", "--torch-threads", "3")
+    assert [(t.name, t.torch_threads) for t in exact.in_process] == [("in-process", 3)]
 
-    def fake_calibrate(run, set_threads, candidates, **_):
-        run()  # a batch of the level's size
-        chosen = 1 if seen[-1] == 1 else max(candidates)
-        set_threads(chosen)
-        return chosen, {t: 1.0 for t in candidates}
 
-    class FakePipe:
-        def generate_batch(self, batch):
-            seen.append(len(batch))
+def test_goals_take_the_best_in_process_count_of_each_round():
+    """Round 1: 1 thread wins at c=1, 2 threads at c=8; round 2: 1 thread wins both."""
+    from bench.core import BenchConfig, BenchResult, LevelResult, TargetRun, TargetSpec
+    from bench.metrics import compute_metrics
+    from tests.unit.test_bench_metrics import rec
 
-    monkeypatch.setattr(inprocess, "calibrate_threads", fake_calibrate)
-    target = inprocess.InProcessTarget(max_batch=8, fastest_threads=True, calibration_body={"prompt": "x"})
-    target._pipe, target._params, target._most_threads = FakePipe(), object(), 2
-    before = torch.get_num_threads()
-    try:
-        for level in (Level("closed", 1), Level("closed", 16), Level("closed", 1), Level("open", 4.0)):
-            target.configure(level)
-            want = 1 if target.batch_limit == 1 else 2
-            assert torch.get_num_threads() == want
-    finally:
-        torch.set_num_threads(before)
-    assert seen == [1, 8]  # once per batch size (c=16 and the open loop both batch up to 8)
-    assert {b: v["threads"] for b, v in target.threads_by_batch.items()} == {1: 1, 8: 2}
+    def run(name, level, round_no, latency_ms, count):
+        return TargetRun(
+            name, level, "t", compute_metrics([rec(i, latency_ms) for i in range(count)], 1.0, None), [], None, round_no
+        )
+
+    c1, c8 = Level("closed", 1), Level("closed", 8)
+    table = {
+        c1: {"app": [(110, 9), (120, 8)], "ip 1": [(100, 10), (100, 10)], "ip 2": [(300, 3), (300, 3)]},
+        c8: {"app": [(300, 18), (300, 18)], "ip 1": [(400, 16), (400, 20)], "ip 2": [(250, 24), (500, 12)]},
+    }
+    levels = [
+        LevelResult(lv, {n: [run(n, lv, r + 1, *v) for r, v in enumerate(vals)] for n, vals in by.items()}, {})
+        for lv, by in table.items()
+    ]
+    config = BenchConfig(
+        targets=(TargetSpec("app", url="u"), TargetSpec("ip 1", torch_threads=1), TargetSpec("ip 2", torch_threads=2)),
+        levels=(c1, c8),
+        rounds=2,
+    )
+    goals = {g["check"]: g for g in BenchResult(config, {}, {}, levels).goals()}
+    p50 = goals["p50 app / in-process (best) at c=1"]
+    assert p50["spread"]["values"] == pytest.approx((1.10, 1.20))
+    peak = goals["peak img/s app / in-process (best) (closed loop)"]
+    assert peak["spread"]["values"] == pytest.approx((18 / 24, 18 / 20))
 
 
 def test_in_process_batches_run_with_the_chosen_threads_in_their_own_thread():
