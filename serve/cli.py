@@ -370,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None, help="what not to draw (used with guidance > 1)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps, 1..150 (default 50)")
     gen.add_argument(
-        "--guidance", type=float, default=None, help="guidance scale, 0..30; <= 1 disables CFG (default 7.5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale, 0..30; <= 1 disables CFG (default: the model's own, 3 for the demo model, 7.5 for SD)",
     )
     gen.add_argument(
         "--scheduler",
