@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny-loras", help="write random-weight LoRA adapters for a model (an adapter repository for tests, bench)"
     )
     tl.add_argument("dir", type=Path, help="folder to write NAME.safetensors files into")
-    tl.add_argument("--model", default=None, help="the model they are for (default: the embedded tiny model)")
+    tl.add_argument("--model", default=None, help="the model they are for (default: the shipped demo model)")
     tl.add_argument("--count", type=int, default=4, help="how many adapters (default 4)")
     tl.add_argument("--prefix", default="style", help="names are PREFIX0, PREFIX1, ... (default style)")
     tl.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
