@@ -123,6 +123,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
         targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
     if args.in_process:
+        if serve_plan and serve_plan["model"] and not args.model:
+            args.model = serve_plan["model"]  # the baseline runs the model the served app runs
         if args.torch_threads:
             targets.append(TargetSpec("in-process", model=args.model, torch_threads=args.torch_threads))
         else:
@@ -189,9 +191,9 @@ def thread_counts(most: int | None) -> list[int]:
 
 def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
     """For ``--serve CONFIG``: validate the file (no Ray), default ``--url`` to its first app, and
-    size the in-process baseline like the app behind ``--url``: the torch threads of its model
-    replicas together (capped at this machine's cores), its Denoiser's batch limit, its torch
-    backend options and step cache."""
+    size the in-process baseline like the app behind ``--url``: its model (unless ``--model``
+    names one), the torch threads of its model replicas together (capped at this machine's
+    cores), its Denoiser's batch limit, its torch backend options and step cache."""
     from bench.machine import usable_cores
     from deployments.cli import load_serve_config
 
@@ -216,12 +218,13 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
     cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
     cores = usable_cores()
     if cfg is None:
-        return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None}
+        return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None, "model": None}
     return {
         "torch_threads": min(cfg.model_torch_threads(), cores),
         "max_batch": cfg.denoiser.max_batch_size,
         "torch_options": cfg.torch.model_dump(mode="json"),
         "step_cache": cfg.step_cache.model_dump(mode="json") if cfg.step_cache else None,
+        "model": cfg.model,
     }
 
 
@@ -305,7 +308,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also (or only) run the workload on serve.pipeline.Pipeline in this process: the limit",
     )
-    p.add_argument("--model", default=None, help="model for --in-process (default: the embedded tiny model)")
+    p.add_argument("--model", default=None, help="model for --in-process (default: the shipped demo model)")
     p.add_argument(
         "--serve",
         type=Path,

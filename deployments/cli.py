@@ -127,7 +127,8 @@ def run_check(path: Path) -> int:
         if app.name in apps:
             cfg = apps[app.name]
             print(
-                f"  model {cfg.model or '(tiny)'}, backend {cfg.backend}, storage {cfg.storage}, profile {cfg.profile}"
+                f"  model {cfg.model or '(the shipped demo model)'}, backend {cfg.backend}, "
+                f"storage {cfg.storage}, profile {cfg.profile}"
             )
             for line in describe_app(cfg):
                 print(line)
@@ -269,9 +270,9 @@ def _serve(
     if args.config:
         console.say(f"Darkroom: the applications of {args.config}")
     else:
-        console.say(f"Darkroom: model {cfg.model or '(the embedded tiny model)'}, backend {cfg.backend}")
-    if cfg is not None and cfg.model is None:
-        resolve_source(None)  # made once into the cache here, not by four replicas at once
+        console.say(f"Darkroom: model {cfg.model or '(the shipped demo model)'}, backend {cfg.backend}")
+    if cfg is not None:
+        resolve_source(cfg.model)  # a tiny model is made into the cache once here, not by four replicas
 
     import ray
     from ray import serve

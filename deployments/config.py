@@ -261,7 +261,9 @@ class AppConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="Diffusers folder, hub id or exported repository; None = tiny model.")
+    model: str | None = Field(
+        None, description="Diffusers folder, hub id or exported repository; None = the shipped demo model."
+    )
     family: Literal["sd", "sdxl", "flux"] | None = Field(
         None, description="Model family; None = the one model_index.json's _class_name names."
     )

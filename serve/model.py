@@ -51,6 +51,8 @@ class ModelInfo:
     latent_channels: int  # the VAE's latent channels
     native_size: tuple[int, int]  # (width, height)
     marker: dict[str, Any] = field(default_factory=dict, repr=False)  # darkroom_tiny.json, if any
+    #: The guidance a request gets when it names none, where the model says (darkroom_demo.json).
+    default_guidance: float | None = None
 
     def latent_shape(self, n: int, width: int, height: int) -> tuple[int, int, int, int]:
         """Latents of ``n`` images, e.g. 512x512 at factor 8 -> (n, 4, 64, 64)."""
@@ -132,6 +134,8 @@ def read_model_info(source: str | Path, family: str | None = None) -> ModelInfo:
         # A tiny model is named by its family, whatever (cache) folder it was made in.
         parts = [marker.get("family"), marker.get("variant")]
         name = "-".join(["tiny"] + [str(p) for p in parts if p not in (None, "sd", "dev")])
+    elif (path / "darkroom_demo.json").is_file():
+        name = "darkroom-demo"  # the shipped demo model (serve/demo/weights), wherever installed
     elif Path(source).expanduser().is_dir():
         name = Path(str(source).rstrip("/")).name
     else:
@@ -152,10 +156,17 @@ def read_model_info(source: str | Path, family: str | None = None) -> ModelInfo:
         latent_channels=int(vae.get("latent_channels", 4)),
         native_size=(0, 0),
         marker=marker,
+        default_guidance=_demo_guidance(path),
     )
     native = marker.get("native_size")
     size = tuple(native) if native else cls.native_size(info)
     return replace(info, native_size=(int(size[0]), int(size[1])))
+
+
+def _demo_guidance(path: Path) -> float | None:
+    demo = path / "darkroom_demo.json"
+    guidance = _read_json(demo).get("default_guidance") if demo.is_file() else None
+    return float(guidance) if guidance is not None else None
 
 
 #: Names of the tiny random-weight models (made once into the cache folder): name -> (family, variant).
@@ -167,13 +178,23 @@ TINY_NAMES = {
 }
 
 
-def resolve_source(model: str | None) -> str:
-    """``model`` as given; a tiny model's name (``tiny``, ``tiny-sdxl``, ``tiny-flux``,
-    ``tiny-flux-schnell``) or nothing: that tiny model, made once into the cache folder."""
-    if model and model not in TINY_NAMES:
-        return model
-    from serve.settings import Settings
-    from serve.tiny import default_tiny_model
+#: Names of the demo model this package ships (trained here; package data).
+DEMO_MODEL_NAMES = ("darkroom-demo", "demo")
 
-    family, variant = TINY_NAMES[model or "tiny"]
-    return str(default_tiny_model(Settings.from_env().cache_dir, family=family, variant=variant))
+
+def resolve_source(model: str | None) -> str:
+    """``model`` as given; no model (or ``darkroom-demo``): the shipped demo model (package
+    data, no download, no training); a tiny model's name (``tiny``, ``tiny-sdxl``, ``tiny-flux``,
+    ``tiny-flux-schnell``): that random-weight model, made once into the cache folder (what
+    parity tests use)."""
+    if model in TINY_NAMES:
+        from serve.settings import Settings
+        from serve.tiny import default_tiny_model
+
+        family, variant = TINY_NAMES[model]
+        return str(default_tiny_model(Settings.from_env().cache_dir, family=family, variant=variant))
+    if model and model not in DEMO_MODEL_NAMES:
+        return model
+    from serve.demo import demo_model_path
+
+    return str(demo_model_path())

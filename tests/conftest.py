@@ -21,12 +21,17 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def reference(tiny_model):
     """``reference(params) -> uint8 (n, H, W, 3)``: diffusers' own StableDiffusionPipeline output."""
+    return diffusers_reference(tiny_model)
+
+
+def diffusers_reference(model: str):
+    """``run(params) -> uint8 (n, H, W, 3)``: diffusers' StableDiffusionPipeline on ``model``."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     from serve.schedulers import scheduler_class
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     config = pipe.scheduler.config
     default_class = type(pipe.scheduler).__name__

@@ -136,7 +136,10 @@ class Family(ABC):
     default_steps: ClassVar[int] = 50
 
     def request_defaults(self) -> dict[str, float]:
-        return {"guidance_scale": self.default_guidance, "num_inference_steps": self.default_steps}
+        """The family's defaults; a model may name its own guidance (the demo model's
+        ``default_guidance``: SD's 7.5 over-guides it)."""
+        guidance = self.info.default_guidance if self.info.default_guidance is not None else self.default_guidance
+        return {"guidance_scale": guidance, "num_inference_steps": self.default_steps}
 
     def check(self, params: GenerationParams) -> None:
         """Refuse what this family cannot do, naming the request field (400s, before any stage)."""

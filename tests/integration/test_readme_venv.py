@@ -167,8 +167,8 @@ def test_every_readme_block_runs_in_a_fresh_venv(tmp_path):
             print(f"  {seconds:7.1f} s  {command[:120]}")
         print("not run: " + "; ".join(skipped))
     # What the README promised, on disk in the user's folder.
-    assert (clone / "fox-0.png").read_bytes().startswith(b"\x89PNG")
-    assert (clone / "tiny-onnx" / "manifest.json").is_file()
+    assert (clone / "star-0.png").read_bytes().startswith(b"\x89PNG")
+    assert (clone / "demo-onnx" / "manifest.json").is_file()
     assert (clone / "bench-out" / "report.json").is_file() and (clone / "bench-ab" / "report.json").is_file()
     limit = json.loads((clone / "bench-limit" / "report.json").read_text())
     assert [p["kind"] for p in limit["phases"]] == ["served", "in-process"] * 2 and limit["goals"]

@@ -96,7 +96,7 @@ class Server:
 
 def _env(tmp_path: Path, tiny_model: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # The embedded default model is made into the cache on first start: point it at a fresh one.
+    # A fresh cache folder: nothing a previous run left there (the tiny model, hub files) is used.
     env["DARKROOM_CACHE_DIR"] = str(tmp_path / "cache")
     return env
 
@@ -108,8 +108,21 @@ def api_examples() -> list[tuple[str, str]]:
     return re.findall(r"```(bash|python)\n(.+?)\n```", section, flags=re.S)
 
 
+def streaming_examples() -> list[str]:
+    """The README's Python examples in 'Watch it develop': streaming with the official client, a job's events."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Watch it develop", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.+?)\n```", section, flags=re.S)
+
+
 # Ray's own lines that `darkroom serve` keeps off the terminal by default (--verbose shows them).
 RAY_NOISE = ("Connecting to existing Serve app", "graceful_shutdown", "Token authentication", "Started Serve")
+
+
+def _run_python(code: str, cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def test_readme_main_command_serves_and_examples_work(tmp_path, tiny_model):
@@ -164,8 +177,23 @@ def test_readme_main_command_serves_and_examples_work(tmp_path, tiny_model):
                 assert '"data"' in proc.stdout or '"status"' in proc.stdout, proc.stdout
             else:
                 assert proc.stdout.strip() == "42"
-        for name in ("fox-0.png", "fox-1.png"):
+        for name in ("star-0.png", "star-1.png"):
             assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+        # Watch it develop: the official client's stream (partial images, then the final image with
+        # its seed) and a job's events (progress to the last step, then the completed events).
+        stream, job = streaming_examples()
+        out = [_run_python(code.replace(README_URL, url), tmp_path) for code in (stream, job)]
+        assert out[0].splitlines() == ["partial image 0", "partial image 1", "done, seed 7"], out[0]
+        assert (tmp_path / "circle.png").read_bytes().startswith(b"\x89PNG")
+        lines = out[1].splitlines()
+        steps = [int(line.split()[1]) for line in lines if line.startswith("step ")]
+        assert (
+            steps == sorted(steps)
+            and steps[-1] > 0
+            and all(line.endswith(" of 20") for line in lines if "step" in line)
+        )
+        assert lines.count("image_generation.partial_image ") == 3, out[1]  # partial_images 3
+        assert lines[-2:] == ["image_generation.completed ", "job.status succeeded"], out[1]
         # Results landed in ./outputs relative to where the user ran the command.
         assert list((tmp_path / "outputs" / "images").rglob("*.png"))
         assert server.interrupt() == 0

@@ -359,6 +359,22 @@ def test_serve_config_gives_the_url_threads_and_batch():
     assert [(t.name, t.torch_threads) for t in explicit.in_process] == [("in-process", 2)]  # asked for: exactly that
 
 
+def test_serve_config_gives_the_baseline_its_model():
+    """The in-process baseline runs the model the served app runs (a config naming ``tiny`` is
+    not compared against the default demo model), unless --model names one."""
+    from bench.cli import config_from_args
+
+    lora = CONFIGS / "lora-bench.yaml"
+    cfg = config_from_args(_args("--serve", str(lora), "--in-process", "--torch-threads", "1"))
+    assert [t.model for t in cfg.in_process] == ["tiny"]
+    cfg = config_from_args(_args("--serve", str(lora), "--in-process", "--torch-threads", "1", "--model", "x"))
+    assert [t.model for t in cfg.in_process] == ["x"]
+    default = config_from_args(
+        _args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--torch-threads", "1")
+    )
+    assert [t.model for t in default.in_process] == [None]  # the default model, as the config's
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [
