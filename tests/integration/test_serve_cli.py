@@ -189,7 +189,7 @@ def test_readme_main_command_serves_and_examples_work(tmp_path, tiny_model):
         steps = [int(line.split()[1]) for line in lines if line.startswith("step ")]
         assert (
             steps == sorted(steps)
-            and steps[-1] > 0
+            and steps[-1] == 20
             and all(line.endswith(" of 20") for line in lines if "step" in line)
         )
         assert lines.count("image_generation.partial_image ") == 3, out[1]  # partial_images 3

@@ -190,6 +190,7 @@ def test_job_events_progress_and_preview(env):
     assert names[0] == "job.status" and names[-1] == "job.status" and events[-1][1]["status"] == "succeeded"
     steps = [p["progress"]["step"] for n, p in events if n == "job.progress"]
     assert steps == sorted(steps) and len(set(steps)) >= 2  # it moved while we watched
+    assert steps[-1] == 8 and names[names.index("image_generation.completed") - 1] == "job.progress"  # to the end
     partials = [p for n, p in events if n == "image_generation.partial_image"]
     assert [p["partial_image_index"] for p in partials] == [0, 1]  # the first one replayed
     (done,) = [p for n, p in events if n == "image_generation.completed"]
