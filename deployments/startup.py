@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from serve.errors import DarkroomError
 
-TRY_BODY = '{"prompt": "a lighthouse at dusk", "num_inference_steps": 20}'
+TRY_BODY = '{"prompt": "a yellow triangle in the center on a purple background", "num_inference_steps": 20}'
 
 
 class ServeConsole:
