@@ -123,15 +123,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
         name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
         targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
     if args.in_process:
-        if serve_plan and serve_plan["model"] and not args.model:
-            args.model = serve_plan["model"]  # the baseline runs the model the served app runs
+        model = args.model or (serve_plan["model"] if serve_plan else None)  # the served app's model
         if args.torch_threads:
-            targets.append(TargetSpec("in-process", model=args.model, torch_threads=args.torch_threads))
+            targets.append(TargetSpec("in-process", model=model, torch_threads=args.torch_threads))
         else:
             counts = thread_counts(serve_plan["torch_threads"] if serve_plan else None)
             for n in counts:  # one target per count: the goals take the best (bench/inprocess.py)
                 name = "in-process" if len(counts) == 1 else f"in-process {n} thread{'s' if n > 1 else ''}"
-                targets.append(TargetSpec(name, model=args.model, torch_threads=n))
+                targets.append(TargetSpec(name, model=model, torch_threads=n))
     try:
         prompts = read_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     except (OSError, ValueError) as exc:

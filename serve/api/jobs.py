@@ -252,10 +252,9 @@ class JobManager(JobSweeper):
         self.service._count_images(images)
         if images and all(im.withheld for im in images):
             raise ImagesWithheldError(f"all {len(images)} image(s) were withheld: the image safety check flagged them")
-        total = live.record.get("progress", {}).get("total_steps", 0)
-        if live.record.get("progress", {}).get("step") != total:
-            # The last step's progress can lose the race with the result: a bar reaches its end.
-            live.record["progress"] = {"step": total, "total_steps": total}
+        progress = live.record.get("progress", {})
+        total = progress.get("total_steps", 0)
+        if progress.get("step") != total:  # the last step's progress can lose the race with the result
             live.publish(sse(JOB_PROGRESS, progress_payload(live.record["id"], live.record["status"], total, total)))
         for index, image in enumerate(images):
             if not image.withheld:
