@@ -168,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             torch_options=serve_plan["torch_options"] if serve_plan else None,
             step_cache=serve_plan["step_cache"] if serve_plan else None,
             serve_port=args.serve_port,
+            serve_model=args.model if args.serve else None,
             serve_log=str(args.serve_log) if args.serve_log else None,
             ignore_sessions=_ignored_sessions(),
         )
@@ -307,7 +308,12 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also (or only) run the workload on serve.pipeline.Pipeline in this process: the limit",
     )
-    p.add_argument("--model", default=None, help="model for --in-process (default: the shipped demo model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model for --in-process (default: the shipped demo model; with --serve: the config's) and, with "
+        "--serve, for the app the bench starts too (darkroom serve --config CONFIG --model MODEL)",
+    )
     p.add_argument(
         "--serve",
         type=Path,

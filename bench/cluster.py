@@ -159,8 +159,10 @@ class LaunchedServer:
         ready_timeout_s: float = 300.0,
         stop_timeout_s: float = 120.0,
         log_path: Path | None = None,
+        model: str | None = None,
     ) -> None:
         self.config = Path(config)
+        self.model = model  # darkroom serve --model: replaces the config's model in every app
         self.urls = urls
         self.port = port
         self.ready_timeout_s = ready_timeout_s
@@ -174,6 +176,8 @@ class LaunchedServer:
         cmd = [sys.executable, "-m", "serve.cli", "serve", "--config", str(self.config)]
         if self.port is not None:
             cmd += ["--port", str(self.port)]
+        if self.model is not None:
+            cmd += ["--model", self.model]
         cmd += ["--ready-timeout", str(int(self.ready_timeout_s))]
         return cmd
 

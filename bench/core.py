@@ -88,6 +88,7 @@ class BenchConfig:
     rounds: int = 1  # served phase + in-process phase, repeated (A/B/A/B)
     serve_config: str | None = None  # a Serve config the bench starts for each served phase and stops after
     serve_port: int | None = None  # its HTTP port (None: the config's)
+    serve_model: str | None = None  # darkroom serve --model: every app of the config serves this model
     serve_log: str | None = None  # where the started server's output goes
     #: Ray sessions alive before the bench that the alone-check ignores (tests running beside their
     #: own session-wide cluster use it; the CLI never sets it).
@@ -394,6 +395,7 @@ def _launched_server(config: BenchConfig) -> Any:
         Path(config.serve_config),
         [t.url for t in config.served if t.url],
         port=config.serve_port,
+        model=config.serve_model,
         ready_timeout_s=config.ready_timeout_s,
         log_path=Path(config.serve_log) if config.serve_log else None,
     )
@@ -421,6 +423,7 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
                 if server is not None:
                     phase["server"] = {
                         "config": config.serve_config,
+                        "model": config.serve_model,
                         "start_s": round(await asyncio.to_thread(server.start), 1),
                     }
                 targets = [make_target(spec, config) for spec in config.served]

@@ -56,7 +56,8 @@ def summary_markdown(result: BenchResult) -> str:
         + f"; SLO {_f(cfg.slo_ms, 0) + ' ms' if cfg.slo_ms else 'none'}",
         f"- rounds: {cfg.rounds}; phases: "
         + ", ".join(f"{p['round']}:{p['kind']}" for p in result.phases)
-        + (f"; served app started and stopped by the bench from `{cfg.serve_config}`" if cfg.serve_config else ""),
+        + (f"; served app started and stopped by the bench from `{cfg.serve_config}`" if cfg.serve_config else "")
+        + (f" with `--model {cfg.serve_model}`" if cfg.serve_config and cfg.serve_model else ""),
         f"- order: {meta.get('order')}",
         "- host load: the 1-minute load average when each run started (it includes any other work on the "
         "machine; above the CPU count means the run shared its CPUs)",

@@ -151,6 +151,18 @@ def _http_of(path: Path, host: str | None, port: int | None) -> tuple[dict[str, 
     return raw, http["host"], int(http["port"])
 
 
+def with_model(raw: dict[str, Any], apps: dict[str, Any], model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``darkroom serve --config FILE --model M``: every app of the file serves ``M`` instead of
+    its own model (the raw config as deployed, and the validated ``AppConfig`` per app)."""
+    raw = {
+        **raw,
+        "applications": [
+            {**app, "args": {**(app.get("args") or {}), "model": model}} for app in raw.get("applications") or []
+        ],
+    }
+    return raw, {name: cfg.model_copy(update={"model": model}) for name, cfg in apps.items()}
+
+
 def _deploy_config(raw: dict[str, Any]) -> list[tuple[str, str]]:
     """Deploy every application of a Serve config, as ``serve run config.yaml`` does; returns
     ``(name, route prefix)`` per application (not waiting for them)."""
@@ -225,6 +237,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.config:
         _, apps = load_serve_config(Path(args.config))  # fail on a bad file before starting Ray
         raw, host, port = _http_of(Path(args.config), args.host, args.port)
+        if args.model:
+            raw, apps = with_model(raw, apps, args.model)
         cfg = next(iter(apps.values()), None)
     else:
         raw, host, port = None, args.host or "127.0.0.1", args.port or 8000
@@ -334,7 +348,12 @@ def _serve(
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the model over HTTP on Ray Serve (blocks; Ctrl-C stops)")
-    p.add_argument("--model", default=None, help="diffusers folder, hub id or exported repository (default: tiny)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="diffusers folder, hub id, exported repository or tiny (default: the shipped demo model; "
+        "with --config: replaces the model of every app in the file)",
+    )
     p.add_argument("--storage", default="./outputs", help="result store: a folder or s3://bucket/prefix")
     p.add_argument("--backend", default="torch", help="engine backend (default: torch)")
     p.add_argument(

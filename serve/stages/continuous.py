@@ -110,6 +110,7 @@ class ContinuousDenoiser:
         self.peak_requests = 0  # most requests in one step so far (tests, metrics)
         self.steps = 0  # denoiser steps taken (counted as they finish, in the stepping thread)
         self.in_flight = 0  # requests in the running batch
+        self.stretches = 0  # calls into the stepping thread (each a hop from the event loop and back)
         self.max_cancel_lag = 0  # most steps a cancelled request stayed in the batch after its cancel
 
     def stats(self) -> dict[str, int]:
@@ -118,6 +119,7 @@ class ContinuousDenoiser:
             "in_flight": self.in_flight,
             "queued": len(self._pending),
             "steps": self.steps,
+            "stretches": self.stretches,
             "peak_requests": self.peak_requests,
             "max_cancel_lag_steps": self.max_cancel_lag,
         }
@@ -234,6 +236,7 @@ class ContinuousDenoiser:
                 entry.channel.push(entry.state.progress())
         states = [e.state for e in active]
         steps = 0
+        self.stretches += 1
         while True:
             self.denoiser.step(states)
             steps += 1
@@ -246,7 +249,11 @@ class ContinuousDenoiser:
                         entry.channel.push(entry.state.progress())
             if self.step_delay_s > 0:
                 time.sleep(self.step_delay_s)
-            if self._pending or any(s.done for s in states) or any(e.cancelled for e in active):
+            # A queued request returns the thread only when it can join: with the batch full it
+            # would wait anyway, and under saturation a return per step (a hop to the event loop
+            # and back while the model thread idles) was what every step paid.
+            joinable = self._pending and len(active) < self.max_requests
+            if joinable or any(s.done for s in states) or any(e.cancelled for e in active):
                 return steps
             if self.interrupt is not None and self.interrupt():
                 return steps

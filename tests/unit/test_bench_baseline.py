@@ -361,14 +361,20 @@ def test_serve_config_gives_the_url_threads_and_batch():
 
 def test_serve_config_gives_the_baseline_its_model():
     """The in-process baseline runs the model the served app runs (a config naming ``tiny`` is
-    not compared against the default demo model), unless --model names one."""
+    not compared against the default demo model); --model names one for both."""
     from bench.cli import config_from_args
 
     lora = CONFIGS / "lora-bench.yaml"
     cfg = config_from_args(_args("--serve", str(lora), "--in-process", "--torch-threads", "1"))
     assert [t.model for t in cfg.in_process] == ["tiny"]
+    assert cfg.serve_model is None
+    # --model with --serve: the app the bench starts serves it too (darkroom serve --model).
     cfg = config_from_args(_args("--serve", str(lora), "--in-process", "--torch-threads", "1", "--model", "x"))
-    assert [t.model for t in cfg.in_process] == ["x"]
+    assert [t.model for t in cfg.in_process] == ["x"] and cfg.serve_model == "x"
+    from bench.core import _launched_server
+
+    command = _launched_server(cfg).command()
+    assert command[command.index("--model") + 1] == "x"
     default = config_from_args(
         _args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--torch-threads", "1")
     )

@@ -4,6 +4,8 @@ cancelled requests leave it, and a failing step fails only its batch."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -123,3 +125,50 @@ def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(parts, monkeypatch)
         return await loop.submit(job(encoder, 12, steps=3))
 
     assert asyncio.run(main()).value.shape == (1, 4, 8, 8)
+
+
+
+def test_a_full_batch_keeps_stepping_while_requests_queue(parts):
+    """Queued requests that cannot join (every slot taken) do not send the stepping thread back
+    to the event loop after each step: a stretch in the thread runs until the batch can change."""
+    encoder, denoiser = parts
+    release = threading.Event()
+
+    class Gated(ThreadPoolExecutor):
+        """The first stretch waits until all four requests are queued: the sequence is then fixed."""
+
+        def submit(self, fn, /, *args, **kwargs):
+            def gated(*a, **kw):
+                assert release.wait(timeout=60)
+                return fn(*a, **kw)
+
+            return super().submit(gated, *args, **kwargs)
+
+    pool = Gated(max_workers=1)
+    loop = ContinuousDenoiser(denoiser, max_requests=2, executor=pool)
+
+    async def main():
+        tasks = [asyncio.create_task(loop.submit(job(encoder, s, steps=6, scheduler="ddim"))) for s in range(4)]
+        deadline = asyncio.get_running_loop().time() + 60
+        # One or two admitted (their first stretch held at the gate), the rest queued.
+        while (stats := loop.stats())["queued"] + stats["in_flight"] < 4:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.005)
+        release.set()
+        return stats["in_flight"], await asyncio.gather(*tasks)
+
+    try:
+        first, results = asyncio.run(main())
+    finally:
+        pool.shutdown()
+    assert len(results) == 4 and loop.peak_requests == 2
+    stats = loop.stats()
+    if first == 2:
+        # Two batches of two, a stretch each (6 steps). Returning after every step while
+        # requests wait would be 7 stretches.
+        assert (stats["steps"], stats["stretches"]) == (12, 2)
+    else:
+        # The first alone (1 step: a slot is free and three wait), then until each batch change
+        # (the first finishes; the second; the third), then the last alone: 5 stretches of
+        # 1+5+1+5+1 = 13 steps. Returning after every step while requests wait would be 9.
+        assert first == 1 and (stats["steps"], stats["stretches"]) == (13, 5)

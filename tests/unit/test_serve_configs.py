@@ -406,3 +406,25 @@ def test_colocated_profile_is_one_ingress_holding_every_stage(capsys):
     assert "profile colocated" in out and "  Denoiser: inside each Ingress replica (colocated)" in out
     with pytest.raises(ValueError):
         AppConfig.model_validate({"profile": "fused"})
+
+
+def test_serve_model_flag_replaces_every_apps_model():
+    """``darkroom serve --config FILE --model M`` (what ``darkroom bench --serve FILE --model M``
+    runs): every app serves M, in the deployed config and in the validated one; the file's other
+    args stay."""
+    from deployments.cli import _http_of, with_model
+
+    path = CONFIGS / "side-by-side.yaml"
+    _, apps = load_serve_config(path)
+    raw, _, _ = _http_of(path, None, None)
+    before = copy.deepcopy(raw)
+    raw2, apps2 = with_model(raw, apps, "tiny")
+    assert raw == before  # the file's dict is not changed in place
+    assert [a["args"]["model"] for a in raw2["applications"]] == ["tiny"] * len(raw["applications"])
+    assert {name: c.model for name, c in apps2.items()} == dict.fromkeys(apps, "tiny")
+    for old, new in zip(raw["applications"], raw2["applications"], strict=True):
+        assert {k: v for k, v in new["args"].items() if k != "model"} == old["args"]
+    ServeDeploySchema.model_validate(raw2)
+    for app in raw2["applications"]:
+        if app["import_path"] == "deployments.app:build_app":
+            assert AppConfig.model_validate(app["args"]).model == "tiny"
