@@ -127,7 +127,6 @@ def test_a_failing_step_fails_its_batch_and_the_loop_goes_on(parts, monkeypatch)
     assert asyncio.run(main()).value.shape == (1, 4, 8, 8)
 
 
-
 def test_a_full_batch_keeps_stepping_while_requests_queue(parts):
     """Queued requests that cannot join (every slot taken) do not send the stepping thread back
     to the event loop after each step: a stretch in the thread runs until the batch can change."""
