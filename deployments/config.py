@@ -214,6 +214,12 @@ class TorchConfig(BaseModel):
     compile: bool = Field(
         False, description="torch.compile the denoiser (the first call per bucket and size compiles)."
     )
+    jit: bool = Field(
+        False,
+        description="Trace the denoiser with TorchScript once per input shapes and replay the traces (the same "
+        "ops; on CPU its forward then runs without holding Python's GIL, so a colocated replica serves HTTP beside "
+        "it). The first batch of each shape pays the trace.",
+    )
     compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode when compile is on.")
     batch_buckets: tuple[int, ...] = Field(
         (1, 2, 4, 8, 16, 32, 64),

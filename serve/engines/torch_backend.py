@@ -2,7 +2,7 @@
 
 Eager by default (bit for bit what diffusers computes). ``TorchOptions`` (``torch_options.py``)
 adds, where asked: channels_last memory format on CUDA, CUDA graphs per (batch bucket, input
-shapes), ``torch.compile``, VAE tiling above a size; and the denoiser runs the opt-in
+shapes), ``torch.compile``, TorchScript traces per input shapes (``jit``), VAE tiling above a size; and the denoiser runs the opt-in
 per-request step cache (``step_cache.py``: DeepCache for UNets, TeaCache for transformers).
 """
 
@@ -14,7 +14,14 @@ import logging
 import torch
 
 from serve.engines.base import Engine
-from serve.engines.torch_options import GraphCache, TorchOptions, bucket_for, capture_cuda_graph, pad_rows
+from serve.engines.torch_options import (
+    GraphCache,
+    TorchOptions,
+    bucket_for,
+    capture_cuda_graph,
+    pad_rows,
+    trace_module,
+)
 from serve.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +64,8 @@ class TorchEngine(Engine):
             self.step_cache_kind = STEP_CACHE_KIND.get(self.component)
             if opts.compile:
                 self.module = torch.compile(module, mode=opts.compile_mode, dynamic=False)
+            if opts.jit and not (opts.cuda_graphs and cuda):  # CUDA graphs, where they run, replay faster
+                self.graphs = GraphCache(lambda inputs: trace_module(self.module, inputs), opts.max_graphs)
             if opts.cuda_graphs:
                 if cuda:
                     self.graphs = GraphCache(lambda inputs: capture_cuda_graph(self.module, inputs), opts.max_graphs)
@@ -71,16 +80,22 @@ class TorchEngine(Engine):
             self.model_path,
             self.device,
             self.dtype,
-            describe(module, channels_last and self.component in CONVOLUTIONAL, self.graphs is not None, opts.compile),
+            describe(
+                module,
+                channels_last and self.component in CONVOLUTIONAL,
+                self.graphs is not None and opts.cuda_graphs,
+                opts.compile,
+                traced=self.graphs is not None and not opts.cuda_graphs,
+            ),
         )
 
     def run_eagerly(self, reason: str) -> None:
         """Drop CUDA graphs, torch.compile and batch padding from now on (the eager module, batches
         as they come): for callers whose hooks must see every call's real rows (per-request LoRA)."""
-        if not (self.options.cuda_graphs or self.options.compile):
+        if not (self.options.cuda_graphs or self.options.compile or self.options.jit):
             return
-        logger.warning("%s runs eagerly (no CUDA graphs, no torch.compile): %s", self.component, reason)
-        self.options = dataclasses.replace(self.options, cuda_graphs=False, compile=False)
+        logger.warning("%s runs eagerly (no CUDA graphs, torch.compile or trace): %s", self.component, reason)
+        self.options = dataclasses.replace(self.options, cuda_graphs=False, compile=False, jit=False)
         self.module = self.eager
         self.graphs = None
 
@@ -91,8 +106,8 @@ class TorchEngine(Engine):
             bucket = bucket_for(rows, self.options.batch_buckets)
             outputs = self._forward(pad_rows(inputs, rows, bucket), graphable=bucket in self.options.batch_buckets)
             outputs = tuple(o[:rows] for o in outputs)
-        else:
-            outputs = self._forward(inputs, graphable=False)
+        else:  # traces (jit) are per exact shapes: batches as they come
+            outputs = self._forward(inputs, graphable=self.options.jit)
         return dict(zip(self.output_names, outputs, strict=True))
 
     @torch.inference_mode()
@@ -130,7 +145,7 @@ def configure_vae_tiling(vae: torch.nn.Module, min_side: int, scale_factor: int)
     vae.tile_latent_min_size = min_side // scale_factor
 
 
-def describe(module: torch.nn.Module, channels_last: bool, graphs: bool, compiled: bool) -> str:
+def describe(module: torch.nn.Module, channels_last: bool, graphs: bool, compiled: bool, traced: bool = False) -> str:
     """The modes a component runs in, for the log: attention processors, layout, graphs, compile."""
     processors = set()
     inner = getattr(module, "model", module)
@@ -142,4 +157,6 @@ def describe(module: torch.nn.Module, channels_last: bool, graphs: bool, compile
         parts.append("CUDA graphs")
     if compiled:
         parts.append("torch.compile")
+    if traced:
+        parts.append("TorchScript traces per input shapes")
     return ", ".join(parts)

@@ -10,6 +10,12 @@ computation is opt-in:
   the padding rows repeat the last row and their outputs are dropped (rows never mix).
 - ``compile``: ``torch.compile`` of the denoiser (``compile_mode``), also over bucketed batches
   so it compiles once per bucket and size (the first request of each pays the compile).
+- ``jit``: the denoiser traced with TorchScript (``torch.jit.trace``) once per input shapes and
+  replayed (the same ops, batches as they come, no padding). Its forward then runs in C++ without
+  holding Python's GIL: in a colocated replica on CPU the HTTP and Ray threads run beside the
+  model thread instead of taking turns with it (eager, a Python thread spinning beside a tiny
+  UNet forward made it ~50x slower; traced, unchanged). The traces are TorchScript's, which
+  PyTorch calls deprecated (it still ships and runs): an opt-in for CPU serving, off by default.
 - ``vae_tiling_min_side``: decode latents whose image side exceeds this in tiles (diffusers'
   ``AutoencoderKL`` tiling; bounded memory for large images; tiles blend at their seams, so such
   images are outside the 3-level seed contract). None: never.
@@ -41,9 +47,10 @@ class TorchOptions:
     channels_last: bool | None = None  # None: on CUDA for convolutional components
     cuda_graphs: bool = False
     compile: bool = False
+    jit: bool = False
     compile_mode: str = "max-autotune-no-cudagraphs"
     batch_buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    max_graphs: int = 24  # captured graphs kept per engine (each holds its own input/output buffers)
+    max_graphs: int = 24  # captured graphs (or traces) kept per engine (each holds its own input/output buffers)
     vae_tiling_min_side: int | None = None
 
     def __post_init__(self) -> None:
@@ -53,6 +60,8 @@ class TorchOptions:
             raise ValueError(f"batch_buckets must be increasing, got {self.batch_buckets}")
         if self.max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {self.max_graphs}")
+        if self.jit and self.compile:
+            raise ValueError("jit and compile are two ways of compiling the denoiser: choose one")
         if self.vae_tiling_min_side is not None and self.vae_tiling_min_side < 64:
             raise ValueError(f"vae_tiling_min_side must be >= 64 px, got {self.vae_tiling_min_side}")
 
@@ -135,6 +144,29 @@ class GraphCache:
         return replay(inputs)
 
 
+def trace_module(module: Any, inputs: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
+    """``module(**inputs)`` traced with TorchScript for these input shapes; returns its replay.
+
+    Shape-dependent Python branches (diffusers' upsample-size and batch-size checks) are frozen
+    into the trace, which is why the cache keys traces by every input's shape (``graph_key``).
+    The tracer's warnings about exactly that, and TorchScript's deprecation notice, are muted:
+    the log says once per shape that a trace was made."""
+    import warnings
+
+    import torch
+
+    names = sorted(inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example_kwarg_inputs={n: inputs[n] for n in names}, check_trace=False)
+    logger.info("traced %s for %s", type(module).__name__, graph_key(inputs))
+
+    def replay(new: dict[str, Any]) -> Any:
+        return tuple(traced(**new))
+
+    return replay
+
+
 def capture_cuda_graph(module: Any, inputs: dict[str, Any], warmup: int = 2) -> Callable[[dict[str, Any]], Any]:
     """Capture ``module(**inputs)`` as a CUDA graph (CUDA only); returns its replay function.
 
@@ -174,4 +206,5 @@ __all__ = [
     "capture_cuda_graph",
     "graph_key",
     "pad_rows",
+    "trace_module",
 ]

@@ -1,0 +1,83 @@
+"""The torch backend's opt-in TorchScript traces (``TorchOptions.jit``): the same images as eager
+PyTorch for every family (the seed contract holds), one trace per input shapes, reused, and off
+where per-request hooks need the eager module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from serve.api.schemas import parse_generation_request
+from serve.engines.torch_options import TorchOptions
+from serve.pipeline import Pipeline
+
+
+def _params(pipe: Pipeline, seeds, **body):
+    size = pipe.info.native_size
+    return [
+        parse_generation_request(
+            {"prompt": f"a red square {s}", "seed": s, "num_inference_steps": 4, **body}
+        ).to_params(default_size=size)
+        for s in seeds
+    ]
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl", "tiny_flux"])
+def test_traced_denoiser_draws_the_eager_images(model, request):
+    source = request.getfixturevalue(model)
+    eager = Pipeline.load(source)
+    traced = Pipeline.load(source, torch_options=TorchOptions(jit=True))
+    engine = traced.denoiser.engine
+    assert engine.graphs is not None and engine.graphs.captures == 0
+    # Two batch sizes and, for the UNets, a second image size: one trace per input shapes.
+    batches = [_params(eager, [1, 2]), _params(eager, [3]), _params(eager, [4, 5])]
+    if model != "tiny_flux":
+        batches.append(_params(eager, [6], size="48x64"))
+    for batch in batches:
+        want = eager.generate_batch(batch)
+        got = traced.generate_batch(batch)
+        for a, b in zip(want, got, strict=True):
+            for x, y in zip(a.pixels, b.pixels, strict=True):
+                assert np.abs(x.astype(int) - y.astype(int)).max() <= 1  # 8-bit pixels: at most one level
+    shapes = 3 if model != "tiny_flux" else 2  # (rows 2 or 4 with CFG / 1 or 2 without) x sizes
+    assert engine.graphs.captures == shapes and engine.graphs.replays > engine.graphs.captures
+
+
+def test_traced_forward_equals_eager_exactly_on_new_values(tiny_model):
+    from serve.engines.loader import load_engine
+    from serve.model import read_model_info
+
+    info = read_model_info(tiny_model)
+    cpu = torch.device("cpu")
+    plain = load_engine("torch", info, "unet", cpu, torch.float32)
+    traced = load_engine("torch", info, "unet", cpu, torch.float32, TorchOptions(jit=True))
+    torch.manual_seed(0)
+    for t in (999.0, 500.0, 1.0):  # traced once, replayed with new timesteps and inputs
+        inputs = {
+            "sample": torch.randn(4, 4, 8, 8),
+            "timestep": torch.full((4,), t),
+            "encoder_hidden_states": torch.randn(4, 77, 32),
+        }
+        torch.testing.assert_close(traced.run(**inputs)["noise_pred"], plain.run(**inputs)["noise_pred"])
+    assert traced.graphs.captures == 1 and traced.graphs.replays == 3
+
+
+def test_jit_options():
+    with pytest.raises(ValueError, match="jit and compile"):
+        TorchOptions(jit=True, compile=True)
+    assert not TorchOptions(jit=True).buckets_batches  # traces take batches as they come
+    from deployments.config import AppConfig
+
+    assert AppConfig.model_validate({"torch": {"jit": True}}).torch.options().jit
+
+
+def test_run_eagerly_drops_the_traces(tiny_model):
+    from serve.engines.loader import load_engine
+    from serve.model import read_model_info
+
+    engine = load_engine(
+        "torch", read_model_info(tiny_model), "unet", torch.device("cpu"), torch.float32, TorchOptions(jit=True)
+    )
+    engine.run_eagerly("per-request LoRA adapters")
+    assert engine.graphs is None and not engine.options.jit
