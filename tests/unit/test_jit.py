@@ -81,3 +81,21 @@ def test_run_eagerly_drops_the_traces(tiny_model):
     )
     engine.run_eagerly("per-request LoRA adapters")
     assert engine.graphs is None and not engine.options.jit
+
+
+def test_gil_benchmark_smoke(tmp_path):
+    """``python -m bench.gil`` on the tiny model, one pair of one-step batches: the report's
+    structure (its numbers are the machine's, so no speed is asserted)."""
+    import json
+
+    from bench.gil import CONDITIONS, main
+
+    out = tmp_path / "gil.json"
+    assert main(["--model", "tiny", "--batch", "2", "--steps", "1", "--pairs", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["workload"] == {"model": "tiny", "size": [64, 64], "batch": 2, "steps": 1}
+    assert list(report["results"]) == list(CONDITIONS)
+    for r in report["results"].values():
+        assert r["eager"]["img_per_s"] > 0 and r["jit"]["img_per_s"] > 0 and len(r["jit"]["runs_s"]) == 1
+        assert r["jit_speedup"]["min"] <= r["jit_speedup"]["median"] <= r["jit_speedup"]["max"]
+    assert report["results"][CONDITIONS[1]]["eager"]["background_units_per_s"] > 0  # the thread ran

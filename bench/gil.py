@@ -1,0 +1,153 @@
+"""Eager vs traced denoiser beside a busy Python thread: what the GIL costs a replica's model
+thread (a benchmark, not a test; CPU, no Ray).
+
+    python -m bench.gil --out bench/results/<date>-jit-gil/report.json [--model tiny] [--pairs 6]
+
+A colocated replica runs the model in one thread and serves HTTP (and Ray's request path) in
+others of the same process. An eager PyTorch forward of a small model is mostly Python between
+short kernels, so it needs the GIL almost all the time and takes turns with those threads; a
+TorchScript trace (``TorchOptions(jit=True)``) runs its forward in C++ without the GIL. This
+times ``Pipeline.generate_batch`` (``--batch`` requests, ``--steps`` steps, CFG) with the eager
+and the traced pipeline, alternating batch by batch (``--pairs`` pairs, so a slow spell of the
+machine hits both alike), first alone, then beside a thread that does Python work half the time
+(JSON round trips for 1 ms, then 1 ms asleep: a stand-in for a replica's event loop). Reports
+img/s per pipeline and condition, the traced/eager speed-up per pair (median and range) and how
+much work the background thread got done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+CONDITIONS = ("alone", "beside a half-busy Python thread")
+
+
+class HalfBusyThread:
+    """Python work for 1 ms, then 1 ms asleep, until stopped; counts its units of work."""
+
+    def __init__(self) -> None:
+        self.units = 0
+        self._stop = threading.Event()
+        self._doc = {f"k{i}": list(range(20)) for i in range(50)}
+        self._thread = threading.Thread(target=self._run, name="half-busy", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.001:
+                json.loads(json.dumps(self._doc))
+                self.units += 1
+            time.sleep(0.001)
+
+    def __enter__(self) -> HalfBusyThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def run(model: str | None, *, batch: int, steps: int, pairs: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    from bench.machine import machine_metadata
+    from serve.api.schemas import parse_generation_request
+    from serve.engines.torch_options import TorchOptions
+    from serve.model import read_model_info, resolve_source
+    from serve.pipeline import Pipeline
+
+    torch.set_num_threads(threads)
+    source = resolve_source(model)
+    size = read_model_info(source).native_size
+    pipes = {"eager": Pipeline.load(source), "jit": Pipeline.load(source, torch_options=TorchOptions(jit=True))}
+    params = [
+        parse_generation_request({"prompt": f"a red square {i}", "seed": i, "num_inference_steps": steps}).to_params(
+            default_size=size
+        )
+        for i in range(batch)
+    ]
+    for pipe in pipes.values():  # traces made, profiling runs done, caches warm
+        for _ in range(2):
+            pipe.generate_batch(params)
+    results: dict[str, Any] = {}
+    for condition in CONDITIONS:
+        background = HalfBusyThread() if condition != "alone" else None
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in pipes}
+        with background or _Nothing():
+            for _ in range(pairs):
+                for name, pipe in pipes.items():
+                    units = background.units if background else 0
+                    t0 = time.perf_counter()
+                    pipe.generate_batch(params)
+                    seconds = time.perf_counter() - t0
+                    done = (background.units - units) if background else 0
+                    runs[name].append({"s": seconds, "background_units_per_s": done / seconds})
+        speedups = [e["s"] / j["s"] for e, j in zip(runs["eager"], runs["jit"], strict=True)]
+        results[condition] = {
+            name: {
+                "median_s_per_batch": round(statistics.median(r["s"] for r in rs), 4),
+                "img_per_s": round(batch / statistics.median(r["s"] for r in rs), 2),
+                "runs_s": [round(r["s"], 4) for r in rs],
+                "background_units_per_s": round(statistics.median(r["background_units_per_s"] for r in rs)),
+            }
+            for name, rs in runs.items()
+        }
+        results[condition]["jit_speedup"] = {
+            "median": round(statistics.median(speedups), 3),
+            "min": round(min(speedups), 3),
+            "max": round(max(speedups), 3),
+        }
+    return {
+        "benchmark": "bench.gil",
+        "machine": machine_metadata(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "workload": {"model": model or "darkroom-demo", "size": list(size), "batch": batch, "steps": steps},
+        "pairs": pairs,
+        "order": "eager and traced pipelines alternate batch by batch; alone first, then beside the thread",
+        "results": results,
+    }
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gil", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="model (default: tiny, the model issue 14's goals name)")
+    p.add_argument("--batch", type=int, default=8, help="requests per batch (default 8)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--pairs", type=int, default=6, help="eager/traced pairs per condition (default 6)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, a colocated replica's)")
+    p.add_argument("--out", type=Path, required=True, help="the JSON report to write")
+    args = p.parse_args(argv)
+    for flag in ("batch", "steps", "pairs", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1")
+    report = run(args.model, batch=args.batch, steps=args.steps, pairs=args.pairs, threads=args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    for condition, r in report["results"].items():
+        s = r["jit_speedup"]
+        print(
+            f"{condition}: eager {r['eager']['img_per_s']} img/s, traced {r['jit']['img_per_s']} img/s; "
+            f"traced / eager {s['median']}x ({s['min']}-{s['max']})"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
