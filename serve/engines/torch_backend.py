@@ -3,7 +3,8 @@
 Eager by default (bit for bit what diffusers computes). ``TorchOptions`` (``torch_options.py``)
 adds, where asked: channels_last memory format on CUDA, CUDA graphs per (batch bucket, input
 shapes), ``torch.compile``, TorchScript traces per input shapes (``jit``), VAE tiling above a
-size; and the denoiser runs the opt-in per-request step cache (``step_cache.py``: DeepCache for UNets, TeaCache for transformers).
+size; and the denoiser runs the opt-in per-request step cache (``step_cache.py``: DeepCache for
+UNets, TeaCache for transformers).
 """
 
 from __future__ import annotations
