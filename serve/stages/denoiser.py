@@ -99,7 +99,7 @@ class Denoiser:
         self.lora = runtime_for(engines, self.family, loras, max_bytes=lora_cache_bytes or DEFAULT_CACHE_BYTES)
         if self.lora is not None and hasattr(engine, "run_eagerly"):
             # Per-row LoRA hooks read each call's row runs: a captured CUDA graph would replay the
-            # runs of its capture, a compiled module would trace them once, and bucket padding
+            # runs of its capture, a compiled or traced module would freeze them, and bucket padding
             # would add rows no run covers. So with adapters the denoiser runs eagerly.
             engine.run_eagerly("per-request LoRA adapters")
         self.model_calls = 0

@@ -93,6 +93,8 @@ def test_denoiser_with_adapters_runs_eagerly(tiny_model, folder, encoder):
     without = Denoiser.load(tiny_model, device="cpu", torch_options=TorchOptions(compile=True))
     assert not padded.engine.options.buckets_batches and not compiled.engine.options.compile
     assert compiled.engine.module is compiled.engine.eager
+    traced = Denoiser.load(tiny_model, device="cpu", loras=str(folder), torch_options=TorchOptions(jit=True))
+    assert traced.engine.graphs is None and not traced.engine.options.jit  # a trace would freeze the hooks' rows
     assert without.engine.options.compile and without.engine.module is not without.engine.eager  # no adapters: kept
     jobs = [_job(encoder, 7, (("ink", 1.0),)), _job(encoder, 8, cfg=False, steps=3)]  # 2 + 1 rows per call
     got = padded.denoise(jobs)
