@@ -1,7 +1,8 @@
 """Eager vs traced denoiser beside a busy Python thread: what the GIL costs a replica's model
 thread (a benchmark, not a test; CPU, no Ray).
 
-    python -m bench.gil --out bench/results/<date>-jit-gil/report.json [--model tiny] [--pairs 6]
+    python -m bench.gil --out bench/results/<date>-jit-gil/report.json [--model tiny] [--pairs 6] \
+        [--burst-ms 1] [--switch-interval-ms 5,0.5]
 
 A colocated replica runs the model in one thread and serves HTTP (and Ray's request path) in
 others of the same process. An eager PyTorch forward of a small model is mostly Python between
@@ -10,9 +11,11 @@ TorchScript trace (``TorchOptions(jit=True)``) runs its forward in C++ without t
 times ``Pipeline.generate_batch`` (``--batch`` requests, ``--steps`` steps, CFG) with the eager
 and the traced pipeline, alternating batch by batch (``--pairs`` pairs, so a slow spell of the
 machine hits both alike), first alone, then beside a thread that does Python work half the time
-(JSON round trips for 1 ms, then 1 ms asleep: a stand-in for a replica's event loop). Reports
-img/s per pipeline and condition, the traced/eager speed-up per pair (median and range) and how
-much work the background thread got done.
+(JSON round trips for ``--burst-ms``, then as long asleep: a stand-in for a replica's event
+loop), once per ``--switch-interval-ms`` (``sys.setswitchinterval``: how long a thread that wants
+the GIL waits before it asks the holder to drop it; Python's default is 5 ms). Reports img/s per
+pipeline and condition, the traced/eager speed-up per pair (median and range) and how much work
+the background thread got done.
 """
 
 from __future__ import annotations
@@ -25,13 +28,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONDITIONS = ("alone", "beside a half-busy Python thread")
+ALONE = "alone"
+
+
+def conditions(burst_ms: float, intervals_ms: list[float]) -> list[tuple[str, float | None]]:
+    """``(name, switch interval ms)`` per condition: alone (Python's default interval), then beside
+    the half-busy thread once per interval."""
+    return [(ALONE, None)] + [
+        (f"beside a Python thread busy {burst_ms:g} ms of every {2 * burst_ms:g}, switch interval {si:g} ms", si)
+        for si in intervals_ms
+    ]
 
 
 class HalfBusyThread:
-    """Python work for 1 ms, then 1 ms asleep, until stopped; counts its units of work."""
+    """Python work for ``burst_s``, then as long asleep, until stopped; counts its units of work."""
 
-    def __init__(self) -> None:
+    def __init__(self, burst_s: float = 0.001) -> None:
+        self.burst_s = burst_s
         self.units = 0
         self._stop = threading.Event()
         self._doc = {f"k{i}": list(range(20)) for i in range(50)}
@@ -40,10 +53,10 @@ class HalfBusyThread:
     def _run(self) -> None:
         while not self._stop.is_set():
             t0 = time.perf_counter()
-            while time.perf_counter() - t0 < 0.001:
+            while time.perf_counter() - t0 < self.burst_s:
                 json.loads(json.dumps(self._doc))
                 self.units += 1
-            time.sleep(0.001)
+            time.sleep(self.burst_s)
 
     def __enter__(self) -> HalfBusyThread:
         self._thread.start()
@@ -54,7 +67,18 @@ class HalfBusyThread:
         self._thread.join(timeout=10)
 
 
-def run(model: str | None, *, batch: int, steps: int, pairs: int, threads: int) -> dict[str, Any]:
+def run(
+    model: str | None,
+    *,
+    batch: int,
+    steps: int,
+    pairs: int,
+    threads: int,
+    burst_ms: float = 1.0,
+    intervals_ms: list[float] | None = None,
+) -> dict[str, Any]:
+    import sys
+
     import torch
 
     from bench.machine import machine_metadata
@@ -77,9 +101,11 @@ def run(model: str | None, *, batch: int, steps: int, pairs: int, threads: int) 
         for _ in range(2):
             pipe.generate_batch(params)
     results: dict[str, Any] = {}
-    for condition in CONDITIONS:
-        background = HalfBusyThread() if condition != "alone" else None
+    default_interval = sys.getswitchinterval()
+    for condition, interval_ms in conditions(burst_ms, intervals_ms or [default_interval * 1000]):
+        background = HalfBusyThread(burst_ms / 1000) if condition != ALONE else None
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in pipes}
+        sys.setswitchinterval(interval_ms / 1000 if interval_ms is not None else default_interval)
         with background or _Nothing():
             for _ in range(pairs):
                 for name, pipe in pipes.items():
@@ -99,6 +125,8 @@ def run(model: str | None, *, batch: int, steps: int, pairs: int, threads: int) 
             }
             for name, rs in runs.items()
         }
+        sys.setswitchinterval(default_interval)
+        results[condition]["switch_interval_ms"] = interval_ms if interval_ms is not None else default_interval * 1000
         results[condition]["jit_speedup"] = {
             "median": round(statistics.median(speedups), 3),
             "min": round(min(speedups), 3),
@@ -110,6 +138,7 @@ def run(model: str | None, *, batch: int, steps: int, pairs: int, threads: int) 
         "torch": torch.__version__,
         "torch_threads": threads,
         "workload": {"model": model or "darkroom-demo", "size": list(size), "batch": batch, "steps": steps},
+        "background_burst_ms": burst_ms,
         "pairs": pairs,
         "order": "eager and traced pipelines alternate batch by batch; alone first, then beside the thread",
         "results": results,
@@ -131,12 +160,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--pairs", type=int, default=6, help="eager/traced pairs per condition (default 6)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, a colocated replica's)")
+    p.add_argument(
+        "--burst-ms", type=float, default=1.0, help="the background thread's work (and sleep) slice (default 1)"
+    )
+    p.add_argument(
+        "--switch-interval-ms",
+        default=None,
+        help="GIL switch intervals to run the busy condition with, comma-separated (default: Python's, 5)",
+    )
     p.add_argument("--out", type=Path, required=True, help="the JSON report to write")
     args = p.parse_args(argv)
     for flag in ("batch", "steps", "pairs", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1")
-    report = run(args.model, batch=args.batch, steps=args.steps, pairs=args.pairs, threads=args.threads)
+    if not args.burst_ms > 0:
+        p.error("--burst-ms must be > 0")
+    intervals = None
+    if args.switch_interval_ms:
+        try:
+            intervals = [float(v) for v in args.switch_interval_ms.split(",") if v.strip()]
+        except ValueError:
+            p.error(f"--switch-interval-ms: not a comma-separated list of numbers: {args.switch_interval_ms!r}")
+        if not intervals or any(v <= 0 for v in intervals):
+            p.error("--switch-interval-ms: every interval must be > 0")
+    report = run(
+        args.model,
+        batch=args.batch,
+        steps=args.steps,
+        pairs=args.pairs,
+        threads=args.threads,
+        burst_ms=args.burst_ms,
+        intervals_ms=intervals,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     for condition, r in report["results"].items():

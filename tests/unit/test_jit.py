@@ -87,15 +87,32 @@ def test_gil_benchmark_smoke(tmp_path):
     """``python -m bench.gil`` on the tiny model, one pair of one-step batches: the report's
     structure (its numbers are the machine's, so no speed is asserted)."""
     import json
+    import sys
 
-    from bench.gil import CONDITIONS, main
+    from bench.gil import ALONE, conditions, main
 
     out = tmp_path / "gil.json"
-    assert main(["--model", "tiny", "--batch", "2", "--steps", "1", "--pairs", "1", "--out", str(out)]) == 0
+    before = sys.getswitchinterval()
+    argv = ["--model", "tiny", "--batch", "2", "--steps", "1", "--pairs", "1", "--switch-interval-ms", "5,0.5"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert sys.getswitchinterval() == before  # restored
     report = json.loads(out.read_text())
     assert report["workload"] == {"model": "tiny", "size": [64, 64], "batch": 2, "steps": 1}
-    assert list(report["results"]) == list(CONDITIONS)
+    names = [name for name, _ in conditions(1.0, [5.0, 0.5])]
+    assert list(report["results"]) == names and names[0] == ALONE and len(names) == 3
+    assert [r["switch_interval_ms"] for r in report["results"].values()] == [before * 1000, 5.0, 0.5]
     for r in report["results"].values():
         assert r["eager"]["img_per_s"] > 0 and r["jit"]["img_per_s"] > 0 and len(r["jit"]["runs_s"]) == 1
         assert r["jit_speedup"]["min"] <= r["jit_speedup"]["median"] <= r["jit_speedup"]["max"]
-    assert report["results"][CONDITIONS[1]]["eager"]["background_units_per_s"] > 0  # the thread ran
+    assert report["results"][names[1]]["eager"]["background_units_per_s"] > 0  # the thread ran
+
+
+@pytest.mark.parametrize(
+    "argv", [["--burst-ms", "0"], ["--switch-interval-ms", "x"], ["--switch-interval-ms", "0"], ["--pairs", "0"]]
+)
+def test_gil_benchmark_flag_errors(argv, tmp_path, capsys):
+    from bench.gil import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
