@@ -167,6 +167,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             serve_config=str(args.serve) if args.serve else None,
             torch_options=serve_plan["torch_options"] if serve_plan else None,
             step_cache=serve_plan["step_cache"] if serve_plan else None,
+            gil_switch_interval_ms=serve_plan["gil_switch_interval_ms"] if serve_plan else None,
             serve_port=args.serve_port,
             serve_model=args.model if args.serve else None,
             serve_log=str(args.serve_log) if args.serve_log else None,
@@ -218,13 +219,21 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
     cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
     cores = usable_cores()
     if cfg is None:
-        return {"torch_threads": None, "max_batch": 8, "torch_options": None, "step_cache": None, "model": None}
+        return {
+            "torch_threads": None,
+            "max_batch": 8,
+            "torch_options": None,
+            "step_cache": None,
+            "model": None,
+            "gil_switch_interval_ms": None,
+        }
     return {
         "torch_threads": min(cfg.model_torch_threads(), cores),
         "max_batch": cfg.denoiser.max_batch_size,
         "torch_options": cfg.torch.model_dump(mode="json"),
         "step_cache": cfg.step_cache.model_dump(mode="json") if cfg.step_cache else None,
         "model": cfg.model,
+        "gil_switch_interval_ms": cfg.gil_switch_interval_ms,
     }
 
 

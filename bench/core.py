@@ -89,6 +89,7 @@ class BenchConfig:
     serve_config: str | None = None  # a Serve config the bench starts for each served phase and stops after
     serve_port: int | None = None  # its HTTP port (None: the config's)
     serve_model: str | None = None  # darkroom serve --model: every app of the config serves this model
+    gil_switch_interval_ms: float | None = None  # the app's (AppConfig); the in-process phase runs with it too
     serve_log: str | None = None  # where the started server's output goes
     #: Ray sessions alive before the bench that the alone-check ignores (tests running beside their
     #: own session-wide cluster use it; the CLI never sets it).
@@ -310,6 +311,7 @@ def make_target(spec: TargetSpec, config: BenchConfig) -> Target:
         name=spec.name,
         torch_options=config.torch_options,
         step_cache=config.step_cache,
+        gil_switch_interval_ms=config.gil_switch_interval_ms,
     )
 
 

@@ -46,6 +46,7 @@ class InProcessTarget:
         name: str | None = None,
         torch_options: dict[str, Any] | None = None,
         step_cache: dict[str, Any] | None = None,
+        gil_switch_interval_ms: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -56,6 +57,10 @@ class InProcessTarget:
         self.device = device
         self.torch_options = torch_options
         self.step_cache = step_cache
+        # The app's GIL switch interval (AppConfig), set in this process while the target runs:
+        # the baseline's model thread shares the process with the bench's event loop.
+        self.gil_switch_interval_ms = gil_switch_interval_ms
+        self._saved_interval: float | None = None
         if name:
             self.name = name
         self.batch_limit = max_batch
@@ -86,6 +91,11 @@ class InProcessTarget:
             return pipe, read_model_info(source), torch.get_num_threads()
 
         t0 = time.perf_counter()
+        if self.gil_switch_interval_ms is not None:
+            import sys
+
+            self._saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self.gil_switch_interval_ms / 1000)
         self._pipe, self._info, threads = await asyncio.to_thread(load)
         self._threads = threads  # what every batch runs with
         self._wake = asyncio.Event()
@@ -97,6 +107,7 @@ class InProcessTarget:
             "torch_threads": threads,
             "torch_options": self.torch_options,
             "step_cache": self.step_cache,
+            "gil_switch_interval_ms": self.gil_switch_interval_ms,
             "max_batch_open_loop": self.max_batch,
             "load_s": round(time.perf_counter() - t0, 3),
         }
@@ -169,6 +180,11 @@ class InProcessTarget:
                     future.set_result(Response(200, images=len(result.images), timings=timings))
 
     async def close(self) -> None:
+        if self._saved_interval is not None:
+            import sys
+
+            sys.setswitchinterval(self._saved_interval)
+            self._saved_interval = None
         if self._worker is not None:
             self._worker.cancel()
             try:

@@ -314,6 +314,14 @@ class AppConfig(BaseModel):
     job_attempts: int = Field(
         3, ge=1, le=10, description="Tries per job (the first and resumptions after a lost lease) before it fails."
     )
+    gil_switch_interval_ms: float | None = Field(
+        None,
+        ge=0.05,
+        le=100,
+        description="Python's GIL switch interval in every replica (sys.setswitchinterval; None = Python's 5 ms): "
+        "how long a thread that wants the GIL waits before the holder must drop it. Shorter lets a model "
+        "thread take it back sooner from the HTTP and Ray threads of its process (python -m bench.gil).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of the replicas' own log lines; each names its stage and request id."
     )

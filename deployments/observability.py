@@ -103,12 +103,15 @@ def configure_replica_logging(stage: str, level: str = "INFO") -> None:
         log.propagate = False
 
 
-def replica_observability(stage: str, level: str = "INFO") -> RayMetrics:
+def replica_observability(stage: str, level: str = "INFO", gil_switch_interval_ms: float | None = None) -> RayMetrics:
     """The first line of every deployment's constructor: logging with request ids, this
-    replica's metrics, and its inter-deployment gRPC port on loopback in a local cluster
-    (``deployments/local_cluster.py``; Serve opens that port after the constructor)."""
+    replica's metrics, its inter-deployment gRPC port on loopback in a local cluster
+    (``deployments/local_cluster.py``; Serve opens that port after the constructor), and the
+    process's GIL switch interval when the config sets one (``AppConfig.gil_switch_interval_ms``)."""
     from deployments.local_cluster import bind_replica_grpc_to_loopback
 
+    if gil_switch_interval_ms is not None:
+        sys.setswitchinterval(gil_switch_interval_ms / 1000)
     configure_replica_logging(stage, level)
     bind_replica_grpc_to_loopback()
     return RayMetrics(stage)
