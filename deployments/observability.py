@@ -103,6 +103,15 @@ def configure_replica_logging(stage: str, level: str = "INFO") -> None:
         log.propagate = False
 
 
+def set_gil_switch_interval(ms: float | None) -> float:
+    """This process's GIL switch interval to ``ms`` milliseconds (None: leave it); returns the
+    interval it had, in seconds."""
+    before = sys.getswitchinterval()
+    if ms is not None:
+        sys.setswitchinterval(ms / 1000)
+    return before
+
+
 def replica_observability(stage: str, level: str = "INFO", gil_switch_interval_ms: float | None = None) -> RayMetrics:
     """The first line of every deployment's constructor: logging with request ids, this
     replica's metrics, its inter-deployment gRPC port on loopback in a local cluster
@@ -110,11 +119,16 @@ def replica_observability(stage: str, level: str = "INFO", gil_switch_interval_m
     process's GIL switch interval when the config sets one (``AppConfig.gil_switch_interval_ms``)."""
     from deployments.local_cluster import bind_replica_grpc_to_loopback
 
-    if gil_switch_interval_ms is not None:
-        sys.setswitchinterval(gil_switch_interval_ms / 1000)
+    set_gil_switch_interval(gil_switch_interval_ms)
     configure_replica_logging(stage, level)
     bind_replica_grpc_to_loopback()
     return RayMetrics(stage)
 
 
-__all__ = ["PROMETHEUS_PREFIX", "RayMetrics", "configure_replica_logging", "replica_observability"]
+__all__ = [
+    "PROMETHEUS_PREFIX",
+    "RayMetrics",
+    "configure_replica_logging",
+    "replica_observability",
+    "set_gil_switch_interval",
+]

@@ -422,3 +422,36 @@ def test_cpu_per_image_by_process():
     busy = cpu.snapshot([me])[me]
     sum(i * i for i in range(300_000))
     assert cpu.snapshot([me])[me] >= busy
+
+
+def test_the_baseline_runs_with_the_apps_gil_switch_interval(tmp_path):
+    """An app config's ``gil_switch_interval_ms`` reaches the in-process baseline, which sets it
+    in the bench's process while it runs and restores the interval it found."""
+    import asyncio
+    import sys
+
+    import yaml
+
+    from bench.cli import config_from_args
+    from bench.inprocess import InProcessTarget
+
+    raw = yaml.safe_load((CONFIGS / "colocated.yaml").read_text())
+    raw["applications"][0]["args"]["gil_switch_interval_ms"] = 0.5
+    path = tmp_path / "colocated-si.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = config_from_args(_args("--serve", str(path), "--in-process", "--torch-threads", "1"))
+    assert cfg.gil_switch_interval_ms == 0.5
+    assert config_from_args(_args("--serve", str(CONFIGS / "colocated.yaml"))).gil_switch_interval_ms is None
+
+    before = sys.getswitchinterval()
+    target = InProcessTarget("tiny", torch_threads=1, gil_switch_interval_ms=0.5)
+
+    async def main():
+        info = await target.start()
+        during = sys.getswitchinterval()
+        await target.close()
+        return info, during
+
+    info, during = asyncio.run(main())
+    assert during == pytest.approx(0.0005) and info["gil_switch_interval_ms"] == 0.5
+    assert sys.getswitchinterval() == before

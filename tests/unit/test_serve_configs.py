@@ -428,3 +428,23 @@ def test_serve_model_flag_replaces_every_apps_model():
     for app in raw2["applications"]:
         if app["import_path"] == "deployments.app:build_app":
             assert AppConfig.model_validate(app["args"]).model == "tiny"
+
+
+def test_gil_switch_interval_setting():
+    """``gil_switch_interval_ms`` is validated, and what every replica's constructor applies
+    (``replica_observability``) sets the process's interval; None leaves it."""
+    import sys
+
+    from deployments.observability import set_gil_switch_interval
+
+    assert AppConfig.model_validate({}).gil_switch_interval_ms is None
+    assert AppConfig.model_validate({"gil_switch_interval_ms": 0.5}).gil_switch_interval_ms == 0.5
+    for bad in (0, 0.01, 1000):
+        with pytest.raises(ValueError, match="gil_switch_interval_ms"):
+            AppConfig.model_validate({"gil_switch_interval_ms": bad})
+    original = sys.getswitchinterval()
+    try:
+        assert set_gil_switch_interval(None) == original and sys.getswitchinterval() == original
+        assert set_gil_switch_interval(0.5) == original and sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(original)
