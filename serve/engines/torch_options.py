@@ -13,9 +13,10 @@ computation is opt-in:
 - ``jit``: the denoiser traced with TorchScript (``torch.jit.trace``) once per input shapes and
   replayed (the same ops, batches as they come, no padding). Its forward then runs in C++ without
   holding Python's GIL: in a colocated replica on CPU the HTTP and Ray threads run beside the
-  model thread instead of taking turns with it (eager, a Python thread spinning beside a tiny
-  UNet forward made it ~50x slower; traced, unchanged). The traces are TorchScript's, which
-  PyTorch calls deprecated (it still ships and runs): an opt-in for CPU serving, off by default.
+  forward instead of taking turns with it (a Python thread spinning flat out made an eager tiny
+  UNet forward ~75x slower in a one-off check, a traced one ~1.5x; the scheduler's steps between
+  forwards still take turns). The traces are TorchScript's, which PyTorch calls deprecated (it
+  still ships and runs): an opt-in for CPU serving, off by default.
 - ``vae_tiling_min_side``: decode latents whose image side exceeds this in tiles (diffusers'
   ``AutoencoderKL`` tiling; bounded memory for large images; tiles blend at their seams, so such
   images are outside the 3-level seed contract). None: never.
