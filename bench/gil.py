@@ -21,6 +21,7 @@ the background thread got done.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import threading
@@ -84,6 +85,7 @@ def run(
     from bench.machine import machine_metadata
     from serve.api.schemas import parse_generation_request
     from serve.engines.torch_options import TorchOptions
+    from serve.gil import set_gil_switch_interval
     from serve.model import read_model_info, resolve_source
     from serve.pipeline import Pipeline
 
@@ -105,8 +107,8 @@ def run(
     for condition, interval_ms in conditions(burst_ms, intervals_ms or [default_interval * 1000]):
         background = HalfBusyThread(burst_ms / 1000) if condition != ALONE else None
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in pipes}
-        sys.setswitchinterval(interval_ms / 1000 if interval_ms is not None else default_interval)
-        with background or _Nothing():
+        set_gil_switch_interval(interval_ms)
+        with background or contextlib.nullcontext():
             for _ in range(pairs):
                 for name, pipe in pipes.items():
                     units = background.units if background else 0
@@ -143,14 +145,6 @@ def run(
         "order": "eager and traced pipelines alternate batch by batch; alone first, then beside the thread",
         "results": results,
     }
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

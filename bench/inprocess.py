@@ -92,10 +92,9 @@ class InProcessTarget:
 
         t0 = time.perf_counter()
         if self.gil_switch_interval_ms is not None:
-            import sys
+            from serve.gil import set_gil_switch_interval
 
-            self._saved_interval = sys.getswitchinterval()
-            sys.setswitchinterval(self.gil_switch_interval_ms / 1000)
+            self._saved_interval = set_gil_switch_interval(self.gil_switch_interval_ms)
         self._pipe, self._info, threads = await asyncio.to_thread(load)
         self._threads = threads  # what every batch runs with
         self._wake = asyncio.Event()

@@ -23,6 +23,7 @@ from typing import Any
 
 from ray.serve import metrics as serve_metrics
 
+from serve.gil import set_gil_switch_interval
 from serve.metrics import CATALOGUE, check
 from serve.request_context import LOG_FORMAT, RequestIdFilter
 
@@ -101,15 +102,6 @@ def configure_replica_logging(stage: str, level: str = "INFO") -> None:
         log.handlers[:] = [h for h in log.handlers if h.get_name() != "darkroom-replica"] + [handler]
         log.setLevel(level)
         log.propagate = False
-
-
-def set_gil_switch_interval(ms: float | None) -> float:
-    """This process's GIL switch interval to ``ms`` milliseconds (None: leave it); returns the
-    interval it had, in seconds."""
-    before = sys.getswitchinterval()
-    if ms is not None:
-        sys.setswitchinterval(ms / 1000)
-    return before
 
 
 def replica_observability(stage: str, level: str = "INFO", gil_switch_interval_ms: float | None = None) -> RayMetrics:

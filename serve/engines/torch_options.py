@@ -13,9 +13,8 @@ computation is opt-in:
 - ``jit``: the denoiser traced with TorchScript (``torch.jit.trace``) once per input shapes and
   replayed (the same ops, batches as they come, no padding). Its forward then runs in C++ without
   holding Python's GIL: in a colocated replica on CPU the HTTP and Ray threads run beside the
-  forward instead of taking turns with it (a Python thread spinning flat out made an eager tiny
-  UNet forward ~75x slower in a one-off check, a traced one 1.4-2.1x; the scheduler's steps between
-  forwards still take turns). The traces are TorchScript's, which PyTorch calls deprecated (it
+  forward instead of taking turns with it (``python -m bench.gil`` measures it; the scheduler's
+  steps between forwards still take turns). The traces are TorchScript's, which PyTorch calls deprecated (it
   still ships and runs): an opt-in for CPU serving, off by default.
 - ``vae_tiling_min_side``: decode latents whose image side exceeds this in tiles (diffusers'
   ``AutoencoderKL`` tiling; bounded memory for large images; tiles blend at their seams, so such
