@@ -91,6 +91,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise InvalidRequestError("--url", None, "give a URL to benchmark, --serve CONFIG, or --in-process")
     if args.rounds is not None and args.rounds < 1:
         raise InvalidRequestError("--rounds", args.rounds, "must be >= 1")
+    if args.freeze and not (args.serve and args.in_process):
+        raise InvalidRequestError(
+            "--freeze", True, "needs --serve CONFIG and --in-process (it freezes the app it starts)"
+        )
     if args.compare and not args.url:
         raise InvalidRequestError("--compare", args.compare, "needs --url (the first target)")
     if args.compare_stream and not args.url:
@@ -163,7 +167,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             progress=not args.quiet,
             loras=loras,
             memory_interval_s=args.memory_interval,
-            rounds=args.rounds or (2 if args.serve and args.in_process else 1),
+            rounds=args.rounds or (5 if args.freeze else 2 if args.serve and args.in_process else 1),
+            freeze_served=args.freeze,
             serve_config=str(args.serve) if args.serve else None,
             torch_options=serve_plan["torch_options"] if serve_plan else None,
             step_cache=serve_plan["step_cache"] if serve_plan else None,
@@ -339,7 +344,14 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=None,
         help="repeat the served phase and the in-process phase this many times (A/B/A/B); ratios are given "
-        "as median and range over the rounds (default: 2 with --serve and --in-process, else 1)",
+        "as median and range over the rounds (default: 2 with --serve and --in-process, 5 with --freeze, else 1)",
+    )
+    p.add_argument(
+        "--freeze",
+        action="store_true",
+        help="with --serve and --in-process: start the app once and, instead of stopping it, freeze it "
+        "(SIGSTOP every process of it: it gets no CPU; checked) for each in-process run, alternating served "
+        "and in-process at every level of every round; rounds then cost seconds, not a restart, so use more",
     )
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", default=None, help="closed loop: clients, comma-separated sweep, e.g. 1,2,4")

@@ -10,6 +10,14 @@ made the served app look closer to its limit than it is.
 What counts as alive: a Ray instance (its ``raylet`` or ``gcs_server`` process) or a ``darkroom
 serve`` process, by anyone, on this machine. Found from ``/proc`` (Linux; elsewhere ``psutil``
 when installed). Plain Python: nothing heavy is imported.
+
+Frozen instead of stopped (``darkroom bench --serve CONFIG --in-process --freeze``): every process
+of the server the bench started is sent SIGSTOP and read back as stopped (``T``) before the
+in-process run, and SIGCONT after. A stopped process gets no CPU time (the run records the
+frozen processes' CPU seconds to show it: 0), so the baseline still runs alone on the cores, but
+the server need not be restarted for every round: rounds cost seconds instead of a minute, so a
+run can afford many short, interleaved ones, and the machine's drift (this machine: 9-15 img/s
+for the same baseline minutes apart) falls on both sides of each ratio alike.
 """
 
 from __future__ import annotations
@@ -20,10 +28,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.cpu import tree
 from serve.errors import DarkroomError
 
 logger = logging.getLogger(__name__)
@@ -93,18 +103,22 @@ def _is_darkroom_serve(argv: list[str]) -> bool:
 
 
 def live_clusters(
-    processes: Iterable[tuple[int, list[str]]] | None = None, *, ignore_sessions: Iterable[str] = ()
+    processes: Iterable[tuple[int, list[str]]] | None = None,
+    *,
+    ignore_sessions: Iterable[str] = (),
+    ignore_pids: Iterable[int] = (),
 ) -> list[LiveCluster]:
     """Serving clusters alive on this machine (one entry per Ray session, one per darkroom serve).
 
     ``processes`` defaults to this machine's; ``ignore_sessions`` names Ray sessions not to count
-    (a test's own session-wide cluster, measured apart by other means).
+    (a test's own session-wide cluster, measured apart by other means); ``ignore_pids`` names
+    processes not to count (the bench's own launched server while it is frozen: ``frozen``).
     """
     ignored = set(ignore_sessions)
-    me = os.getpid()
+    skip = {os.getpid(), *ignore_pids}
     found: dict[str, LiveCluster] = {}
     for pid, argv in _processes() if processes is None else processes:
-        if pid == me or not argv:
+        if pid in skip or not argv:
             continue
         command = " ".join(argv)
         if Path(argv[0]).name in ("raylet", "gcs_server"):
@@ -119,9 +133,9 @@ def live_clusters(
     return sorted(found.values(), key=lambda c: c.pid)
 
 
-def require_alone(ignore_sessions: Iterable[str] = ()) -> None:
+def require_alone(ignore_sessions: Iterable[str] = (), ignore_pids: Iterable[int] = ()) -> None:
     """Raise (one line) when a serving cluster is alive: the in-process baseline must run alone."""
-    alive = live_clusters(ignore_sessions=ignore_sessions)
+    alive = live_clusters(ignore_sessions=ignore_sessions, ignore_pids=ignore_pids)
     if alive:
         names = "; ".join(c.describe() for c in alive[:3]) + (f" and {len(alive) - 3} more" if len(alive) > 3 else "")
         raise DarkroomError(
@@ -140,6 +154,36 @@ def wait_until_gone(sessions: Iterable[str], timeout_s: float) -> list[LiveClust
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.25)
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of a process (``R``, ``S``, ``T`` for stopped, ...); None if it is gone
+    (or without ``/proc``)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()[0]
+
+
+def signal_all(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_stopped(pids: list[int], timeout_s: float) -> list[str]:
+    """Wait (bounded) until every process is stopped (state ``T``); returns ``pid (state)`` of each
+    that is not (a gone process reads ``gone``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {pid: process_state(pid) for pid in pids}
+        running = [f"{pid} ({state or 'gone'})" for pid, state in states.items() if state not in ("T", "t")]
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.02)
 
 
 class LaunchedServer:
@@ -227,9 +271,32 @@ class LaunchedServer:
 
     def processes(self) -> list[int]:
         """The server's process and every descendant (Ray's GCS, raylet, controller, proxy, replicas)."""
-        from bench.cpu import tree
-
         return tree(self.proc.pid) if self.proc is not None else []
+
+    @contextmanager
+    def frozen(self, timeout_s: float = 10.0) -> Iterator[list[int]]:
+        """Freeze every process of the server (SIGSTOP) for the block, then let them go on (SIGCONT).
+
+        Yields the frozen pids once each reads stopped (``T``) in ``/proc``; raises (after thawing)
+        if one does not within ``timeout_s`` or is gone. A stopped process is given no CPU at all,
+        so the block runs as if the server were not there; its memory stays. Ray's and Serve's
+        health checks time out after 10-30 s, so keep a block shorter than that (one level's
+        in-process run). The server is thawed even if the block raises.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError("not running")
+        pids = tree(self.proc.pid)
+        try:
+            signal_all(pids, signal.SIGSTOP)
+            running = wait_stopped(pids, timeout_s)
+            if running:
+                raise DarkroomError(
+                    f"could not freeze the server the bench started: not stopped after {timeout_s:.0f} s: "
+                    + ", ".join(running[:5])
+                )
+            yield pids
+        finally:
+            signal_all(pids, signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop the server and its Ray cluster (bounded); raise if any of its processes is left."""
@@ -257,4 +324,13 @@ class LaunchedServer:
             )
 
 
-__all__ = ["LaunchedServer", "LiveCluster", "live_clusters", "require_alone", "wait_until_gone"]
+__all__ = [
+    "LaunchedServer",
+    "LiveCluster",
+    "live_clusters",
+    "process_state",
+    "require_alone",
+    "signal_all",
+    "wait_stopped",
+    "wait_until_gone",
+]

@@ -36,6 +36,24 @@ def _median(values: list[float]) -> float:
     return spread(values).median or 0.0
 
 
+def _phases_line(result: BenchResult) -> str:
+    cfg = result.config
+    model = f" with `--model {cfg.serve_model}`" if cfg.serve_config and cfg.serve_model else ""
+    if cfg.freeze_served:
+        frozen = [p["frozen"] for p in result.phases if "frozen" in p]
+        most = max((f["cpu_s"] for f in frozen), default=0.0)
+        return (
+            f"{len(result.phases)} (per round and level: served, then in-process with the served app frozen); "
+            f"served app started once by the bench from `{cfg.serve_config}`{model}, frozen for each of the "
+            f"{len(frozen)} in-process runs ({max((f['processes'] for f in frozen), default=0)} processes; "
+            f"CPU they used while frozen: at most {most:.2f} s in a run) and stopped at the end"
+        )
+    line = ", ".join(f"{p['round']}:{p['kind']}" for p in result.phases)
+    if cfg.serve_config:
+        line += f"; served app started and stopped by the bench from `{cfg.serve_config}`{model}"
+    return line
+
+
 def summary_markdown(result: BenchResult) -> str:
     cfg, meta = result.config, result.metadata
     wl = cfg.workload
@@ -54,10 +72,7 @@ def summary_markdown(result: BenchResult) -> str:
         f"- per level and target: {cfg.warmup} warm-up + {amount}; arrivals {cfg.arrival}"
         + (f" (burstiness {cfg.burstiness:g})" if cfg.arrival == "gamma" else "")
         + f"; SLO {_f(cfg.slo_ms, 0) + ' ms' if cfg.slo_ms else 'none'}",
-        f"- rounds: {cfg.rounds}; phases: "
-        + ", ".join(f"{p['round']}:{p['kind']}" for p in result.phases)
-        + (f"; served app started and stopped by the bench from `{cfg.serve_config}`" if cfg.serve_config else "")
-        + (f" with `--model {cfg.serve_model}`" if cfg.serve_config and cfg.serve_model else ""),
+        f"- rounds: {cfg.rounds}; phases: " + _phases_line(result),
         f"- order: {meta.get('order')}",
         "- host load: the 1-minute load average when each run started (it includes any other work on the "
         "machine; above the CPU count means the run shared its CPUs)",
