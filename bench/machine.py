@@ -62,7 +62,24 @@ def machine_metadata() -> dict[str, Any]:
         },
         "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
         "argv": sys.argv,
+        "environment": settings_from_environment(),
     }
 
 
-__all__ = ["load1", "machine_metadata", "now_iso", "usable_cores"]
+#: Environment variables that change how the served app or the baseline runs (Ray Serve's modes,
+#: such as RAY_SERVE_ENABLE_HA_PROXY; thread counts; Darkroom's device and dtype): recorded with
+#: every run. Names that may hold a secret are never recorded.
+RECORDED_ENV = ("RAY_SERVE_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "DARKROOM_DEVICE", "DARKROOM_DTYPE")
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
+def settings_from_environment() -> dict[str, str]:
+    """The recorded variables set in this process's environment (the launched server inherits them)."""
+    return {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith(RECORDED_ENV) and not any(word in k for word in SECRET_WORDS)
+    }
+
+
+__all__ = ["load1", "machine_metadata", "now_iso", "settings_from_environment", "usable_cores"]

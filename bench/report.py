@@ -66,6 +66,7 @@ def summary_markdown(result: BenchResult) -> str:
         f"- started {meta.get('started_at')}, finished {meta.get('finished_at')}",
         f"- machine: {machine.get('cpu_count')} CPUs, {machine.get('platform')}, Python {machine.get('python')}",
         f"- commit: {git.get('commit') or 'unknown'}{' (dirty)' if git.get('dirty') else ''}",
+        "- environment: " + (", ".join(f"`{k}={v}`" for k, v in meta.get("environment", {}).items()) or "none set"),
         "- targets: " + ", ".join(f"`{n}` ({_describe(i)})" for n, i in result.targets.items()),
         f"- workload: size {wl.size or 'native'}, steps {wl.steps or 'server default'}, n {wl.n}, "
         f"seed {wl.seed}, {len(wl.prompts)} prompts, response_format {wl.response_format}",

@@ -197,16 +197,10 @@ def test_cli_refuses_in_process_beside_the_live_cluster(local_app, tmp_path):
     assert "a Ray instance (pid" in lines[0] and not (tmp_path / "run").exists()
 
 
-def test_bench_starts_and_stops_the_served_app_around_the_baseline(tmp_path):
-    """--serve: the bench starts the app (darkroom serve --config) for each served phase and stops it,
-    Ray cluster included, before each in-process phase (A/B/A/B); every in-process phase checked
-    that no serving cluster was alive (clusters alive before the test, such as this session's, are
-    ignored: the test cannot stop them)."""
+def _colocated_on_a_free_port(tmp_path):
     import socket
 
     import yaml
-
-    from bench.cluster import live_clusters
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -216,6 +210,54 @@ def test_bench_starts_and_stops_the_served_app_around_the_baseline(tmp_path):
     raw["applications"][0]["args"]["storage"] = str(tmp_path / "outputs")
     config_path = tmp_path / "colocated.yaml"
     config_path.write_text(yaml.safe_dump(raw))
+    return config_path, port
+
+
+def test_bench_freezes_the_served_app_for_the_baseline(tmp_path):
+    """--freeze on a real launched app: started once, every process of it (Ray's included) frozen
+    for each in-process run (no CPU used meanwhile), thawed, still serving every request after
+    it, and stopped at the end with nothing left behind."""
+    from bench.cluster import live_clusters
+
+    config_path, port = _colocated_on_a_free_port(tmp_path)
+    before = tuple(sorted(c.session for c in live_clusters() if c.session))
+    config = BenchConfig(
+        targets=(TargetSpec("colocated", url=f"http://127.0.0.1:{port}"), TargetSpec("in-process")),
+        levels=(Level("closed", 1), Level("closed", 2)),
+        workload=Workload(seed=5, steps=STEPS),
+        requests=3,
+        warmup=1,
+        progress=False,
+        rounds=2,
+        torch_threads=1,
+        serve_config=str(config_path),
+        serve_log=str(tmp_path / "serve.log"),
+        ignore_sessions=before,
+        freeze_served=True,
+    )
+    result = run_benchmark(config)
+    assert [(p["round"], p["kind"], p["level"]) for p in result.phases] == [
+        (r, k, lv) for r in (1, 2) for lv in ("c=1", "c=2") for k in ("served", "in-process")
+    ]
+    assert result.phases[0]["server"]["start_s"] > 0
+    for p in result.phases:
+        if p["kind"] == "in-process":
+            assert p["frozen"]["processes"] >= 5 and p["frozen"]["cpu_s"] == 0, p  # Ray's too, and still
+    assert [c for c in live_clusters() if c.session not in before and c.kind == "ray"] == []
+    for lr in result.levels:
+        for name in ("colocated", "in-process"):
+            assert [r.metrics.ok for r in lr.runs[name]] == [3, 3], name  # served after every thaw
+        assert lr.run("colocated").cpu_ms_per_image["total"] > 0
+
+
+def test_bench_starts_and_stops_the_served_app_around_the_baseline(tmp_path):
+    """--serve: the bench starts the app (darkroom serve --config) for each served phase and stops it,
+    Ray cluster included, before each in-process phase (A/B/A/B); every in-process phase checked
+    that no serving cluster was alive (clusters alive before the test, such as this session's, are
+    ignored: the test cannot stop them)."""
+    from bench.cluster import live_clusters
+
+    config_path, port = _colocated_on_a_free_port(tmp_path)
     before = tuple(sorted(c.session for c in live_clusters() if c.session))
     config = BenchConfig(
         targets=(TargetSpec("colocated", url=f"http://127.0.0.1:{port}"), TargetSpec("in-process")),
