@@ -11,10 +11,8 @@ the in-process phase refuses to run while any serving cluster is alive on this m
 whole measured schedule before the next target starts; all targets see the identical schedule:
 the same bodies (prompts, seeds) at the same arrival offsets.
 
-With ``--freeze`` (``BenchConfig.freeze_served``) the app is started once and, instead of being
-stopped, frozen (SIGSTOP: it gets no CPU; ``bench/cluster.py``) for each in-process run, and the
-two alternate at every level: a round is, per level, the served targets' run then the in-process
-run. The ratios pair runs seconds apart, not minutes.
+With ``--freeze`` the app is started once and frozen, not stopped, for each in-process run, the
+two alternating at every level (``bench/frozen.py``).
 """
 
 from __future__ import annotations
@@ -39,13 +37,6 @@ ORDER = (
     "phases per round: the served targets (each level: every target's warm-up and measured schedule in "
     "turn), then the in-process baseline alone (no serving cluster alive on the machine); ratios within "
     "a round, median and range over the rounds (same bodies, seeds and arrival offsets for all)"
-)
-
-ORDER_FROZEN = (
-    "per round and level: the served targets (every target's warm-up and measured schedule in turn), then "
-    "the in-process baseline with the served app frozen (SIGSTOP, every process of it: no CPU) and no other "
-    "serving cluster alive; ratios within a round, median and range over the rounds (same bodies, seeds "
-    "and arrival offsets for all)"
 )
 
 #: Issue 14's goals for the served app against its in-process limit, and against a compared app.
@@ -149,7 +140,11 @@ class BenchConfig:
 
     @property
     def order(self) -> str:
-        return ORDER_FROZEN if self.freeze_served else ORDER
+        if self.freeze_served:
+            from bench.frozen import ORDER_FROZEN
+
+            return ORDER_FROZEN
+        return ORDER
 
 
 def phase_plan(rounds: int, served: bool, in_process: bool) -> list[tuple[int, str]]:
@@ -440,7 +435,9 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
     phases: list[dict[str, Any]] = []
     try:
         if config.freeze_served:
-            await _interleave_frozen(config, server, inproc, runs, infos, phases)
+            from bench.frozen import interleave_frozen
+
+            await interleave_frozen(config, server, inproc, runs, infos, phases)
         plan = [] if config.freeze_served else phase_plan(config.rounds, bool(config.served), bool(inproc))
         for round_no, kind in plan:
             phase: dict[str, Any] = {"round": round_no, "kind": kind, "started_at": now_iso()}
@@ -496,61 +493,6 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
         }
         levels.append(LevelResult(level, by_target, ratios))
     return BenchResult(config, meta, infos, levels, phases)
-
-
-async def _interleave_frozen(
-    config: BenchConfig,
-    server: Any,
-    inproc: list[Target],
-    runs: list[dict[str, list[TargetRun]]],
-    infos: dict[str, dict[str, Any]],
-    phases: list[dict[str, Any]],
-) -> None:
-    """``freeze_served``: start the app once; at every level of every round run the served targets,
-    then freeze the app (every process stopped, checked) and run the in-process baseline alone
-    (no other serving cluster alive, checked), then thaw it. Each in-process phase records the
-    frozen processes' CPU seconds over its run (0 when the freeze held). The caller stops the app."""
-    from bench import cpu
-    from bench.cluster import require_alone
-
-    start_s = round(await asyncio.to_thread(server.start), 1)
-    server_info = {"config": config.serve_config, "model": config.serve_model, "start_s": start_s}
-    targets = [make_target(spec, config) for spec in config.served]
-    with_loras = {spec.name: spec.loras for spec in config.targets}
-    started: set[str] = set()
-    try:
-        for target in targets:
-            infos.setdefault(target.name, await target.start())
-        for round_no in range(1, config.rounds + 1):
-            for i, level in enumerate(config.levels):
-                phase: dict[str, Any] = {"round": round_no, "kind": "served", "level": level.label}
-                phase["started_at"] = now_iso()
-                if not phases:
-                    phase["server"] = server_info
-                phases.append(phase)
-                for target in targets:
-                    loras = with_loras[target.name]
-                    run = await run_level(target, level, config, round_no, server.processes, loras=loras)
-                    runs[i][target.name].append(run)
-                phase["finished_at"] = now_iso()
-                phase = {"round": round_no, "kind": "in-process", "level": level.label, "started_at": now_iso()}
-                phases.append(phase)
-                with server.frozen() as pids:
-                    await asyncio.to_thread(require_alone, config.ignore_sessions, pids)
-                    before = cpu.snapshot(pids)
-                    for target in inproc:
-                        if target.name not in started:
-                            infos[target.name] = await target.start()
-                            started.add(target.name)
-                        runs[i][target.name].append(await run_level(target, level, config, round_no, list))
-                    after = cpu.snapshot(pids)
-                used = sum(after[p] - before[p] for p in after if p in before)
-                phase["alone"] = "served app frozen and no other serving cluster alive (checked before the run)"
-                phase["frozen"] = {"processes": len(pids), "cpu_s": round(used, 3)}
-                phase["finished_at"] = now_iso()
-    finally:
-        for target in targets:
-            await target.close()
 
 
 def run_benchmark(config: BenchConfig) -> BenchResult:

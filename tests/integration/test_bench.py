@@ -213,15 +213,11 @@ def _colocated_on_a_free_port(tmp_path):
     return config_path, port
 
 
-def test_bench_freezes_the_served_app_for_the_baseline(tmp_path):
-    """--freeze on a real launched app: started once, every process of it (Ray's included) frozen
-    for each in-process run (no CPU used meanwhile), thawed, still serving every request after
-    it, and stopped at the end with nothing left behind."""
-    from bench.cluster import live_clusters
-
+def _launched_colocated_vs_in_process(tmp_path, ignore_sessions, **kwargs):
+    """The colocated app, launched by the bench on a free port, vs the in-process baseline: c=1 and
+    c=2, 3 requests, 2 rounds (clusters alive before the test, such as this session's, ignored)."""
     config_path, port = _colocated_on_a_free_port(tmp_path)
-    before = tuple(sorted(c.session for c in live_clusters() if c.session))
-    config = BenchConfig(
+    return BenchConfig(
         targets=(TargetSpec("colocated", url=f"http://127.0.0.1:{port}"), TargetSpec("in-process")),
         levels=(Level("closed", 1), Level("closed", 2)),
         workload=Workload(seed=5, steps=STEPS),
@@ -232,9 +228,19 @@ def test_bench_freezes_the_served_app_for_the_baseline(tmp_path):
         torch_threads=1,
         serve_config=str(config_path),
         serve_log=str(tmp_path / "serve.log"),
-        ignore_sessions=before,
-        freeze_served=True,
+        ignore_sessions=ignore_sessions,
+        **kwargs,
     )
+
+
+def test_bench_freezes_the_served_app_for_the_baseline(tmp_path):
+    """--freeze on a real launched app: started once, every process of it (Ray's included) frozen
+    for each in-process run (no CPU used meanwhile), thawed, still serving every request after
+    it, and stopped at the end with nothing left behind."""
+    from bench.cluster import live_clusters
+
+    before = tuple(sorted(c.session for c in live_clusters() if c.session))
+    config = _launched_colocated_vs_in_process(tmp_path, before, freeze_served=True)
     result = run_benchmark(config)
     assert [(p["round"], p["kind"], p["level"]) for p in result.phases] == [
         (r, k, lv) for r in (1, 2) for lv in ("c=1", "c=2") for k in ("served", "in-process")
@@ -257,21 +263,8 @@ def test_bench_starts_and_stops_the_served_app_around_the_baseline(tmp_path):
     ignored: the test cannot stop them)."""
     from bench.cluster import live_clusters
 
-    config_path, port = _colocated_on_a_free_port(tmp_path)
     before = tuple(sorted(c.session for c in live_clusters() if c.session))
-    config = BenchConfig(
-        targets=(TargetSpec("colocated", url=f"http://127.0.0.1:{port}"), TargetSpec("in-process")),
-        levels=(Level("closed", 1), Level("closed", 2)),
-        workload=Workload(seed=5, steps=STEPS),
-        requests=3,
-        warmup=1,
-        progress=False,
-        rounds=2,
-        torch_threads=1,
-        serve_config=str(config_path),
-        serve_log=str(tmp_path / "serve.log"),
-        ignore_sessions=before,
-    )
+    config = _launched_colocated_vs_in_process(tmp_path, before)
     result = run_benchmark(config)
     phases = [(p["round"], p["kind"]) for p in result.phases]
     assert phases == [(1, "served"), (1, "in-process"), (2, "served"), (2, "in-process")]
