@@ -437,7 +437,8 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
         if config.freeze_served:
             from bench.frozen import interleave_frozen
 
-            await interleave_frozen(config, server, inproc, runs, infos, phases)
+            served = [make_target(spec, config) for spec in config.served]
+            await interleave_frozen(config, server, served, inproc, runs, infos, phases)
         plan = [] if config.freeze_served else phase_plan(config.rounds, bool(config.served), bool(inproc))
         for round_no, kind in plan:
             phase: dict[str, Any] = {"round": round_no, "kind": kind, "started_at": now_iso()}

@@ -14,7 +14,7 @@ from typing import Any
 
 from bench import cpu
 from bench.cluster import require_alone
-from bench.core import BenchConfig, TargetRun, make_target, run_level
+from bench.core import BenchConfig, TargetRun, run_level
 from bench.machine import now_iso
 from bench.runner import Target
 
@@ -29,6 +29,7 @@ ORDER_FROZEN = (
 async def interleave_frozen(
     config: BenchConfig,
     server: Any,
+    targets: list[Target],
     inproc: list[Target],
     runs: list[dict[str, list[TargetRun]]],
     infos: dict[str, dict[str, Any]],
@@ -37,10 +38,11 @@ async def interleave_frozen(
     """``freeze_served``: start the app once; at every level of every round run the served targets,
     then freeze the app (every process stopped, checked) and run the in-process baseline alone
     (no other serving cluster alive, checked), then thaw it. Each in-process phase records the
-    frozen processes' CPU seconds over its run (0 when the freeze held). The caller stops the app."""
+    frozen processes' CPU seconds over its run (0 when the freeze held). ``targets`` are the served
+    targets, one per ``config.served`` spec, built by the caller and closed here; the caller stops
+    the app."""
     start_s = round(await asyncio.to_thread(server.start), 1)
     server_info = {"config": config.serve_config, "model": config.serve_model, "start_s": start_s}
-    targets = [make_target(spec, config) for spec in config.served]
     started: set[str] = set()
     try:
         for target in targets:
