@@ -88,6 +88,7 @@ class InProcessTarget:
             pipe = Pipeline.load(
                 source, backend=self.backend, device=self.device, torch_options=options, step_cache=cache
             )
+            pipe.denoiser.warm_up(self.max_batch)  # as the served Denoiser does at load (traces only)
             return pipe, read_model_info(source), torch.get_num_threads()
 
         t0 = time.perf_counter()

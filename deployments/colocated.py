@@ -60,6 +60,7 @@ def stage_loader(cfg: AppConfig, info: Any):
 
             lkw["loras"] = LoraRepository(lkw["loras"])
         denoiser = Denoiser.load(info, **kw, **lkw, step_cache=cfg.step_cache_message())
+        denoiser.warm_up(cfg.denoiser.max_batch_size)  # traces, graphs or compiles only; else nothing
         decoder = Decoder.load(info, **kw)
         attach_safety_checker(decoder, cfg, info)
         return TextEncoder.load(info, **kw, **lkw), denoiser, decoder

@@ -221,6 +221,12 @@ class TorchConfig(BaseModel):
         "it). The first batch of each shape pays the trace.",
     )
     compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode when compile is on.")
+    warm_up: bool = Field(
+        True,
+        description="With jit, cuda_graphs or compile: trace, capture or compile the denoiser when a replica loads, "
+        "for batches of 1..denoiser.max_batch_size single-image requests at the model's native size (one step "
+        "each), so no request waits for them; other sizes pay on their first batch. Load takes that much longer.",
+    )
     batch_buckets: tuple[int, ...] = Field(
         (1, 2, 4, 8, 16, 32, 64),
         description="With cuda_graphs or compile: denoiser batches (rows, CFG doubled) are padded up to the next "

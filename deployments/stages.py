@@ -161,6 +161,7 @@ class DenoiserDeployment:
         self.denoiser = Denoiser.load(
             cfg.model_info(), **cfg.load_kwargs(), **cfg.lora_kwargs(), step_cache=cfg.step_cache_message()
         )
+        self.denoiser.warm_up(cfg.denoiser.max_batch_size)  # traces, graphs or compiles only; else nothing
         self.loop = ContinuousDenoiser(
             self.denoiser,
             max_requests=cfg.denoiser.max_batch_size,

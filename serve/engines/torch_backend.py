@@ -90,6 +90,12 @@ class TorchEngine(Engine):
             ),
         )
 
+    @property
+    def shape_specialized(self) -> bool:
+        """Whether the first call of each input shape pays a trace, a CUDA graph capture or a
+        compile (``Denoiser.warm_up`` runs those at load)."""
+        return self.is_denoiser and (self.graphs is not None or self.options.compile)
+
     def run_eagerly(self, reason: str) -> None:
         """Drop CUDA graphs, torch.compile and batch padding from now on (the eager module, batches
         as they come): for callers whose hooks must see every call's real rows (per-request LoRA)."""

@@ -16,6 +16,9 @@ computation is opt-in:
   forward instead of taking turns with it (``python -m bench.gil`` measures it; the scheduler's
   steps between forwards still take turns). The traces are TorchScript's, which PyTorch calls deprecated (it
   still ships and runs): an opt-in for CPU serving, off by default.
+- ``warm_up`` (on by default; only with ``jit``, ``cuda_graphs`` or ``compile``): the Denoiser
+  stage runs one step for batches of 1..max requests at the native size when it loads
+  (``Denoiser.warm_up``), so no request waits for those traces, captures or compiles.
 - ``vae_tiling_min_side``: decode latents whose image side exceeds this in tiles (diffusers'
   ``AutoencoderKL`` tiling; bounded memory for large images; tiles blend at their seams, so such
   images are outside the 3-level seed contract). None: never.
@@ -52,6 +55,7 @@ class TorchOptions:
     batch_buckets: tuple[int, ...] = DEFAULT_BUCKETS
     max_graphs: int = 24  # captured graphs (or traces) kept per engine (each holds its own input/output buffers)
     vae_tiling_min_side: int | None = None
+    warm_up: bool = True  # with jit, cuda_graphs or compile: prepare the common batches at load
 
     def __post_init__(self) -> None:
         if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):

@@ -83,6 +83,68 @@ def test_run_eagerly_drops_the_traces(tiny_model):
     assert engine.graphs is None and not engine.options.jit
 
 
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_flux"])
+def test_warm_up_traces_the_common_batches_at_load(model, request):
+    """``Denoiser.warm_up(k)``: one trace per batch of 1..k single-image requests at the native
+    size (CFG doubles the rows; Flux runs none), so a later batch of that shape traces nothing and
+    still draws the eager images; the warm-up's calls are not counted as requests'."""
+    source = request.getfixturevalue(model)
+    eager = Pipeline.load(source)
+    traced = Pipeline.load(source, torch_options=TorchOptions(jit=True))
+    rows = traced.denoiser.warm_up(3)
+    per_request = 2 if model == "tiny_model" else 1
+    assert rows == [per_request * k for k in (1, 2, 3)]
+    graphs = traced.denoiser.engine.graphs
+    assert graphs.captures == 3 and traced.denoiser.model_calls == 0
+    batch = _params(eager, [7, 8])
+    for a, b in zip(eager.generate_batch(batch), traced.generate_batch(batch), strict=True):
+        for x, y in zip(a.pixels, b.pixels, strict=True):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    assert graphs.captures == 3 and graphs.replays > 3  # the batch of two found its trace
+    assert traced.denoiser.model_calls > 0
+
+
+def test_warm_up_runs_only_where_shapes_are_prepared(tiny_model):
+    """Eager engines have nothing to warm (no step runs); ``warm_up: false`` turns it off."""
+    eager = Pipeline.load(tiny_model)
+    assert eager.denoiser.warm_up(4) == [] and eager.denoiser.last_batch_sizes == []
+    off = Pipeline.load(tiny_model, torch_options=TorchOptions(jit=True, warm_up=False))
+    assert off.denoiser.warm_up(4) == [] and off.denoiser.engine.graphs.captures == 0
+    from deployments.config import AppConfig
+
+    assert AppConfig.model_validate({"torch": {"jit": True}}).torch.options().warm_up
+    assert not AppConfig.model_validate({"torch": {"jit": True, "warm_up": False}}).torch.options().warm_up
+
+
+def test_colocated_replica_and_baseline_warm_up_at_load(tiny_model):
+    """Both places a traced denoiser serves from outside Ray warm it for the Denoiser's
+    ``max_batch_size``: the colocated replica's loader and the bench's in-process baseline."""
+    import asyncio
+
+    from bench.inprocess import InProcessTarget
+    from deployments.colocated import stage_loader
+    from deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate(
+        {
+            "model": tiny_model,
+            "torch": {"jit": True},
+            "denoiser": {"max_batch_size": 2},
+            "ingress": {"torch_threads": 1},
+        }
+    )
+    _, denoiser, _ = stage_loader(cfg, cfg.model_info())()
+    assert denoiser.engine.graphs.captures == 2
+    target = InProcessTarget(tiny_model, torch_options={"jit": True}, max_batch=3)
+
+    async def start() -> None:
+        await target.start()
+        await target.close()
+
+    asyncio.run(start())
+    assert target._pipe.denoiser.engine.graphs.captures == 3
+
+
 def test_gil_benchmark_smoke(tmp_path):
     """``python -m bench.gil`` on the tiny model, one pair of one-step batches: the report's
     structure (its numbers are the machine's, so no speed is asserted)."""
