@@ -20,6 +20,13 @@ Examples::
         --concurrency 1,8 --requests 40 --steps 20
     darkroom bench --url http://127.0.0.1:8000/mixed --compare http://127.0.0.1:8000/grouped \\
         --loras style0,style1,style2,style3 --concurrency 8 --requests 64 --steps 20
+    darkroom bench --serve deployments/configs/side-by-side.yaml --url http://127.0.0.1:8000/colocated \\
+        --label colocated --compare http://127.0.0.1:8000/split --compare-label split \\
+        --compare http://127.0.0.1:8000/mono --compare-label monolith --reference monolith \\
+        --in-process --freeze --concurrency 1,4,16 --rate 2,5    # every profile, one run
+
+``--compare`` repeats; ``--reference LABEL`` checks every other app against that one (the goals
+table: img/s at least its own in a closed loop, p50 at most its own at a rate).
 
 With ``--loras``, every served target runs twice per level: as given, then "+loras" (each
 request with one adapter drawn, seeded, from the list); the summary compares the two and shows
@@ -95,11 +102,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise InvalidRequestError(
             "--freeze", True, "needs --serve CONFIG and --in-process (it freezes the app it starts)"
         )
-    if args.compare and not args.url:
-        raise InvalidRequestError("--compare", args.compare, "needs --url (the first target)")
+    compares = args.compare or []
+    labels = args.compare_label or []
+    if compares and not args.url:
+        raise InvalidRequestError("--compare", compares[0], "needs --url (the first target)")
+    if len(labels) > len(compares):
+        raise InvalidRequestError("--compare-label", labels[-1], "names more targets than --compare gives")
     if args.compare_stream and not args.url:
         raise InvalidRequestError("--compare-stream", True, "needs --url (the app to stream from)")
-    if args.compare_stream and (args.compare or args.stream):
+    if args.compare_stream and (compares or args.stream):
         raise InvalidRequestError(
             "--compare-stream", True, "compares --url with itself: leave out --compare and --stream"
         )
@@ -117,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise InvalidRequestError("--loras", args.loras, "applies to --url/--compare (served apps), not --in-process")
     targets = []
     streaming = {"stream": args.stream, "partial_images": args.partial_images if args.stream else 0}
-    for url, label in ((args.url, args.label), (args.compare, args.compare_label)):
+    pairs = [(args.url, args.label)] + [(u, labels[i] if i < len(labels) else None) for i, u in enumerate(compares)]
+    for url, label in pairs:
         if url:
             name = label or _label(url)
             targets.append(TargetSpec(name, url=url, **streaming))
@@ -126,6 +138,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.compare_stream:
         name = f"{args.label or _label(args.url)} streaming {args.partial_images} partial images"
         targets.append(TargetSpec(name, url=args.url, stream=True, partial_images=args.partial_images))
+    served_names = [t.name for t in targets]
+    if args.reference is not None and args.reference not in served_names:
+        raise InvalidRequestError("--reference", args.reference, f"names no served target: {', '.join(served_names)}")
     if args.in_process:
         model = args.model or (serve_plan["model"] if serve_plan else None)  # the served app's model
         if args.torch_threads:
@@ -177,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             serve_model=args.model if args.serve else None,
             serve_log=str(args.serve_log) if args.serve_log else None,
             ignore_sessions=_ignored_sessions(),
+            reference=args.reference,
         )
     except ValueError as exc:
         raise InvalidRequestError("bench", None, str(exc)) from None
@@ -218,8 +234,9 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
         args.url = next(iter(urls.values()))
     elif args.url.rstrip("/") not in urls.values():
         raise InvalidRequestError("--url", args.url, f"the --serve config serves {', '.join(urls.values())}")
-    if args.compare and args.compare.rstrip("/") not in urls.values():
-        raise InvalidRequestError("--compare", args.compare, f"the --serve config serves {', '.join(urls.values())}")
+    for compare in args.compare or []:
+        if compare.rstrip("/") not in urls.values():
+            raise InvalidRequestError("--compare", compare, f"the --serve config serves {', '.join(urls.values())}")
     by_url = {url: name for name, url in urls.items()}
     cfg = apps.get(by_url[args.url.rstrip("/")]) or next(iter(apps.values()), None)
     cores = usable_cores()
@@ -300,9 +317,24 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--url", default=None, help="the app to benchmark, e.g. http://127.0.0.1:8000")
     p.add_argument("--label", default=None, help="name of --url's target in the report (default: host/path)")
     p.add_argument(
-        "--compare", default=None, help="a second app driven with the identical schedule, after --url at each level"
+        "--compare",
+        action="append",
+        default=None,
+        help="another app driven with the identical schedule, after --url at each level (repeat for more)",
     )
-    p.add_argument("--compare-label", default=None, help="name of --compare's target in the report")
+    p.add_argument(
+        "--compare-label",
+        action="append",
+        default=None,
+        help="name of a --compare target in the report (repeat: the first names the first --compare, ...)",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        metavar="LABEL",
+        help="check every other app against this one (img/s >= it in a closed loop, p50 <= it at a rate), "
+        "e.g. --reference monolith; default: --url's app against each --compare",
+    )
     p.add_argument(
         "--stream",
         action="store_true",

@@ -102,6 +102,9 @@ class BenchConfig:
     ignore_sessions: tuple[str, ...] = ()
     #: Adapters the "+loras" targets' requests draw from (one each, seeded: ``Workload.loras``).
     loras: tuple[str, ...] = ()
+    #: A served target every other served one is checked against (img/s >= it closed, p50 <= it
+    #: open); None: the first served target against each of the others.
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -122,6 +125,8 @@ class BenchConfig:
             raise ValueError("serve_config needs a served target (a URL on the server it starts)")
         if self.freeze_served and (self.serve_config is None or not self.in_process):
             raise ValueError("freezing the served app needs a server the bench starts and an in-process baseline")
+        if self.reference is not None and self.reference not in {t.name for t in self.served}:
+            raise ValueError(f"reference {self.reference!r} is not a served target: {[t.name for t in self.served]}")
 
     @property
     def served(self) -> tuple[TargetSpec, ...]:
@@ -237,25 +242,33 @@ class BenchResult:
                     values.append(a / b if b > 0 else None)
                 check(f"peak img/s {base} / {ip} (closed loop)", values, GOALS["throughput_at_saturation"], False)
         streams = {t.name for t in self.config.served if t.stream}
-        for other in served[1:]:
-            if other in streams and served[0] not in streams:
-                self._streaming_goal(served[0], other, check)
+        for first, other in self._pairs(served):
+            if other in streams and first not in streams:
+                self._streaming_goal(first, other, check)
                 continue
             for lr in self.levels:
                 values = []
                 for r in rounds:
-                    ma, mb = lr.run(served[0], r).metrics, lr.run(other, r).metrics
+                    ma, mb = lr.run(first, r).metrics, lr.run(other, r).metrics
                     if lr.level.mode == "closed":
                         a, b = ma.throughput_ips, mb.throughput_ips
                     else:
                         a, b = ma.latency_ms.p50, mb.latency_ms.p50
                     values.append(a / b if b > 0 and a > 0 else None)
                 if lr.level.mode == "closed":
-                    name, limit, at_most = f"img/s {served[0]} / {other}", GOALS["throughput_vs_compared"], False
+                    name, limit, at_most = f"img/s {first} / {other}", GOALS["throughput_vs_compared"], False
                 else:
-                    name, limit, at_most = f"p50 {served[0]} / {other}", GOALS["latency_vs_compared"], True
+                    name, limit, at_most = f"p50 {first} / {other}", GOALS["latency_vs_compared"], True
                 check(f"{name} at {lr.level.label}", values, limit, at_most)
         return out
+
+    def _pairs(self, served: list[str]) -> list[tuple[str, str]]:
+        """(checked, reference) pairs of served targets: each against ``reference`` when set, else
+        the first against each of the others."""
+        ref = self.config.reference
+        if ref is None:
+            return [(served[0], other) for other in served[1:]]
+        return [(name, ref) for name in served if name != ref]
 
     def _streaming_goal(self, plain: str, streamed: str, check: Callable[..., None]) -> None:
         """Issue 12's check for ``--compare-stream``: the streamed run's img/s / the plain run's,

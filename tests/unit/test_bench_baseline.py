@@ -281,6 +281,42 @@ def test_goals_from_hand_built_runs():
     assert mono8["every_round_met"] and mono8["spread"]["min"] == pytest.approx(26 / 9)
 
 
+def test_goals_against_a_reference_app():
+    """--reference monolith: every other served app against the monolith (the split app too, not
+    only the first), the in-process goals still for the first app; no check of colocated / split."""
+    from bench.core import BenchResult, LevelResult, TargetRun
+
+    def run(name, level, latency_ms, count):
+        m = compute_metrics([rec(i, latency_ms) for i in range(count)], 1.0, None)
+        return TargetRun(name, level, "t", m, [], None, 1)
+
+    c1, r2 = Level("closed", 1), Level("open", 2.0)
+    table = {
+        c1: {"colocated": (105, 9), "split": (125, 8), "mono": (140, 7), "in-process": (100, 10)},
+        r2: {"colocated": (110, 2), "split": (150, 2), "mono": (140, 2), "in-process": (100, 2)},
+    }
+    levels = [LevelResult(lv, {n: [run(n, lv, *v)] for n, v in by.items()}, {}) for lv, by in table.items()]
+    served = tuple(TargetSpec(n, url=f"u{i}") for i, n in enumerate(("colocated", "split", "mono")))
+    config = BenchConfig(targets=(*served, TargetSpec("in-process")), levels=(c1, r2), reference="mono")
+    goals = {g["check"]: g for g in BenchResult(config, {}, {}, levels).goals()}
+    assert set(goals) == {
+        "p50 colocated / in-process at c=1",
+        "peak img/s colocated / in-process (closed loop)",
+        "img/s colocated / mono at c=1",
+        "img/s split / mono at c=1",
+        f"p50 colocated / mono at {r2.label}",
+        f"p50 split / mono at {r2.label}",
+    }
+    assert goals["img/s split / mono at c=1"]["spread"]["values"] == pytest.approx((8 / 7,))
+    assert goals["img/s split / mono at c=1"]["every_round_met"]
+    late = goals[f"p50 split / mono at {r2.label}"]
+    assert late["spread"]["values"] == pytest.approx((150 / 140,)) and not late["median_met"]
+    with pytest.raises(ValueError, match="reference 'nope' is not a served target"):
+        BenchConfig(targets=served, levels=(c1,), reference="nope")
+    with pytest.raises(ValueError, match="is not a served target"):  # the baseline is not an app
+        BenchConfig(targets=(*served, TargetSpec("in-process")), levels=(c1,), reference="in-process")
+
+
 def test_open_loop_goals_compare_latency():
     """At a Poisson rate both apps complete the offered rate (equal img/s within noise): the
     comparison is the first app's p50 over the compared app's, at most 1."""
@@ -357,6 +393,63 @@ def test_serve_config_gives_the_url_threads_and_batch():
         _args("--serve", str(CONFIGS / "colocated.yaml"), "--in-process", "--torch-threads", "2")
     )
     assert [(t.name, t.torch_threads) for t in explicit.in_process] == [("in-process", 2)]  # asked for: exactly that
+
+
+def test_compare_repeats_with_labels_and_a_reference():
+    """--compare and --compare-label repeat, in order; --reference names one of the apps."""
+    from bench.cli import config_from_args
+
+    cfg = config_from_args(
+        _args(
+            *("--serve", str(CONFIGS / "side-by-side.yaml"), "--url", "http://127.0.0.1:8000/colocated"),
+            *("--label", "colocated", "--compare", "http://127.0.0.1:8000/split", "--compare-label", "split"),
+            *("--compare", "http://127.0.0.1:8000/mono", "--compare-label", "monolith"),
+            *("--reference", "monolith", "--in-process", "--torch-threads", "1"),
+        )
+    )
+    assert [(t.name, t.url) for t in cfg.targets] == [
+        ("colocated", "http://127.0.0.1:8000/colocated"),
+        ("split", "http://127.0.0.1:8000/split"),
+        ("monolith", "http://127.0.0.1:8000/mono"),
+        ("in-process", None),
+    ]
+    assert cfg.reference == "monolith"
+    # The baseline is sized like --url's app (colocated: one replica of 1 thread), not the split app.
+    assert cfg.torch_threads == 1
+    unlabelled = config_from_args(
+        _args("--url", "http://a:1/x", "--compare", "http://a:1/y", "--compare", "http://a:1/z")
+    )
+    assert [t.name for t in unlabelled.targets] == ["a:1/x", "a:1/y", "a:1/z"] and unlabelled.reference is None
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--url", "http://a:1/x", "--compare", "http://a:1/y", "--reference", "nope"], "--reference"),
+        (
+            ["--url", "http://a:1/x", "--compare", "http://a:1/y", "--compare-label", "y", "--compare-label", "z"],
+            "--compare-label",
+        ),
+        (
+            [
+                "--serve",
+                "deployments/configs/side-by-side.yaml",
+                "--url",
+                "http://127.0.0.1:8000/split",
+                "--compare",
+                "http://127.0.0.1:8000/mono",
+                "--compare",
+                "http://127.0.0.1:8000/nope",
+            ],
+            "--compare",
+        ),
+    ],
+)
+def test_compare_and_reference_errors_name_the_flag(argv, flag, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert darkroom(["bench", *argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"darkroom: error: {flag}:"), err
 
 
 def test_serve_config_gives_the_baseline_its_model():
