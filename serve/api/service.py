@@ -404,9 +404,11 @@ class ImageService:
         self._count_images(images)
         if images and all(im.withheld for im in images):
             raise ImagesWithheldError(f"all {len(images)} image(s) were withheld: the image safety check flagged them")
-        body_out = await asyncio.to_thread(
-            self.render, out["created"], out["seed"], images, request.response_format, base_url, out["timings"]
-        )
+        render = (out["created"], out["seed"], images, request.response_format, base_url, out["timings"])
+        if request.response_format == "url" and isinstance(self.store, LocalStore):
+            body_out = self.render(*render)  # URLs under our own /v1/files: no I/O, so no thread hop
+        else:  # b64_json reads the images back; an S3 store may fetch credentials to sign URLs
+            body_out = await asyncio.to_thread(self.render, *render)
         if params.loras:
             body_out["loras"] = lora_list(params.loras)  # what made these images, beside the seed
         return body_out, out["timings"]

@@ -133,7 +133,10 @@ class ContinuousDenoiser:
     async def _load_loras(self, job: DenoiseJob) -> tuple[contextlib.ExitStack, dict[str, float] | None]:
         """The job's adapters, loaded in a worker thread (asyncio's default pool, never the
         executor that runs steps) before it joins: steps of the running batch never wait for a
-        load. They stay pinned in the cache until the caller closes the returned stack."""
+        load. They stay pinned in the cache until the caller closes the returned stack. A job
+        without adapters has nothing to load: no thread hop (at one client it cost ~0.5 ms)."""
+        if not job.loras:
+            return contextlib.ExitStack(), None
         loading = asyncio.ensure_future(asyncio.to_thread(self._pin_loras, job))
         try:
             return await asyncio.shield(loading)
