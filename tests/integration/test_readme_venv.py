@@ -170,6 +170,12 @@ def test_every_readme_block_runs_in_a_fresh_venv(tmp_path):
     assert (clone / "star-0.png").read_bytes().startswith(b"\x89PNG")
     assert (clone / "demo-onnx" / "manifest.json").is_file()
     assert (clone / "bench-out" / "report.json").is_file() and (clone / "bench-ab" / "report.json").is_file()
+    every = {g["check"] for g in json.loads((clone / "bench-ab" / "report.json").read_text())["goals"]}
+    assert {
+        "img/s split / monolith at c=1",
+        "img/s colocated / monolith at c=1",
+        "p50 colocated / in-process at c=1",
+    } <= every
     limit = json.loads((clone / "bench-limit" / "report.json").read_text())
     assert [p["kind"] for p in limit["phases"]] == ["served", "in-process"] * 2 and limit["goals"]
     assert json.loads((clone / "gpu-smoke.json").read_text())["results"]
