@@ -22,6 +22,7 @@ hooks that touch tensors import torch where they run.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import numpy as np
 from serve.engines.specs import ComponentSpec, Range, SizeRange, TensorSpec, float_dtype, latent_range
 from serve.errors import InvalidRequestError
 from serve.params import GenerationParams
-from serve.schedulers import UNET_SCHEDULERS, make_scheduler, step_kwargs
+from serve.schedulers import UNET_SCHEDULERS, SchedulerFactory
 from serve.stages.messages import Conditioning, DenoiseJob
 
 if TYPE_CHECKING:
@@ -215,14 +216,18 @@ class Family(ABC):
 
     # -- denoising (Denoiser stage) ---------------------------------------------------------------
     def new_scheduler(self, name: str | None) -> Any:
-        return make_scheduler(name, self.info.scheduler_config, self.info.scheduler_class, self.schedulers)
+        return self._scheduler_factory.new(name)
+
+    @functools.cached_property
+    def _scheduler_factory(self) -> SchedulerFactory:
+        return SchedulerFactory(self.info.scheduler_config, self.info.scheduler_class, self.schedulers)
 
     def set_timesteps(self, scheduler: Any, job: DenoiseJob, device: torch.device) -> None:
         scheduler.set_timesteps(job.num_inference_steps, device=device)
 
     def step_kwargs(self, scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
         """Extra ``scheduler.step`` arguments, as the family's pipeline passes them."""
-        return step_kwargs(scheduler, generator)
+        return self._scheduler_factory.step_kwargs(scheduler, generator)
 
     def batch_key(self, job: DenoiseJob) -> Hashable:
         """Requests with equal keys share one denoiser call per step (same latent shape)."""
