@@ -42,6 +42,7 @@ class _Entry:
     compute_s: float = 0.0  # wall time of the steps this request took part in
     batch_max: int = 0  # most requests it shared a step with
     lora: dict[str, float] | None = None  # adapter-cache hits/misses of its admission
+    latents: Any = None  # its final latents, taken in the stepping thread when it finished
     admitted: bool = False  # taken into the running batch (its state steps in the worker thread)
     # Unpins its adapters: called once, when it is out of the batch (``leave``). A cancelled
     # request keeps them pinned until the step that uses them has finished, so an eviction for
@@ -84,6 +85,7 @@ class ContinuousDenoiser:
         lora_batching: str = "mixed",
         executor: Executor | None = None,
         interrupt: Callable[[], bool] | None = None,
+        on_done: Callable[[list[Any]], None] | None = None,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self.denoiser = denoiser
@@ -101,6 +103,11 @@ class ContinuousDenoiser:
         # never holds up another request's steps.
         self.executor = executor
         self.interrupt = interrupt
+        # Called in the stepping thread with the final latents of the requests that finished in
+        # a stretch, before the thread returns: the colocated profile decodes them there, in one
+        # VAE pass and with no hop back to the model thread (ColocatedStages). Its errors are
+        # logged, never the requests' (their latents come back either way).
+        self.on_done = on_done
         # Fault-injection hook (0 in production): sleep after every UNet step, so tests can make
         # a request certainly outlast a timeout whatever the machine's speed.
         self.step_delay_s = step_delay_s
@@ -257,9 +264,18 @@ class ContinuousDenoiser:
             # and back while the model thread idles) was what every step paid.
             joinable = self._pending and len(active) < self.max_requests
             if joinable or any(s.done for s in states) or any(e.cancelled for e in active):
-                return steps
+                break
             if self.interrupt is not None and self.interrupt():
-                return steps
+                break
+        finished = [e for e in active if e.state.done and not e.cancelled]
+        for entry in finished:
+            entry.latents = self.denoiser.result(entry.state)
+        if finished and self.on_done is not None:
+            try:
+                self.on_done([e.latents for e in finished])
+            except Exception:
+                logger.exception("on_done failed for %d finished request(s)", len(finished))
+        return steps
 
     async def _run(self) -> None:
         active: list[_Entry] = []
@@ -306,7 +322,7 @@ class ContinuousDenoiser:
                 if entry.finished:
                     continue
                 if entry.state.done:
-                    result = self.denoiser.result(entry.state)
+                    result = entry.latents if entry.latents is not None else self.denoiser.result(entry.state)
                     extra = dict(entry.lora) if entry.lora else {}
                     entry.finish(StageResult(result, entry.compute_s, batch_size=entry.batch_max, extra=extra))
                 else:

@@ -154,6 +154,42 @@ def test_colocated_images_equal_split_stages_and_diffusers(tiny_model, parts, re
     colocated.close()
 
 
+def test_finished_requests_are_decoded_in_the_step_loop(tiny_model, parts, tmp_path):
+    """A request's VAE pass runs in the stretch of the step loop that finished it: its ``decode``
+    never queues for the model thread again, and requests finishing together share one pass."""
+    store = open_store(str(tmp_path))
+    stages = ColocatedStages.from_stages(*parts, store, ColocatedOptions())
+    service = _service(tiny_model, stages, store)
+    queued: list[int] = []
+
+    async def main():
+        await stages._stages()  # the queues exist once the stages are up
+        submit = stages._vae_queue.submit
+
+        async def counting(item):
+            queued.append(1)
+            return await submit(item)
+
+        stages._vae_queue.submit = counting
+        bodies = [{"prompt": f"kite {i}", "seed": i, "num_inference_steps": 4} for i in range(3)]
+        parsed = [service.parse({**b, "response_format": "b64_json"}) for b in bodies]
+        # Their prompts cached: all three reach the Denoiser before its loop first runs, join
+        # the same step and finish in the same stretch.
+        await stages.encode([f"kite {i}" for i in range(3)] + [""])
+        return await asyncio.gather(*(service.run(r, p) for r, p in parsed))
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        stages.close()
+    assert queued == []  # no decode went back to the VAE queue
+    assert stages._decoded == {}  # every decoded answer was taken
+    for images, timings in outs:
+        assert len(images) == 1 and timings["decode"] > 0
+    assert stages.denoise_loop.peak_requests == 3
+    assert stages._vae_queue.batches == 0
+
+
 def test_colocated_stages_load_in_the_background_and_report_loading(parts, tmp_path):
     gate = threading.Event()
 

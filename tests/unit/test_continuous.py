@@ -171,3 +171,30 @@ def test_a_full_batch_keeps_stepping_while_requests_queue(parts):
         # (the first finishes; the second; the third), then the last alone: 5 stretches of
         # 1+5+1+5+1 = 13 steps. Returning after every step while requests wait would be 9.
         assert first == 1 and (stats["steps"], stats["stretches"]) == (13, 5)
+
+
+def test_on_done_gets_the_finished_latents_in_the_stepping_thread(parts):
+    """``on_done`` sees, in the thread that stepped them, the very arrays the requests get back;
+    one that raises costs no request its result."""
+    encoder, denoiser = parts
+    seen: list[tuple[str, list]] = []
+
+    def on_done(latents):
+        seen.append((threading.current_thread().name, latents))
+        if len(seen) == 1:
+            raise RuntimeError("a broken hook")
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="stepper")
+    loop = ContinuousDenoiser(denoiser, max_requests=8, executor=pool, on_done=on_done)
+
+    async def main():
+        return await asyncio.gather(*(loop.submit(job(encoder, s, steps=2 + s)) for s in range(3)))
+
+    results = asyncio.run(main())
+    pool.shutdown()
+    handed = [lat for _, batch in seen for lat in batch]
+    assert all(name.startswith("stepper") for name, _ in seen)
+    assert len(handed) == 3  # every request once, the first hook's failure notwithstanding
+    assert {id(r.value) for r in results} == {id(lat) for lat in handed}
+    for r, s in zip(results, range(3), strict=True):
+        np.testing.assert_allclose(r.value, denoiser.denoise([job(encoder, s, steps=2 + s)])[0], atol=1e-4)
