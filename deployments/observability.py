@@ -38,6 +38,11 @@ class RayMetrics:
         self.stage = stage
         self._series: dict[str, Any] = {}
         self._warned: set[str] = set()
+        # Hot path (every request records a dozen points on the event loop, beside the model
+        # thread): a (name, labels) pair is checked against the catalogue once, and a gauge set
+        # to the value it already has is not sent to Ray again (queue gauges are set per batch).
+        self._checked: set[tuple[str, tuple[str, tuple[tuple[str, Any], ...]]]] = set()
+        self._last: dict[tuple[str, tuple[tuple[str, Any], ...]], float] = {}
         for spec in CATALOGUE.values():
             tags = spec.all_labels
             if spec.kind == "counter":
@@ -53,13 +58,19 @@ class RayMetrics:
 
     def _record(self, kind: str, name: str, value: float, labels: dict[str, str]) -> None:
         try:
-            check(name, kind, labels)
+            key = (name, tuple(labels.items()))
+            if kind == "gauge" and self._last.get(key) == value:
+                return  # a gauge keeps its value: setting it again records nothing new
+            if (kind, key) not in self._checked:  # a bad name or label fails here, every time
+                check(name, kind, labels)
+                self._checked.add((kind, key))
             series = self._series[name]
             tags = {k: str(v) for k, v in labels.items()}
             if kind == "counter":
                 series.inc(value, tags=tags)
             elif kind == "gauge":
                 series.set(value, tags=tags)
+                self._last[key] = value
             else:
                 series.observe(value, tags=tags)
         except Exception:  # a metric must never fail the request that records it
