@@ -255,7 +255,7 @@ def plan_serve(args: argparse.Namespace) -> dict[str, Any]:
         "torch_options": cfg.torch.model_dump(mode="json"),
         "step_cache": cfg.step_cache.model_dump(mode="json") if cfg.step_cache else None,
         "model": cfg.model,
-        "gil_switch_interval_ms": cfg.gil_switch_interval_ms,
+        "gil_switch_interval_ms": cfg.gil_interval_ms(),
     }
 
 

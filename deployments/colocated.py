@@ -75,7 +75,7 @@ class ColocatedIngress:
         cfg = AppConfig.model_validate(config)
         # Logging with request ids and the replica's metrics: the stages inside record under
         # their own ``stage`` labels (TextEncoder, Denoiser, Decoder), as in the split profile.
-        metrics = replica_observability("Ingress", cfg.log_level, cfg.gil_switch_interval_ms)
+        metrics = replica_observability("Ingress", cfg.log_level, cfg.gil_interval_ms())
         info = cfg.model_info()
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)
         # The stages load in the background (the model thread): /healthz answers at once,

@@ -81,6 +81,12 @@ def check_autoscaling_config(config: dict[str, Any]) -> None:
         )
 
 
+#: The colocated profile's GIL switch interval when the config sets none (``gil_interval_ms``):
+#: at 16 clients on the 2-core dev machine, 1.10x (0.94-1.13) the img/s of Python's 5 ms, A/B in one
+#: run (bench/results/2026-12-03-colocated-gil-interval-ab-tiny/); neutral at 1 and 8 clients.
+COLOCATED_GIL_SWITCH_INTERVAL_MS = 0.5
+
+
 class DeploymentOptions(BaseModel):
     """Ray Serve options of one deployment, plus its dynamic-batching settings."""
 
@@ -324,9 +330,11 @@ class AppConfig(BaseModel):
         None,
         ge=0.05,
         le=100,
-        description="Python's GIL switch interval in every replica (sys.setswitchinterval; None = Python's 5 ms): "
-        "how long a thread that wants the GIL waits before the holder must drop it. Shorter lets a model "
-        "thread take it back sooner from the HTTP and Ray threads of its process (python -m bench.gil).",
+        description="Python's GIL switch interval in every replica (sys.setswitchinterval), in ms: how long a "
+        "thread that wants the GIL waits before the holder must drop it. None: the profile's default, "
+        f"{COLOCATED_GIL_SWITCH_INTERVAL_MS:g} ms for colocated (its model thread takes the GIL back sooner from "
+        "the HTTP and Ray threads of its process; measured in bench/results) and Python's 5 ms for split "
+        "(python -m bench.gil).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Level of the replicas' own log lines; each names its stage and request id."
@@ -426,6 +434,12 @@ class AppConfig(BaseModel):
         if self.profile == "colocated":
             return {"Ingress": self.ingress}
         return {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "Decoder": self.decoder}
+
+    def gil_interval_ms(self) -> float | None:
+        """The GIL switch interval the replicas set: the config's, else the profile's default."""
+        if self.gil_switch_interval_ms is not None:
+            return self.gil_switch_interval_ms
+        return COLOCATED_GIL_SWITCH_INTERVAL_MS if self.profile == "colocated" else None
 
     def model_torch_threads(self) -> int:
         """Torch threads of every model replica together, at their most replicas: what the

@@ -531,12 +531,14 @@ def test_the_baseline_runs_with_the_apps_gil_switch_interval(tmp_path):
     from bench.inprocess import InProcessTarget
 
     raw = yaml.safe_load((CONFIGS / "colocated.yaml").read_text())
-    raw["applications"][0]["args"]["gil_switch_interval_ms"] = 0.5
+    raw["applications"][0]["args"]["gil_switch_interval_ms"] = 2.0
     path = tmp_path / "colocated-si.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = config_from_args(_args("--serve", str(path), "--in-process", "--torch-threads", "1"))
-    assert cfg.gil_switch_interval_ms == 0.5
-    assert config_from_args(_args("--serve", str(CONFIGS / "colocated.yaml"))).gil_switch_interval_ms is None
+    assert cfg.gil_switch_interval_ms == 2.0
+    # None in the file: the profile's default, as the replicas apply it (colocated 0.5 ms, split Python's).
+    assert config_from_args(_args("--serve", str(CONFIGS / "colocated.yaml"))).gil_switch_interval_ms == 0.5
+    assert config_from_args(_args("--serve", str(CONFIGS / "local.yaml"))).gil_switch_interval_ms is None
 
     before = sys.getswitchinterval()
     target = InProcessTarget("tiny", torch_threads=1, gil_switch_interval_ms=0.5)

@@ -439,6 +439,11 @@ def test_gil_switch_interval_setting():
 
     assert AppConfig.model_validate({}).gil_switch_interval_ms is None
     assert AppConfig.model_validate({"gil_switch_interval_ms": 0.5}).gil_switch_interval_ms == 0.5
+    # What replicas set: the config's, else the profile's (colocated: a shorter one; split: Python's).
+    assert AppConfig.model_validate({}).gil_interval_ms() is None
+    assert AppConfig.model_validate({"profile": "colocated"}).gil_interval_ms() == 0.5
+    assert AppConfig.model_validate({"profile": "colocated", "gil_switch_interval_ms": 5}).gil_interval_ms() == 5
+    assert AppConfig.model_validate({"gil_switch_interval_ms": 2}).gil_interval_ms() == 2
     for bad in (0, 0.01, 1000):
         with pytest.raises(ValueError, match="gil_switch_interval_ms"):
             AppConfig.model_validate({"gil_switch_interval_ms": bad})
