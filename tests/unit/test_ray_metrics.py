@@ -57,3 +57,25 @@ def test_bad_points_are_dropped_and_logged_once_every_time(metrics, caplog):
             metrics.set("darkroom_queue_length", 1, colour="red")  # a label it does not take
     assert metrics._series["darkroom_queue_length"].calls == []
     assert len(caplog.records) == 2  # once per name
+
+
+def test_replica_lines_skip_serves_stderr_capture(monkeypatch):
+    """In Serve's throughput mode sys.stderr is Serve's StreamToLogger: Darkroom's replica lines
+    go to the stream it wraps (the worker's stderr), not through it (a stack walk per line)."""
+    import io
+    import sys
+
+    from ray.serve._private.logging_utils import StreamToLogger
+
+    worker_stderr = io.StringIO()
+    captured = logging.getLogger("ray.serve.test-capture")
+    monkeypatch.setattr(sys, "stderr", StreamToLogger(captured, logging.INFO, worker_stderr))
+    loggers = [logging.getLogger(name) for name in ("serve", "deployments")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
+    try:
+        obs.configure_replica_logging("Decoder")
+        logging.getLogger("serve.stages.decoder").info("decoded 1 image(s)")
+    finally:
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+    assert "[stage=Decoder replica=- request_id=-] decoded 1 image(s)" in worker_stderr.getvalue()
