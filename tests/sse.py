@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+from tests.ports import free_port
 
 
 def parse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -27,12 +28,6 @@ def parse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
             data.append(line[len("data:") :].strip())
     if data:
         yield event or "message", json.loads("\n".join(data))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

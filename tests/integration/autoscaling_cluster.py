@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.cold_start import ColdStartConfig, Sample, cold_start_breakdown, send_one  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 STAGES = ("TextEncoder", "Denoiser", "Decoder")
 NAMES = ("Ingress", *STAGES)
@@ -61,12 +61,6 @@ FAST = {
 }
 MAX_REPLICAS = {"text_encoder": 1, "denoiser": 3, "decoder": 2}
 TARGETS = {"text_encoder": 16, "denoiser": 2, "decoder": 8}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_config(model: str, storage: str, port: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,13 +18,9 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
+from tests.ports import free_port as _free_port
+
 logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_until_up(endpoint: str, timeout_s: float = 10.0) -> None:

@@ -12,7 +12,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.ports import free_port as _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -112,12 +113,6 @@ def test_stages_autoscale_independently_and_scale_to_zero(tiny_model, tmp_path, 
     # alongside the TextEncoder: the cold request pays the slowest start, not the sum of three.
     waited_later = stages["denoise"]["cold_queue_ms"] + stages["decode"]["cold_queue_ms"]
     assert waited_later < enc["cold_queue_ms"], stages
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(DARKROOM is None, reason="the darkroom console script is not installed")

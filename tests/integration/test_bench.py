@@ -198,13 +198,11 @@ def test_cli_refuses_in_process_beside_the_live_cluster(local_app, tmp_path):
 
 
 def _colocated_on_a_free_port(tmp_path):
-    import socket
-
     import yaml
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.ports import free_port
+
+    port = free_port()
     raw = yaml.safe_load((ROOT / "deployments" / "configs" / "colocated.yaml").read_text())
     raw["http_options"]["port"] = port
     raw["applications"][0]["args"]["storage"] = str(tmp_path / "outputs")
