@@ -436,7 +436,8 @@ class AppConfig(BaseModel):
         return {"TextEncoder": self.text_encoder, "Denoiser": self.denoiser, "Decoder": self.decoder}
 
     def gil_interval_ms(self) -> float | None:
-        """The GIL switch interval the replicas set: the config's, else the profile's default."""
+        """The GIL switch interval every replica of the app sets (``replica_observability``) and the
+        bench's in-process baseline copies: the config's, else the profile's (None: Python's)."""
         if self.gil_switch_interval_ms is not None:
             return self.gil_switch_interval_ms
         return COLOCATED_GIL_SWITCH_INTERVAL_MS if self.profile == "colocated" else None

@@ -221,7 +221,7 @@ class Ingress:
         config: dict[str, Any],
     ) -> None:
         cfg = AppConfig.model_validate(config)
-        metrics = replica_observability("Ingress", cfg.log_level, cfg.gil_switch_interval_ms)
+        metrics = replica_observability("Ingress", cfg.log_level, cfg.gil_interval_ms())
         info = cfg.model_info()
         service_cfg = cfg.service_config(info.name)
         store = open_store(cfg.storage, url_expiry_s=cfg.url_expiry_s, s3_options=cfg.storage_options)

@@ -359,7 +359,7 @@ class MonolithService(ImageService):
 class Monolith:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
-        metrics = replica_observability(DEPLOYMENT_NAME, cfg.log_level, cfg.gil_switch_interval_ms)
+        metrics = replica_observability(DEPLOYMENT_NAME, cfg.log_level, cfg.gil_interval_ms())
         if cfg.backend not in ("torch", "auto"):
             logger.warning("the monolith runs diffusers (torch); ignoring backend=%s", cfg.backend)
         info = cfg.model_info()

@@ -124,7 +124,7 @@ def replica_observability(stage: str, level: str = "INFO", gil_switch_interval_m
     """The first line of every deployment's constructor: logging with request ids, this
     replica's metrics, its inter-deployment gRPC port on loopback in a local cluster
     (``deployments/local_cluster.py``; Serve opens that port after the constructor), and the
-    process's GIL switch interval when the config sets one (``AppConfig.gil_switch_interval_ms``)."""
+    process's GIL switch interval when the app has one (``AppConfig.gil_interval_ms``)."""
     from deployments.local_cluster import bind_replica_grpc_to_loopback
 
     set_gil_switch_interval(gil_switch_interval_ms)

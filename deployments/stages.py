@@ -116,7 +116,7 @@ class TextEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         set_torch_threads(cfg.text_encoder)
-        self.metrics = replica_observability("TextEncoder", cfg.log_level, cfg.gil_switch_interval_ms)
+        self.metrics = replica_observability("TextEncoder", cfg.log_level, cfg.gil_interval_ms())
         self.encoder = TextEncoder.load(cfg.model_info(), **cfg.load_kwargs(), **cfg.lora_kwargs())
         self.encoder.metrics = self.metrics
         self.load = _Load(self.metrics)
@@ -157,7 +157,7 @@ class DenoiserDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         set_torch_threads(cfg.denoiser)
-        self.metrics = replica_observability("Denoiser", cfg.log_level, cfg.gil_switch_interval_ms)
+        self.metrics = replica_observability("Denoiser", cfg.log_level, cfg.gil_interval_ms())
         self.denoiser = Denoiser.load(
             cfg.model_info(), **cfg.load_kwargs(), **cfg.lora_kwargs(), step_cache=cfg.step_cache_message()
         )
@@ -216,7 +216,7 @@ class DecoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         set_torch_threads(cfg.decoder)
-        self.metrics = replica_observability("Decoder", cfg.log_level, cfg.gil_switch_interval_ms)
+        self.metrics = replica_observability("Decoder", cfg.log_level, cfg.gil_interval_ms())
         info = cfg.model_info()
         self.decoder = Decoder.load(info, **cfg.load_kwargs())
         self.decoder.metrics = self.metrics

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,7 +66,7 @@ def make_scheduler(
 class SchedulerFactory:
     """Fresh schedulers for one model: ``make_scheduler``'s result, built once per name and then
     deep-copied (the template is never stepped, so every copy starts as ``from_config`` would).
-    Thread-safe: the split Denoiser and the colocated model thread share a family."""
+    Safe across threads: two first requests for a name may both build it, and ``setdefault`` keeps one."""
 
     def __init__(self, config: dict[str, Any], default_class: str, accepted: Mapping[str, str] = UNET_SCHEDULERS):
         self.config = config
@@ -75,14 +74,12 @@ class SchedulerFactory:
         self.accepted = accepted
         self._templates: dict[str | None, Any] = {}
         self._step_params: dict[type, frozenset[str]] = {}
-        self._lock = threading.Lock()
 
     def new(self, name: str | None) -> Any:
         template = self._templates.get(name)
         if template is None:
             template = make_scheduler(name, self.config, self.default_class, self.accepted)  # raises for bad names
-            with self._lock:
-                template = self._templates.setdefault(name, template)
+            template = self._templates.setdefault(name, template)
         return copy.deepcopy(template)
 
     def step_kwargs(self, scheduler: Any, generator: Any, eta: float = 0.0) -> dict[str, Any]:

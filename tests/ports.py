@@ -38,11 +38,10 @@ def _bindable(port: int) -> bool:
 
 def free_port() -> int:
     high = _ephemeral_low() - 1
-    rng = random.Random()
     with _lock:
         if high - _LOW > 100:
             for _ in range(200):
-                port = rng.randint(_LOW, high)
+                port = random.randint(_LOW, high)
                 if port not in _given and _bindable(port):
                     _given.add(port)
                     return port

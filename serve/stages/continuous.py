@@ -322,9 +322,8 @@ class ContinuousDenoiser:
                 if entry.finished:
                     continue
                 if entry.state.done:
-                    result = entry.latents if entry.latents is not None else self.denoiser.result(entry.state)
-                    extra = dict(entry.lora) if entry.lora else {}
-                    entry.finish(StageResult(result, entry.compute_s, batch_size=entry.batch_max, extra=extra))
+                    extra = dict(entry.lora) if entry.lora else {}  # latents: taken in _advance
+                    entry.finish(StageResult(entry.latents, entry.compute_s, batch_size=entry.batch_max, extra=extra))
                 else:
                     still.append(entry)
             active = still
