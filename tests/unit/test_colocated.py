@@ -190,6 +190,26 @@ def test_finished_requests_are_decoded_in_the_step_loop(tiny_model, parts, tmp_p
     assert stages._vae_queue.batches == 0
 
 
+def test_loaded_stages_are_taken_without_a_hop_through_the_event_loop(parts, tmp_path, monkeypatch):
+    """Every stage call asks for the stages: once they are loaded, the answer is at hand, not a
+    ``wrap_future`` of the load (a call_soon_threadsafe and an extra loop iteration each time)."""
+    stages = ColocatedStages.from_stages(*parts, open_store(str(tmp_path)))
+    wrapped: list[int] = []
+    real = asyncio.wrap_future
+    monkeypatch.setattr(asyncio, "wrap_future", lambda f, **kw: wrapped.append(1) or real(f, **kw))
+
+    async def main():
+        first = await stages._stages()
+        return first, [await stages._stages() for _ in range(3)]
+
+    try:
+        first, again = asyncio.run(main())
+    finally:
+        stages.close()
+    assert wrapped == [1]  # the first call waited for the load; the others did not
+    assert all(a == first for a in again) and first == tuple(parts)
+
+
 def test_colocated_stages_load_in_the_background_and_report_loading(parts, tmp_path):
     gate = threading.Event()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -171,6 +172,23 @@ def test_a_full_batch_keeps_stepping_while_requests_queue(parts):
         # (the first finishes; the second; the third), then the last alone: 5 stretches of
         # 1+5+1+5+1 = 13 steps. Returning after every step while requests wait would be 9.
         assert first == 1 and (stats["steps"], stats["stretches"]) == (13, 5)
+
+
+def test_on_done_time_is_not_the_denoisers(parts):
+    """What ``on_done`` takes in a stretch (the colocated VAE pass, reported as the Decoder's time)
+    is left out of the request's denoise compute time."""
+    encoder, denoiser = parts
+    pool = ThreadPoolExecutor(1)
+    loop = ContinuousDenoiser(denoiser, max_requests=8, executor=pool, on_done=lambda latents: time.sleep(0.5))
+
+    async def main():
+        t0 = time.perf_counter()
+        result = await loop.submit(job(encoder, 0, steps=2))
+        return result, time.perf_counter() - t0
+
+    result, wall = asyncio.run(main())
+    pool.shutdown()
+    assert 0 < result.compute_s <= wall - 0.5
 
 
 def test_on_done_gets_the_finished_latents_in_the_stepping_thread(parts):
