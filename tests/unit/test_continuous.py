@@ -163,15 +163,11 @@ def test_a_full_batch_keeps_stepping_while_requests_queue(parts):
         pool.shutdown()
     assert len(results) == 4 and loop.peak_requests == 2
     stats = loop.stats()
-    if first == 2:
-        # Two batches of two, a stretch each (6 steps). Returning after every step while
-        # requests wait would be 7 stretches.
-        assert (stats["steps"], stats["stretches"]) == (12, 2)
-    else:
-        # The first alone (1 step: a slot is free and three wait), then until each batch change
-        # (the first finishes; the second; the third), then the last alone: 5 stretches of
-        # 1+5+1+5+1 = 13 steps. Returning after every step while requests wait would be 9.
-        assert first == 1 and (stats["steps"], stats["stretches"]) == (13, 5)
+    # One stretch: the queued requests join in the stepping thread as slots free, with no
+    # return to the event loop. Two first: two batches of two, 6 + 6 steps. One first: it steps
+    # alone once, the second joins, then the third and fourth as the first two finish: 13 steps.
+    # Returning at each batch change would be 2 or 5 stretches; after every step, 7 or 9.
+    assert (stats["steps"], stats["stretches"]) == ((12, 1) if first == 2 else (13, 1))
 
 
 def test_on_done_time_is_not_the_denoisers(parts):
