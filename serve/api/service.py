@@ -241,7 +241,7 @@ class ImageService:
             "decode": _ms(dec.compute_s - storage_s),
             "storage": _ms(storage_s),
             "encode_queue": _ms(max(0.0, (t1 - t0) - enc.compute_s)),
-            "denoise_queue": _ms(max(0.0, (t2 - t1) - den.compute_s)),
+            "denoise_queue": _ms(max(0.0, (t2 - t1) - den.compute_s - den.extra.get("decoded_s", 0.0))),
             "decode_queue": _ms(max(0.0, (t3 - t2) - dec.compute_s)),
             "encode_batch": float(enc.batch_size),
             "denoise_batch": float(den.batch_size),

@@ -43,6 +43,7 @@ class _Entry:
     batch_max: int = 0  # most requests it shared a step with
     lora: dict[str, float] | None = None  # adapter-cache hits/misses of its admission
     latents: Any = None  # its final latents, taken in the stepping thread when it finished
+    decoded_s: float = 0.0  # the ``on_done`` pass that took its latents (colocated: its VAE pass)
     admitted: bool = False  # taken into the running batch (its state steps in the worker thread)
     # Unpins its adapters: called once, when it is out of the batch (``leave``). A cancelled
     # request keeps them pinned until the step that uses them has finished, so an eviction for
@@ -327,10 +328,13 @@ class ContinuousDenoiser:
         for entry in finished:
             entry.latents = self.denoiser.result(entry.state)
         if finished and self.on_done is not None:
+            t0 = time.perf_counter()
             try:
                 self.on_done([e.latents for e in finished])
             except Exception:
                 logger.exception("on_done failed for %d finished request(s)", len(finished))
+            for entry in finished:
+                entry.decoded_s = time.perf_counter() - t0
         records, self._records = self._records, []
         self._loop.call_soon_threadsafe(self._hand_back, out, records)
 
@@ -342,6 +346,8 @@ class ContinuousDenoiser:
                 entry.finish(asyncio.CancelledError())
             else:
                 extra = dict(entry.lora) if entry.lora else {}
+                if entry.decoded_s:  # the service counts it as decode time, not as waiting
+                    extra["decoded_s"] = entry.decoded_s
                 entry.finish(StageResult(entry.latents, entry.compute_s, batch_size=entry.batch_max, extra=extra))
         self._gauges()
 

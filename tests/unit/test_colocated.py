@@ -210,6 +210,31 @@ def test_loaded_stages_are_taken_without_a_hop_through_the_event_loop(parts, tmp
     assert all(a == first for a in again) and first == tuple(parts)
 
 
+def test_the_vae_pass_in_the_step_loop_is_not_reported_as_waiting(tiny_model, parts, tmp_path):
+    """The VAE pass that runs in the step loop before ``denoise`` returns is the request's decode
+    time: its timings do not count it again as ``denoise_queue``."""
+    store = open_store(str(tmp_path))
+    stages = ColocatedStages.from_stages(*parts, store, ColocatedOptions())
+    service = _service(tiny_model, stages, store)
+    vae = stages._vae
+
+    def slow_vae(batch):
+        time.sleep(2.0)  # far longer than any hop between threads
+        return vae(batch)
+
+    stages._vae = slow_vae
+
+    async def main():
+        request, params = service.parse({"prompt": "a kite", "seed": 1, "num_inference_steps": 2})
+        return await service.run(request, params)
+
+    try:
+        _, timings = asyncio.run(main())
+    finally:
+        stages.close()
+    assert timings["denoise_queue"] < 2000 <= timings["total"]
+
+
 def test_colocated_stages_load_in_the_background_and_report_loading(parts, tmp_path):
     gate = threading.Event()
 

@@ -185,6 +185,7 @@ def test_on_done_time_is_not_the_denoisers(parts):
     result, wall = asyncio.run(main())
     pool.shutdown()
     assert 0 < result.compute_s <= wall - 0.5
+    assert result.extra["decoded_s"] >= 0.5  # for the service's timings: decode, not queueing
 
 
 def test_on_done_gets_the_finished_latents_in_the_stepping_thread(parts):
