@@ -235,10 +235,10 @@ class ContinuousDenoiser:
         self._pending = deque(e for e in pending if e not in new)
         return new
 
-    def _advance(self, new: list[_Entry], active: list[_Entry]) -> int:
+    def _advance(self, new: list[_Entry], active: list[_Entry]) -> None:
         """Worker thread: start the newcomers' states, then step the batch until it empties, or
         until another stage waits for this thread (``interrupt``). ``active`` is the running
-        batch, changed here in place; returns the number of steps taken.
+        batch, changed here in place.
 
         The batch changes here too: after each step, requests that finished or were cancelled
         go back to the event loop (``_hand_back``, scheduled with call_soon_threadsafe: the
@@ -251,13 +251,11 @@ class ContinuousDenoiser:
         """
         self.stretches += 1
         self._start(new)
-        steps = 0
         inline = self.lora_batching != "one_group"
         while active:
             t0 = time.perf_counter()
             self.denoiser.step([e.state for e in active])
             dt = time.perf_counter() - t0
-            steps += 1
             self.steps += 1
             self.peak_requests = max(self.peak_requests, len(active))
             self._records.append((dt, len(active)))
@@ -286,7 +284,6 @@ class ContinuousDenoiser:
             self.in_flight = len(active)
             if self.interrupt is not None and self.interrupt():
                 break
-        return steps
 
     def _start(self, new: list[_Entry]) -> None:
         """Worker thread: the newcomers' states (their start counts as their compute time)."""
@@ -335,8 +332,7 @@ class ContinuousDenoiser:
                 logger.exception("on_done failed for %d finished request(s)", len(finished))
             for entry in finished:
                 entry.decoded_s = time.perf_counter() - t0
-        records, self._records = self._records, []
-        self._loop.call_soon_threadsafe(self._hand_back, out, records)
+        self._loop.call_soon_threadsafe(self._hand_back, out, self._take_records())
 
     def _hand_back(self, out: list[_Entry], records: list[tuple[float, int]]) -> None:
         """Event loop: answer the requests that left the batch; record the steps so far."""
@@ -350,6 +346,10 @@ class ContinuousDenoiser:
                     extra["decoded_s"] = entry.decoded_s
                 entry.finish(StageResult(entry.latents, entry.compute_s, batch_size=entry.batch_max, extra=extra))
         self._gauges()
+
+    def _take_records(self) -> list[tuple[float, int]]:
+        records, self._records = self._records, []
+        return records
 
     def _record(self, records: list[tuple[float, int]]) -> None:
         if records:
@@ -387,6 +387,5 @@ class ContinuousDenoiser:
                     entry.finish(exc)
                 active = []
             # Hand-backs scheduled by the thread ran before this line (callbacks run in order).
-            records, self._records = self._records, []
-            self._record(records)
+            self._record(self._take_records())
             self.in_flight = len(active)
