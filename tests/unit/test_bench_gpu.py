@@ -1,6 +1,7 @@
-"""bench/gpu.py's CPU smoke test: the tiny models stand in for SD 1.5 and Flux, every row of the
-report is filled from a measurement, Darkroom's images equal diffusers', and each step cache
-reports its speed-up next to its distance to the uncached image. (The full-size run needs a GPU.)"""
+"""bench/gpu.py's CPU smoke test: the tiny models stand in for SD 1.5, SDXL and Flux (the GPU run
+takes SD 1.5 and SDXL: both code paths run here), every row of the report is filled from a
+measurement, Darkroom's images equal diffusers', and each step cache reports its speed-up next to
+its distance to the uncached image. (The full-size run needs a GPU.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     args = [
-        sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--models", "sd15,flux",
+        sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--models", "sd15,sdxl,flux",
         "--batches", "1", "--steps", "4", "--runs", "1", "--model-dir", str(tmp_path / "models"), "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -24,7 +25,7 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert report["gpu"]["device"] == "cpu" and report["versions"]["torch"] and report["versions"]["diffusers"]
     assert report["args"]["steps"] == 4 and not report["skipped"]
     rows = {(r["model"], r["engine"]): r for r in report["results"]}
-    assert set(rows) == {(m, e) for m in ("sd15", "flux") for e in ("diffusers", "darkroom")}
+    assert set(rows) == {(m, e) for m in ("sd15", "sdxl", "flux") for e in ("diffusers", "darkroom")}
     for (_model, engine), r in rows.items():
         assert r["img_s"] > 0 and r["step_ms"] > 0 and r["s_per_batch"] > 0 and r["side"] == 64, r
         assert r["peak_gib"] is None  # no GPU: no GPU memory to report, rather than a made-up number
@@ -32,7 +33,8 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
             assert r["vs_diffusers"] > 0
             assert r["parity_to_diffusers"]["max_abs_levels"] <= 3  # the seed contract, fp32 on CPU
     caches = {r["model"]: r for r in report["step_cache"]}
-    assert caches["sd15"]["cache"]["kind"] == "deepcache" and caches["flux"]["cache"]["kind"] == "teacache"
+    assert caches["sd15"]["cache"]["kind"] == caches["sdxl"]["cache"]["kind"] == "deepcache"
+    assert caches["flux"]["cache"]["kind"] == "teacache"
     for r in caches.values():
         assert r["speedup"] > 0 and r["uncached_img_s"] > 0
         d = r["distance_to_uncached"]
@@ -41,4 +43,7 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     # skipping deep features changes the image (a measured, nonzero cost).
     assert (caches["sd15"]["full_steps"], caches["sd15"]["cached_steps"]) == (2, 3)
     assert caches["sd15"]["distance_to_uncached"]["max_abs_levels"] > 0
+    # SDXL's Euler: 4 timesteps for 4 steps, full at 0 and 3.
+    assert (caches["sdxl"]["full_steps"], caches["sdxl"]["cached_steps"]) == (2, 2)
+    assert caches["sdxl"]["distance_to_uncached"]["max_abs_levels"] > 0
     assert caches["flux"]["full_steps"] + caches["flux"]["cached_steps"] == 4
