@@ -143,6 +143,11 @@ class TextEncoder:
                     self._cache.move_to_end(k)
         return [found[k] for k in keys]
 
+    def clear_cache(self) -> None:
+        """Forget every cached embedding (a benchmark's timed run encodes every prompt)."""
+        with self._lock:
+            self._cache.clear()
+
     def cached(self, texts: Sequence[str]) -> list[Row] | None:
         """Every text's row (without adapters) when all of them are cached (no model call, safe on
         an event loop), else None."""

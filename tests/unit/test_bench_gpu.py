@@ -30,6 +30,7 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
         assert r["img_s"] > 0 and r["step_ms"] > 0 and r["s_per_batch"] > 0 and r["side"] == 64, r
         assert r["peak_gib"] is None  # no GPU: no GPU memory to report, rather than a made-up number
         if engine == "darkroom":
+            assert r["encoder_calls"] >= 1  # its prompts encoded in the timed run, not cached
             assert r["vs_diffusers"] > 0
             assert r["parity_to_diffusers"]["max_abs_levels"] <= 3  # the seed contract, fp32 on CPU
     caches = {r["model"]: r for r in report["step_cache"]}
@@ -37,6 +38,7 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert caches["flux"]["cache"]["kind"] == "teacache"
     for r in caches.values():
         assert r["speedup"] > 0 and r["uncached_img_s"] > 0
+        assert r["encoder_calls"] >= 1  # the same prompts as the uncached run: encoded again, as there
         d = r["distance_to_uncached"]
         assert d["finite"] and d["mean_abs_levels"] >= 0 and d["max_abs_levels"] >= 0
     # DeepCache every 3rd step of PNDM's 5 timesteps (4 steps): full at 0 and 3, cached at 1, 2, 4;
@@ -47,3 +49,15 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert (caches["sdxl"]["full_steps"], caches["sdxl"]["cached_steps"]) == (2, 2)
     assert caches["sdxl"]["distance_to_uncached"]["max_abs_levels"] > 0
     assert caches["flux"]["full_steps"] + caches["flux"]["cached_steps"] == 4
+
+
+def test_no_prompt_repeats_within_a_batch_or_from_the_warm_up():
+    """Darkroom's TextEncoder caches embeddings across requests; diffusers encodes every row. A
+    prompt seen in the warm-up run (or twice in a batch) would cost Darkroom no encoder call."""
+    from bench.gpu import Case, _params
+
+    case = Case("sd15", "sd", 64, 8, 4)
+    warm, timed = _params(case, 1000), _params(case, 1)
+    assert len({p.prompt for p in timed}) == len(timed) == 8
+    assert not {p.prompt for p in warm} & {p.prompt for p in timed}
+    assert [p.seed for p in timed] == list(range(1, 9))

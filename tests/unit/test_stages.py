@@ -56,6 +56,10 @@ def test_text_encoder_batches_and_caches(encoder):
     again = _hidden(encoder.encode(["a dog", ""]))
     assert encoder.calls == calls + 1  # all cached
     np.testing.assert_array_equal(again[0], out[1])
+    encoder.clear_cache()
+    cold = _hidden(encoder.encode(["a dog", ""]))
+    assert encoder.calls == calls + 2  # cleared: encoded again, to the same rows
+    np.testing.assert_array_equal(cold, again)
 
 
 def test_batched_encoding_equals_single(encoder):
