@@ -27,6 +27,7 @@ from serve.api.policy import PromptPolicy
 from serve.api.results import from_records, image_metadata, image_records, lora_list, render_body
 from serve.api.schemas import ImageGenerationRequest, Limits, parse_generation_request
 from serve.api.streaming import Developed, StreamContext, generation_events
+from serve.api.timings import ms, stage_timings
 from serve.errors import (
     ContentPolicyError,
     ImagesWithheldError,
@@ -77,10 +78,6 @@ class ServiceConfig:
     # store for a cancel asked of another Ingress replica (and a stream of a job running on
     # another replica polls its record).
     job_poll_s: float = 1.0
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)
 
 
 class ImageService:
@@ -218,9 +215,8 @@ class ImageService:
         created: float | None = None,
     ) -> tuple[list[DecodedImage], dict]:
         """The Decoder's part of a request, and the timings (ms) of all three stages."""
-        t0, t1, t2 = marks
         request_id = current()
-        metadata = self.metadata(params, {"encode": _ms(enc.compute_s), "denoise": _ms(den.compute_s)})
+        metadata = self.metadata(params, {"encode": ms(enc.compute_s), "denoise": ms(den.compute_s)})
         metadata["created"] = int(created if created is not None else metadata["created"])
         if request_id is not None:
             metadata["request_id"] = request_id
@@ -233,25 +229,7 @@ class ImageService:
             result_id=result_id or uuid.uuid4().hex,
         )
         dec = await self._bounded(self.stages.decode(den.value, dec_req), "Decoder")
-        t3 = time.perf_counter()
-        storage_s = dec.extra.get("storage_s", 0.0)
-        timings = {
-            "encode": _ms(enc.compute_s),
-            "denoise": _ms(den.compute_s),
-            "decode": _ms(dec.compute_s - storage_s),
-            "storage": _ms(storage_s),
-            "encode_queue": _ms(max(0.0, (t1 - t0) - enc.compute_s)),
-            "denoise_queue": _ms(max(0.0, (t2 - t1) - den.compute_s - den.extra.get("decoded_s", 0.0))),
-            "decode_queue": _ms(max(0.0, (t3 - t2) - dec.compute_s)),
-            "encode_batch": float(enc.batch_size),
-            "denoise_batch": float(den.batch_size),
-            "decode_batch": float(dec.batch_size),
-            "total": _ms(t3 - t0),
-        }
-        for key in ("lora_hits", "lora_misses"):  # the Denoiser's adapter cache, for the bench
-            if key in den.extra:
-                timings[key] = float(den.extra[key])
-        return dec.value, timings
+        return dec.value, stage_timings(enc, den, dec, (*marks, time.perf_counter()))
 
     # -- streaming (serve/api/streaming.py formats the events) --------------------------------
     async def preview_map(self) -> np.ndarray | None:
