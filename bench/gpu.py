@@ -17,9 +17,10 @@ and, for the step cache (``--step-cache``, DeepCache for these UNets), its speed
 engine uncached and its quality cost: the distance of each image to the uncached image of the
 same seed (mean and max absolute difference in 8-bit levels, PSNR).
 
-Every row gives img/s, ms per denoising step (the denoise stage's time / steps), seconds per batch
-and peak GPU memory; the JSON holds the GPU's name, the versions and the arguments. On a CPU it
-runs the tiny models (``--tiny``, the CI smoke test); it never estimates a number it did not measure.
+Every row gives img/s, ms per denoising step (the denoise stage's time / steps), seconds per batch,
+peak GPU memory and the dtype of the denoiser's weights as loaded; the JSON holds the GPU's name,
+the versions and the arguments. On a CPU it runs the tiny models (``--tiny``, the CI smoke tests,
+in fp32 and fp16); it never estimates a number it did not measure.
 
     python -m bench.gpu --out gpu.json                                   # on a GPU machine
     python -m bench.gpu --tiny --device cpu --batches 1,2 --steps 2 --out smoke.json
@@ -104,6 +105,7 @@ class DarkroomRunner:
 
         self.pipe = Pipeline.load(folder, device=device, dtype=dtype, torch_options=torch_options)
         self.device = self.pipe.denoiser.engine.device
+        self.weights_dtype = str(self.pipe.denoiser.engine.dtype).removeprefix("torch.")
 
     def run(self, params: list[Any], step_cache: Any = None) -> tuple[Any, dict[str, float]]:
         import numpy as np
@@ -153,6 +155,8 @@ class DiffusersRunner:
         self.pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype, **extra).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.device = torch.device(device)
+        denoiser = getattr(self.pipe, "unet", None) or self.pipe.transformer
+        self.weights_dtype = str(denoiser.dtype).removeprefix("torch.")
         self.timers = {"encode": 0.0, "decode": 0.0}
         for attr, key, owner in (("encode_prompt", "encode", self.pipe), ("decode", "decode", self.pipe.vae)):
             original = getattr(owner, attr)
@@ -223,6 +227,7 @@ def measure(runner: Any, case: Case, runs: int, **kw: Any) -> tuple[dict[str, An
         "encode_ms": round(timings["encode"] * 1000, 3),
         "decode_ms": round(timings["decode"] * 1000, 3),
         "peak_gib": _peak_gib(runner.device),
+        "weights_dtype": runner.weights_dtype,  # the loaded denoiser's, not the flag's
         "runs_s": [round(x[0], 4) for x in sorted(results, key=lambda x: x[0])],
     }
     for key in ("full_steps", "cached_steps", "encoder_calls"):

@@ -28,6 +28,7 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     assert set(rows) == {(m, e) for m in ("sd15", "sdxl", "flux") for e in ("diffusers", "darkroom")}
     for (_model, engine), r in rows.items():
         assert r["img_s"] > 0 and r["step_ms"] > 0 and r["s_per_batch"] > 0 and r["side"] == 64, r
+        assert r["weights_dtype"] == "float32"  # CPU's default
         assert r["peak_gib"] is None  # no GPU: no GPU memory to report, rather than a made-up number
         if engine == "darkroom":
             assert r["encoder_calls"] >= 1  # its prompts encoded in the timed run, not cached
@@ -61,3 +62,26 @@ def test_no_prompt_repeats_within_a_batch_or_from_the_warm_up():
     assert len({p.prompt for p in timed}) == len(timed) == 8
     assert not {p.prompt for p in warm} & {p.prompt for p in timed}
     assert [p.seed for p in timed] == list(range(1, 9))
+
+
+def test_gpu_benchmark_half_precision_batches_on_cpu(tmp_path):
+    """The GPU run's own dtype (float16, its default on CUDA) and batches above one (it takes 1, 4
+    and 8), which the fp32 smoke test above does not: the half-precision code paths of both
+    engines, Darkroom's batched rows, and their parity with diffusers at that dtype."""
+    out = tmp_path / "gpu.json"
+    args = [
+        sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--dtype", "float16",
+        "--models", "sd15,sdxl", "--batches", "2", "--steps", "2", "--runs", "1", "--step-cache", "",
+        "--model-dir", str(tmp_path / "models"), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "float16" and not report["skipped"] and report["step_cache"] == []
+    rows = {(r["model"], r["engine"]): r for r in report["results"]}
+    assert set(rows) == {(m, e) for m in ("sd15", "sdxl") for e in ("diffusers", "darkroom")}
+    for (_model, engine), r in rows.items():
+        assert r["batch"] == 2 and r["img_s"] > 0 and r["weights_dtype"] == "float16", r
+        if engine == "darkroom":
+            parity = r["parity_to_diffusers"]
+            assert parity["finite"] and parity["max_abs_levels"] <= 3, r  # the seed contract, in fp16
