@@ -176,6 +176,15 @@ def test_every_readme_block_runs_in_a_fresh_venv(tmp_path):
         "img/s colocated / monolith at c=1",
         "p50 colocated / in-process at c=1",
     } <= every
+    for out in ("bench-out", "bench-limit", "bench-ab"):
+        # Every request served: bench-out's against the README's `darkroom serve --config
+        # deployments/configs/local.yaml` (the config file's server, stopped with SIGINT above).
+        report = json.loads((clone / out / "report.json").read_text())
+        for level in report["levels"]:
+            for target, result in level["results"].items():
+                for run in result["rounds"]:
+                    m = run["metrics"]
+                    assert m["ok"] == m["requests"] > 0 and m["failed"] == 0, (out, level["level"], target, m)
     limit = json.loads((clone / "bench-limit" / "report.json").read_text())
     assert [p["kind"] for p in limit["phases"]] == ["served", "in-process"] * 2 and limit["goals"]
     assert json.loads((clone / "gpu-smoke.json").read_text())["results"]

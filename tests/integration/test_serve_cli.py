@@ -231,20 +231,6 @@ def test_busy_port_held_by_another_program_is_one_line_before_ray(tmp_path, tiny
     assert list(ray_tmp.iterdir()) == []
 
 
-def test_serve_config_file(tmp_path, tiny_model):
-    port = _free_port()
-    args = ["darkroom", "serve", "--config", str(ROOT / "deployments/configs/local.yaml"), "--port", str(port)]
-    server = Server(args, tmp_path, _env(tmp_path, tiny_model))
-    try:
-        url = server.wait_for_url()
-        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a cat", "num_inference_steps": 2}, timeout=60)
-        assert r.status_code == 200, r.text
-        assert httpx.get(r.json()["data"][0]["url"], timeout=30).status_code == 200
-        assert server.interrupt() == 0
-    finally:
-        server.kill()
-
-
 def test_the_ingress_imports_no_torch():
     """The Ingress replica starts without torch (it only routes), so /healthz answers seconds
     after the HTTP proxy is up instead of after the stages' imports; torch is imported in the
