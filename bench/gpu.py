@@ -18,7 +18,9 @@ engine uncached and its quality cost: the distance of each image to the uncached
 same seed (mean and max absolute difference in 8-bit levels, PSNR).
 
 Every row gives img/s, ms per denoising step (the denoise stage's time / steps), seconds per batch,
-peak GPU memory and the dtype of the denoiser's weights as loaded; the JSON holds the GPU's name,
+peak GPU memory, the dtype of the denoiser's weights as loaded and the denoiser's calls in the
+timed run (both engines make the same: PNDM, SD 1.5's scheduler, calls the UNet steps + 1
+times; a call holds the whole batch and both CFG halves); the JSON holds the GPU's name,
 the versions and the arguments. On a CPU it runs the tiny models (``--tiny``, the CI smoke tests,
 in fp32 and fp16); it never estimates a number it did not measure.
 
@@ -114,7 +116,7 @@ class DarkroomRunner:
 
         pipe = self.pipe
         pipe.text_encoder.clear_cache()  # no embedding from an earlier run (diffusers has none)
-        calls = pipe.text_encoder.calls
+        calls, model_calls = pipe.text_encoder.calls, pipe.denoiser.model_calls
         plans = [pipe.family.plan(p) for p in params]
         _sync(self.device)
         t0 = time.perf_counter()
@@ -132,7 +134,10 @@ class DarkroomRunner:
         _sync(self.device)
         t3 = time.perf_counter()
         stats = [s for s in pipe.denoiser.last_cache_stats if s]
-        extra = {"encoder_calls": pipe.text_encoder.calls - calls}
+        extra = {
+            "encoder_calls": pipe.text_encoder.calls - calls,
+            "denoiser_calls": pipe.denoiser.model_calls - model_calls,
+        }
         if stats:
             extra.update({k: sum(s[k] for s in stats) / len(stats) for k in ("full_steps", "cached_steps")})
         return np.concatenate(pixels), {"encode": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, **extra}
@@ -157,6 +162,12 @@ class DiffusersRunner:
         self.device = torch.device(device)
         denoiser = getattr(self.pipe, "unet", None) or self.pipe.transformer
         self.weights_dtype = str(denoiser.dtype).removeprefix("torch.")
+        self.denoiser_calls = 0
+
+        def count(*_: Any) -> None:
+            self.denoiser_calls += 1
+
+        denoiser.register_forward_pre_hook(count)
         self.timers = {"encode": 0.0, "decode": 0.0}
         for attr, key, owner in (("encode_prompt", "encode", self.pipe), ("decode", "decode", self.pipe.vae)):
             original = getattr(owner, attr)
@@ -176,6 +187,7 @@ class DiffusersRunner:
         import torch
 
         self.timers = {"encode": 0.0, "decode": 0.0}
+        calls = self.denoiser_calls
         p = params[0]
         _sync(self.device)
         t0 = time.perf_counter()
@@ -191,7 +203,8 @@ class DiffusersRunner:
         _sync(self.device)
         total = time.perf_counter() - t0
         images = (out.images * 255).round().clip(0, 255).astype("uint8")
-        return images, {**self.timers, "denoise": total - self.timers["encode"] - self.timers["decode"]}
+        denoise = total - self.timers["encode"] - self.timers["decode"]
+        return images, {**self.timers, "denoise": denoise, "denoiser_calls": self.denoiser_calls - calls}
 
 
 def distance(a: Any, b: Any) -> dict[str, Any]:
@@ -230,7 +243,7 @@ def measure(runner: Any, case: Case, runs: int, **kw: Any) -> tuple[dict[str, An
         "weights_dtype": runner.weights_dtype,  # the loaded denoiser's, not the flag's
         "runs_s": [round(x[0], 4) for x in sorted(results, key=lambda x: x[0])],
     }
-    for key in ("full_steps", "cached_steps", "encoder_calls"):
+    for key in ("full_steps", "cached_steps", "encoder_calls", "denoiser_calls"):
         if key in timings:
             row[key] = timings[key]
     return row, images

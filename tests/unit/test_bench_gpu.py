@@ -34,6 +34,10 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
             assert r["encoder_calls"] >= 1  # its prompts encoded in the timed run, not cached
             assert r["vs_diffusers"] > 0
             assert r["parity_to_diffusers"]["max_abs_levels"] <= 3  # the seed contract, fp32 on CPU
+    # The same work on both sides: one denoiser call per scheduler timestep, the batch and both CFG
+    # halves in it (PNDM: 5 timesteps for 4 steps; SDXL's Euler and Flux's flow match: 4).
+    for model, calls in (("sd15", 5), ("sdxl", 4), ("flux", 4)):
+        assert rows[(model, "diffusers")]["denoiser_calls"] == rows[(model, "darkroom")]["denoiser_calls"] == calls
     caches = {r["model"]: r for r in report["step_cache"]}
     assert caches["sd15"]["cache"]["kind"] == caches["sdxl"]["cache"]["kind"] == "deepcache"
     assert caches["flux"]["cache"]["kind"] == "teacache"
@@ -80,8 +84,9 @@ def test_gpu_benchmark_half_precision_batches_on_cpu(tmp_path):
     assert report["dtype"] == "float16" and not report["skipped"] and report["step_cache"] == []
     rows = {(r["model"], r["engine"]): r for r in report["results"]}
     assert set(rows) == {(m, e) for m in ("sd15", "sdxl") for e in ("diffusers", "darkroom")}
-    for (_model, engine), r in rows.items():
+    for (model, engine), r in rows.items():
         assert r["batch"] == 2 and r["img_s"] > 0 and r["weights_dtype"] == "float16", r
+        assert r["denoiser_calls"] == (3 if model == "sd15" else 2), r  # the batch and CFG: one call a timestep
         if engine == "darkroom":
             parity = r["parity_to_diffusers"]
             assert parity["finite"] and parity["max_abs_levels"] <= 3, r  # the seed contract, in fp16
