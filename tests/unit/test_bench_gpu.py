@@ -13,15 +13,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_benchmark_smoke_on_cpu(tmp_path):
+def run_tiny(tmp_path: Path, *flags: str) -> dict:
+    """``python -m bench.gpu --tiny --device cpu --runs 1 FLAGS``: its JSON report."""
     out = tmp_path / "gpu.json"
     args = [
-        sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--models", "sd15,sdxl,flux",
-        "--batches", "1", "--steps", "4", "--runs", "1", "--model-dir", str(tmp_path / "models"), "--out", str(out),
+        sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--runs", "1", *flags,
+        "--model-dir", str(tmp_path / "models"), "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_gpu_benchmark_smoke_on_cpu(tmp_path):
+    report = run_tiny(tmp_path, "--models", "sd15,sdxl,flux", "--batches", "1", "--steps", "4")
     assert report["gpu"]["device"] == "cpu" and report["versions"]["torch"] and report["versions"]["diffusers"]
     assert report["args"]["steps"] == 4 and not report["skipped"]
     rows = {(r["model"], r["engine"]): r for r in report["results"]}
@@ -72,15 +77,9 @@ def test_gpu_benchmark_half_precision_batches_on_cpu(tmp_path):
     """The GPU run's own dtype (float16, its default on CUDA) and batches above one (it takes 1, 4
     and 8), which the fp32 smoke test above does not: the half-precision code paths of both
     engines, Darkroom's batched rows, and their parity with diffusers at that dtype."""
-    out = tmp_path / "gpu.json"
-    args = [
-        sys.executable, "-m", "bench.gpu", "--tiny", "--device", "cpu", "--dtype", "float16",
-        "--models", "sd15,sdxl", "--batches", "2", "--steps", "2", "--runs", "1", "--step-cache", "",
-        "--model-dir", str(tmp_path / "models"), "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_tiny(
+        tmp_path, "--dtype", "float16", "--models", "sd15,sdxl", "--batches", "2", "--steps", "2", "--step-cache", ""
+    )
     assert report["dtype"] == "float16" and not report["skipped"] and report["step_cache"] == []
     rows = {(r["model"], r["engine"]): r for r in report["results"]}
     assert set(rows) == {(m, e) for m in ("sd15", "sdxl") for e in ("diffusers", "darkroom")}
